@@ -1,0 +1,103 @@
+"""``qwen-cls``: the command-line face of the library.
+
+Each sub-command lives in its own function; user mistakes end with ``path:line: what is wrong`` on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .data import DataError
+
+
+def cmd_convert(args) -> int:
+    from .data import convert_file, label_inventory, read_jsonl
+
+    count = convert_file(args.raw, args.out, limit=args.limit)
+    print(f"wrote {count} instruction rows to {args.out}")
+    if args.labels:
+        for label, n in label_inventory(read_jsonl(args.out)).items():
+            print(f"  {label:<14}{n:>6}")
+    return 0
+
+
+def cmd_labels(args) -> int:
+    from .data import label_inventory, read_raw_rows
+
+    rows = read_raw_rows(args.raw)
+    counts = label_inventory(rows)
+    for label, n in counts.items():
+        print(f"{label:<14}{n:>6}  {n / len(rows):6.1%}")
+    print(f"{'total':<14}{len(rows):>6}")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from .model import build_tiny_model
+
+    print(build_tiny_model(args.out))
+    return 0
+
+
+def cmd_download_data(args) -> int:
+    from .data import download_fudan_news
+
+    for split, path in download_fudan_news(args.out).items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-cls", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="validate raw {text, category, output} JSONL and write instruction rows")
+    p.add_argument("raw", help="raw JSONL file")
+    p.add_argument("out", help="output JSONL file (written atomically)")
+    p.add_argument("--limit", type=int, default=0, help="keep only the first N rows (0 = all)")
+    p.add_argument("--labels", action="store_true", help="also print the label inventory")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("labels", help="count rows per label in a raw JSONL file")
+    p.add_argument("raw")
+    p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser("tiny-model", help="build the tiny random Qwen2 (offline) and print its folder")
+    p.add_argument("--out", default=None, help="folder (default: the cache)")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("download-data", help="download the Fudan news data from ModelScope (needs network)")
+    p.add_argument("--out", default="data/fudan-news")
+    p.set_defaults(func=cmd_download_data)
+
+    for register in COMMAND_MODULES:
+        register(sub)
+    return parser
+
+
+# Feature modules add their sub-commands here: each entry is a function taking the subparsers object.
+COMMAND_MODULES: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DataError as exc:
+        print(exc, file=sys.stderr)  # path:line: what is wrong
+        return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ConnectionError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

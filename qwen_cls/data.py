@@ -1,0 +1,216 @@
+"""Raw rows of the Fudan news classification data: read, validate, convert, count, download.
+
+A raw row is one JSON object per line::
+
+    {"text": "<新闻正文>", "category": ["Military", "Space"], "output": "Military"}
+
+``category`` lists the candidate labels (a JSON list, or a comma-separated string) and ``output`` is
+the right one. Every problem is reported as ``path:line: what is wrong`` through :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .prompt import user_message
+
+MODELSCOPE_DATASET = "huangjintao/zh_cls_fudan-news"
+REQUIRED_FIELDS = ("text", "category", "output")
+
+
+class DataError(ValueError):
+    """A user-facing problem with an input file; ``str()`` is ``path:line: message``."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, message: str):
+        self.path, self.line, self.message = str(path), line, message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One validated raw row; ``line`` is its 1-based line number in the source file."""
+
+    text: str
+    category: list[str]
+    output: str | None
+    line: int = 0
+
+    def to_dict(self) -> dict:
+        row = {"text": self.text, "category": list(self.category)}
+        if self.output is not None:
+            row["output"] = self.output
+        return row
+
+
+def parse_category(value) -> list[str]:
+    """Candidate labels from a JSON list or a comma-separated string (``"Art, Sports"``)."""
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            # The original dataset sometimes stores Python's repr of a list: "['Art', 'Sports']".
+            try:
+                value = ast.literal_eval(stripped)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"category {value!r} looks like a list but does not parse") from None
+        else:
+            value = [part.strip() for part in stripped.replace("，", ",").split(",")]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("category must be a list of label strings or a comma-separated string")
+    return [v.strip() for v in value if v.strip()]
+
+
+def validate_row(obj, *, require_output: bool = True) -> RawRow:
+    """Check one decoded JSON value; raise ``ValueError`` saying what to fix."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object {{text, category, output}}, got {type(obj).__name__}")
+    needed = REQUIRED_FIELDS if require_output else REQUIRED_FIELDS[:2]
+    missing = [f for f in needed if f not in obj]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}; each row needs text, category and output")
+    text = obj["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text must be a non-empty string")
+    candidates = parse_category(obj["category"])
+    if len(set(candidates)) != len(candidates):
+        dupes = sorted(label for label, n in Counter(candidates).items() if n > 1)
+        raise ValueError(f"category lists {', '.join(dupes)} more than once; list each candidate once")
+    if len(candidates) < 2:
+        raise ValueError(f"category needs at least 2 distinct candidate labels, got {candidates}")
+    output = obj.get("output")
+    if output is not None or require_output:
+        if not isinstance(output, str):
+            raise ValueError("output must be a string: the correct label")
+        output = output.strip()
+        if output not in candidates:
+            raise ValueError(f"output {output!r} is not among the candidates {candidates}")
+    return RawRow(text=text, category=candidates, output=output)
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise DataError(path, None, "no such file; check the path (raw rows are JSONL: one JSON object per line)")
+    if path.is_dir():
+        raise DataError(path, None, "is a directory; give the path of a .jsonl file")
+
+
+def iter_raw_rows(path: str | os.PathLike, *, require_output: bool = True) -> Iterator[RawRow]:
+    """Yield validated rows of a raw JSONL file, skipping blank lines; BOM and CRLF are fine."""
+    path = Path(path)
+    _check_readable(path)
+    with open(path, encoding="utf-8-sig", newline=None) as handle:
+        lineno = 0
+        while True:
+            try:
+                line = handle.readline()
+            except UnicodeDecodeError as exc:
+                raise DataError(path, lineno + 1, f"not valid UTF-8 ({exc.reason}); save the file as UTF-8") from None
+            if not line:
+                break
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+            try:
+                row = validate_row(obj, require_output=require_output)
+            except ValueError as exc:
+                raise DataError(path, lineno, str(exc)) from None
+            yield RawRow(row.text, row.category, row.output, lineno)
+
+
+def read_raw_rows(path: str | os.PathLike, *, require_output: bool = True, limit: int = 0) -> list[RawRow]:
+    """All validated rows of ``path`` (the first ``limit`` when ``limit > 0``); an empty file is an error."""
+    rows = []
+    for row in iter_raw_rows(path, require_output=require_output):
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise DataError(path, None, "contains no rows; expected one JSON object per line")
+    return rows
+
+
+def to_instruction_row(row: RawRow) -> dict:
+    """The recipe's instruction row, keeping ``text`` and ``category`` for truncation and scoring."""
+    out = {"input": user_message(row.text, row.category), "output": row.output}
+    out.update(text=row.text, category=list(row.category))
+    return out
+
+
+def write_jsonl_atomic(rows: Iterable[dict], path: str | os.PathLike) -> int:
+    """Write rows as UTF-8 JSONL via a temp file in the same folder, then rename; returns the count."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(path, None, "is a directory; give the path of the output .jsonl file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def convert_file(raw_path: str | os.PathLike, out_path: str | os.PathLike, *, limit: int = 0) -> int:
+    """Validate every raw row first, then write the instruction rows atomically; returns the count."""
+    rows = read_raw_rows(raw_path, limit=limit)
+    return write_jsonl_atomic((to_instruction_row(r) for r in rows), out_path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Plain JSONL reader (for files this package wrote) with ``path:line`` errors."""
+    path = Path(path)
+    _check_readable(path)
+    rows = []
+    with open(path, encoding="utf-8-sig") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(path, lineno, f"invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def label_inventory(rows: Iterable[RawRow | dict]) -> Counter:
+    """How many rows have each label as their answer, most common first."""
+    counts = Counter(r.output if isinstance(r, RawRow) else r["output"] for r in rows)
+    return Counter(dict(counts.most_common()))
+
+
+def download_fudan_news(out_dir: str | os.PathLike, *, timeout: float = 10.0) -> dict[str, Path]:
+    """Fetch the real dataset from ModelScope into ``out_dir/{train,test}.jsonl`` (raw schema).
+
+    Fails within ``timeout`` seconds with a clear ``ConnectionError`` when ModelScope is unreachable.
+    """
+    from .network import require_host
+
+    require_host("www.modelscope.cn", timeout=timeout, what=f"the dataset {MODELSCOPE_DATASET}")
+    from modelscope.msdatasets import MsDataset
+
+    out_dir = Path(out_dir)
+    paths = {}
+    for split in ("train", "test"):
+        target = out_dir / f"{split}.jsonl"
+        if not target.exists():
+            ds = MsDataset.load(MODELSCOPE_DATASET, split=split)
+            rows = ({"text": r["text"], "category": parse_category(r["category"]), "output": r["output"]} for r in ds)
+            write_jsonl_atomic(rows, target)
+        paths[split] = target
+    return paths

@@ -1,0 +1,132 @@
+"""Classify with the model: score every candidate label, or let it write freely.
+
+Scoring: the prediction is the candidate whose tokens (every token, plus ``<|im_end|>``) have the
+highest total log-probability after the prompt, so every prediction is one of the row's candidates.
+The prompt is run once per row; its KV cache is then shared by all of that row's candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompt import END_OF_TURN
+from .tokenize import encode_prompts, end_id, label_ids
+
+
+@dataclass
+class Scored:
+    """A scored row: the winning candidate and each candidate's total log-probability."""
+
+    prediction: str
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def _rows_fields(rows):
+    texts = [r["text"] if isinstance(r, dict) else r.text for r in rows]
+    cats = [list(r["category"] if isinstance(r, dict) else r.category) for r in rows]
+    return texts, cats
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def score_candidates(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 8,
+                     progress: bool = False) -> list[Scored]:
+    """Score each row's candidates in batches, reusing the prompt's KV cache across candidates."""
+    texts, cats = _rows_fields(rows)
+    device = next(model.parameters()).device
+    end, pad = end_id(tokenizer), tokenizer.pad_token_id
+    results: list[Scored] = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="score", disable=not progress):
+        b_cats = cats[start:start + batch_size]
+        prompts = encode_prompts(tokenizer, texts[start:start + batch_size], b_cats, max_length)
+        ids, mask = _left_pad(prompts, pad, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each candidate's first token
+
+        pair_row, pair_tokens = [], []
+        for i, cands in enumerate(b_cats):
+            for label in cands:
+                pair_row.append(i)
+                pair_tokens.append(label_ids(tokenizer, label) + [end])
+        width = max(len(t) for t in pair_tokens)
+        cand = torch.full((len(pair_tokens), width), pad, dtype=torch.long)
+        cand_mask = torch.zeros_like(cand)
+        for k, toks in enumerate(pair_tokens):
+            cand[k, :len(toks)] = torch.tensor(toks)
+            cand_mask[k, :len(toks)] = 1
+        cand, cand_mask = cand.to(device), cand_mask.to(device)
+        row_index = torch.tensor(pair_row, device=device)
+
+        cache = out.cache
+        cache.batch_select_indices(row_index)  # one copy of the prompt cache per (row, candidate) pair
+        cont = model(
+            input_ids=cand,
+            attention_mask=torch.cat([mask[row_index], cand_mask], dim=1),
+            position_ids=positions[row_index, -1:] + 1 + torch.arange(width, device=device),
+            cache=cache,
+            use_cache=True,
+        )
+        logp = torch.log_softmax(cont.logits.float(), dim=-1)  # position j predicts token j+1
+        token_logp = torch.zeros_like(cand, dtype=torch.float)
+        token_logp[:, 0] = first[row_index].gather(1, cand[:, :1]).squeeze(1)
+        token_logp[:, 1:] = logp[:, :-1].gather(2, cand[:, 1:, None]).squeeze(2)
+        totals = (token_logp * cand_mask).sum(1).tolist()
+
+        k = 0
+        for cands in b_cats:
+            scores = {label: totals[k + j] for j, label in enumerate(cands)}
+            k += len(cands)
+            results.append(Scored(prediction=max(cands, key=scores.__getitem__), scores=scores))
+    return results
+
+
+@torch.inference_mode()
+def score_candidates_reference(model, tokenizer, rows, *, max_length: int = 384) -> list[Scored]:
+    """Straightforward scoring: one full forward pass per (row, candidate), no cache, no batching."""
+    texts, cats = _rows_fields(rows)
+    device = next(model.parameters()).device
+    end = end_id(tokenizer)
+    results = []
+    for text, cands in zip(texts, cats):
+        prompt = encode_prompts(tokenizer, [text], [cands], max_length)[0]
+        scores = {}
+        for label in cands:
+            answer = label_ids(tokenizer, label) + [end]
+            ids = torch.tensor([prompt + answer], device=device)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            scores[label] = sum(logp[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(answer))
+        results.append(Scored(prediction=max(cands, key=scores.__getitem__), scores=scores))
+    return results
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 8,
+                     max_new_tokens: int = 8, progress: bool = False) -> list[str]:
+    """Free generation (greedy, left padding, stops at ``<|im_end|>``): what the model actually writes."""
+    texts, cats = _rows_fields(rows)
+    device = next(model.parameters()).device
+    stop = [end_id(tokenizer), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    answers = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="generate", disable=not progress):
+        prompts = encode_prompts(tokenizer, texts[start:start + batch_size], cats[start:start + batch_size],
+                                 max_length)
+        ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        for seq in out[:, ids.shape[1]:]:
+            text = tokenizer.decode(seq, skip_special_tokens=False)
+            answers.append(text.split(END_OF_TURN)[0].split("<|endoftext|>")[0].strip())
+    return answers

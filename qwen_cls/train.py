@@ -1,0 +1,89 @@
+"""LoRA training with a loss that applies the LM head only where the answer is.
+
+The recipe lets the model compute 151,936-way logits at every position of a 384-token row although
+only the 2–5 answer tokens carry loss. :class:`AnswerOnlyTrainer` passes a boolean ``logits_to_keep``
+mask to the model, so the LM head runs only at the positions that predict a supervised token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorForSeq2Seq, Trainer
+
+from .tokenize import IGNORE_INDEX
+
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL_INPUT_COLUMNS = ["input_ids", "attention_mask", "labels"]
+
+
+def recipe_lora_config(**overrides):
+    """The recipe's LoRA: r=8, alpha=32, dropout 0.1 on all attention and MLP projections."""
+    from peft import LoraConfig, TaskType
+
+    settings = dict(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGET_MODULES, inference_mode=False,
+                    r=8, lora_alpha=32, lora_dropout=0.1)
+    settings.update(overrides)
+    return LoraConfig(**settings)
+
+
+def prepare_lora_model(model, lora_config, *, gradient_checkpointing: bool = True):
+    """Wrap ``model`` with LoRA; with checkpointing, make the frozen embeddings' output require grad."""
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+    return get_peft_model(model, lora_config)
+
+
+def padding_collator(tokenizer):
+    """Right-pad each batch to its longest row; labels are padded with -100."""
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+def model_inputs(tokenized):
+    """Only the columns the model consumes (drops ``length`` and the truncation flags)."""
+    return tokenized.select_columns(MODEL_INPUT_COLUMNS)
+
+
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, targets): positions whose logits predict a supervised next token, and those tokens."""
+    shifted = labels[:, 1:]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = shifted != IGNORE_INDEX
+    return mask, shifted[shifted != IGNORE_INDEX]
+
+
+def answer_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy over answer tokens, computing logits only at the positions that predict them."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    mask, targets = answer_positions(labels)
+    logits = model(**inputs, logits_to_keep=mask, use_cache=False).logits  # (n_answer_tokens, vocab)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    denominator = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    return loss / denominator
+
+
+class AnswerOnlyTrainer(Trainer):
+    """``Trainer`` whose loss is :func:`answer_only_loss`, normalised over the whole accumulated batch."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # have Trainer count answer tokens across grad-accum steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = answer_only_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+
+def answer_loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
+    """(step, loss) pairs of the training log (``trainer.state.log_history``)."""
+    return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
