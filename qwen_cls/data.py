@@ -105,16 +105,12 @@ def iter_raw_rows(path: str | os.PathLike, *, require_output: bool = True) -> It
     """Yield validated rows of a raw JSONL file, skipping blank lines; BOM and CRLF are fine."""
     path = Path(path)
     _check_readable(path)
-    with open(path, encoding="utf-8-sig", newline=None) as handle:
-        lineno = 0
-        while True:
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
             try:
-                line = handle.readline()
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(path, lineno + 1, f"not valid UTF-8 ({exc.reason}); save the file as UTF-8") from None
-            if not line:
-                break
-            lineno += 1
+                raise DataError(path, lineno, f"not valid UTF-8 ({exc.reason}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -186,6 +182,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 except json.JSONDecodeError as exc:
                     raise DataError(path, lineno, f"invalid JSON ({exc.msg})") from None
     return rows
+
+
+def sample_rows(rows: list, n: int, seed: int) -> list:
+    """Shuffle a copy of ``rows`` with ``seed`` and keep the first ``n`` (``n <= 0``: all rows, shuffled)."""
+    import random
+
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[:n] if n > 0 else shuffled
 
 
 def label_inventory(rows: Iterable[RawRow | dict]) -> Counter:

@@ -1,0 +1,7 @@
+"""``python -m qwen_cls`` is the same as the ``qwen-cls`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny offline model (built once per session into a temp cache) and its tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from qwen_cls.model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from qwen_cls.model import load_tokenizer
+
+    return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture()
+def write_lines(tmp_path):
+    """Write raw bytes/str lines to a file and return its path."""
+
+    def _write(name: str, content: str | bytes) -> Path:
+        path = tmp_path / name
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        path.write_bytes(content)
+        return path
+
+    return _write
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

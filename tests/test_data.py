@@ -1,0 +1,132 @@
+import json
+import time
+
+import pytest
+
+from qwen_cls import data
+from qwen_cls.data import DataError
+
+GOOD = '{"text": "新华社电 火箭发射成功", "category": ["Military", "Space"], "output": "Space"}'
+
+
+def test_reads_bom_crlf_blank_lines_and_extra_fields(write_lines):
+    content = "\ufeff" + GOOD + "\r\n\r\n" + \
+        '{"text": "球队夺冠", "category": "Sports, Art", "output": "Sports", "id": 7}\r\n'
+    rows = data.read_raw_rows(write_lines("a.jsonl", content))
+    assert [(r.text, r.category, r.output, r.line) for r in rows] == [
+        ("新华社电 火箭发射成功", ["Military", "Space"], "Space", 1),
+        ("球队夺冠", ["Sports", "Art"], "Sports", 3),
+    ]
+
+
+def test_python_repr_category_as_in_the_original_dataset(write_lines):
+    line = json.dumps({"text": "t", "category": "['Art', 'History']", "output": "Art"}, ensure_ascii=False)
+    assert data.read_raw_rows(write_lines("a.jsonl", line))[0].category == ["Art", "History"]
+
+
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"text": "t", "category": ["A", "B"]}', "missing field(s) output"),
+        ('{"text": "  ", "category": ["A", "B"], "output": "A"}', "text must be a non-empty string"),
+        ('{"text": "t", "category": ["A"], "output": "A"}', "at least 2 distinct"),
+        ('{"text": "t", "category": ["A", "A"], "output": "A"}', "lists A more than once"),
+        ('{"text": "t", "category": ["A", "B"], "output": "C"}', "'C' is not among the candidates"),
+        ('{"text": "t", "category": 5, "output": "A"}', "category must be a list"),
+    ],
+)
+def test_errors_name_path_line_and_fix(write_lines, bad_line, expected):
+    path = write_lines("bad.jsonl", GOOD + "\n\n" + bad_line + "\n")
+    with pytest.raises(DataError) as info:
+        data.read_raw_rows(path)
+    assert str(info.value).startswith(f"{path}:3: ")
+    assert expected in str(info.value)
+
+
+def test_invalid_utf8_names_the_line(write_lines):
+    path = write_lines("latin.jsonl", GOOD.encode() + b"\n" + '{"text": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r":2: not valid UTF-8"):
+        data.read_raw_rows(path)
+
+
+def test_missing_file_directory_and_empty_file(tmp_path, write_lines):
+    with pytest.raises(DataError, match="no such file"):
+        data.read_raw_rows(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="is a directory"):
+        data.read_raw_rows(tmp_path)
+    with pytest.raises(DataError, match="contains no rows"):
+        data.read_raw_rows(write_lines("empty.jsonl", "\n\n"))
+
+
+def test_output_optional_for_prediction_inputs(write_lines):
+    path = write_lines("p.jsonl", '{"text": "t", "category": ["A", "B"]}\n')
+    assert data.read_raw_rows(path, require_output=False)[0].output is None
+
+
+def test_convert_writes_recipe_rows(tmp_path, write_lines):
+    raw = write_lines("raw.jsonl", GOOD + "\n")
+    out = tmp_path / "out" / "train.jsonl"
+    assert data.convert_file(raw, out) == 1
+    row = json.loads(out.read_text(encoding="utf-8"))
+    # The recipe's input uses Python's repr of the candidate list.
+    assert row == {
+        "input": "文本:新华社电 火箭发射成功,分类选项列表:['Military', 'Space']",
+        "output": "Space",
+        "text": "新华社电 火箭发射成功",
+        "category": ["Military", "Space"],
+    }
+    assert [p.name for p in out.parent.iterdir()] == ["train.jsonl"]  # no temp file left
+
+
+def test_convert_bad_row_leaves_no_output_and_keeps_old_file(tmp_path, write_lines):
+    raw = write_lines("raw.jsonl", GOOD + "\n" + '{"text": "x"}\n')
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(DataError, match=":2: missing field"):
+        data.convert_file(raw, out)
+    assert not out.exists()
+    out.write_text("old\n")
+    with pytest.raises(DataError):
+        data.convert_file(raw, out)
+    assert out.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "raw.jsonl"]
+
+
+def test_atomic_write_cleans_up_on_failure(tmp_path):
+    def rows():
+        yield {"a": 1}
+        raise RuntimeError("disk trouble")
+
+    with pytest.raises(RuntimeError):
+        data.write_jsonl_atomic(rows(), tmp_path / "x.jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_label_inventory_counts_answers(write_lines):
+    lines = [
+        '{"text": "a", "category": ["Art", "Sports"], "output": "Art"}',
+        '{"text": "b", "category": ["Art", "Sports"], "output": "Sports"}',
+        '{"text": "c", "category": ["Art", "Space"], "output": "Art"}',
+    ]
+    counts = data.label_inventory(data.read_raw_rows(write_lines("r.jsonl", "\n".join(lines))))
+    assert list(counts.items()) == [("Art", 2), ("Sports", 1)]
+
+
+def test_bundled_sample_meets_the_data_card():
+    from conftest import SAMPLE
+
+    train, test = data.read_raw_rows(SAMPLE / "train.jsonl"), data.read_raw_rows(SAMPLE / "test.jsonl")
+    assert len(train) >= 60 and len(test) >= 20
+    assert len(data.label_inventory(train)) >= 6
+    assert all(2 <= len(r.category) <= 5 for r in train + test)
+    assert not {r.text for r in train} & {r.text for r in test}
+
+
+def test_download_fails_fast_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("QWEN_CLS_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="tiny profile"):
+        data.download_fudan_news(tmp_path)
+    assert time.monotonic() - start < 5
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,54 @@
+import json
+import time
+
+import pytest
+import torch
+
+from qwen_cls import model as M
+
+
+def test_tiny_model_is_a_small_qwen2_with_the_real_tokenizer(tiny_dir, tokenizer):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen2"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (64, 2, 151936)
+    assert config["tie_word_embeddings"] is True
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert "model.safetensors" in names and not any(n.endswith((".bin", ".pt")) for n in names)
+    assert len(tokenizer) == 151669 and tokenizer.pad_token == "<|endoftext|>"
+    assert "<|im_start|>" in tokenizer.chat_template and "think" not in tokenizer.chat_template
+
+
+def test_tiny_model_build_is_cached_and_deterministic(tiny_dir, tmp_path):
+    again = M.build_tiny_model(tiny_dir)  # already built: returned as is
+    assert again == tiny_dir
+    other = M.build_tiny_model(tmp_path / "t2")
+    from safetensors.torch import load_file
+
+    a, b = load_file(tiny_dir / "model.safetensors"), load_file(other / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_model_float32_on_cpu_without_remote_code(tiny_dir):
+    model, tok = M.load_model(tiny_dir, device="cpu")
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    assert M.pick_dtype("cpu") == torch.float32
+
+
+def test_incomplete_or_missing_model_folders(tmp_path, tiny_dir):
+    with pytest.raises(M.ModelNotFound, match="no such model folder"):
+        M.resolve_model(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_dir / "config.json").read_text())
+    with pytest.raises(M.ModelNotFound, match=r"missing \*\.safetensors weights, tokenizer files"):
+        M.resolve_model(broken)
+    with pytest.raises(M.ModelNotFound, match="neither 'tiny'"):
+        M.resolve_model("not-a-model")
+
+
+def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("QWEN_CLS_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match="qwen/Qwen2-0.5B"):
+        M.resolve_model("qwen/Qwen2-0.5B")
+    assert time.monotonic() - start < 5

@@ -1,0 +1,97 @@
+import math
+
+import datasets
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from conftest import SAMPLE
+from qwen_cls import data, evaluate, metrics, train
+from qwen_cls.model import load_model
+from qwen_cls.tokenize import tokenize_dataset
+
+MAX_LENGTH = 128
+
+
+@pytest.fixture(scope="module")
+def sample_rows():
+    return [r.to_dict() for r in data.read_raw_rows(SAMPLE / "train.jsonl")]
+
+
+def mean_answer_loss(model, tokenized, collator):
+    model.eval()
+    with torch.no_grad():
+        batch = collator([tokenized[i] for i in range(len(tokenized))])
+        return train.answer_only_loss(model, batch).item()
+
+
+@pytest.mark.slow
+def test_tiny_model_trains_and_adapter_reloads(tiny_dir, sample_rows, tmp_path):
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_dir, device="cpu")
+    tokenized = train.model_inputs(tokenize_dataset(datasets.Dataset.from_list(sample_rows[:32]), tok, MAX_LENGTH))
+    collator = train.padding_collator(tok)
+    model = train.prepare_lora_model(model, train.recipe_lora_config())
+    before = mean_answer_loss(model, tokenized, collator)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=5e-3, num_train_epochs=3,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0)
+    trainer = train.AnswerOnlyTrainer(model=model, args=args, train_dataset=tokenized, data_collator=collator)
+    trainer.train()
+    after = mean_answer_loss(model, tokenized, collator)
+    assert after < before - 0.5, (before, after)
+    history = train.answer_loss_history(trainer.state.log_history)
+    assert len(history) == 12 and all(math.isfinite(loss) for _, loss in history)
+    # Loss is answer-only: a random 151,936-way guess starts near ln(151936) = 11.9.
+    assert abs(history[0][1] - math.log(151936)) < 1.0
+
+    adapter = tmp_path / "adapter"
+    trainer.save_model(str(adapter))
+    assert (adapter / "adapter_model.safetensors").is_file()
+    reloaded, _ = load_model(tiny_dir, device="cpu", adapter=adapter)
+    batch = collator([tokenized[i] for i in range(4)])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, reloaded(**inputs).logits, atol=1e-5)
+
+
+def test_answer_only_loss_equals_full_logits_loss(tiny_dir, sample_rows):
+    model, tok = load_model(tiny_dir, device="cpu")
+    tokenized = train.model_inputs(tokenize_dataset(datasets.Dataset.from_list(sample_rows[:6]), tok, MAX_LENGTH))
+    batch = train.padding_collator(tok)([tokenized[i] for i in range(6)])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+        keep = shift_labels != -100
+        full = torch.nn.functional.cross_entropy(shift_logits[keep], shift_labels[keep])
+        assert torch.allclose(train.answer_only_loss(model, batch), full, atol=1e-5)
+
+
+def test_evaluation_returns_only_candidates_and_matches_reference(tiny_dir):
+    model, tok = load_model(tiny_dir, device="cpu")
+    rows = [r.to_dict() for r in data.read_raw_rows(SAMPLE / "test.jsonl")][:8]
+    fast = evaluate.score_candidates(model, tok, rows, max_length=MAX_LENGTH, batch_size=3)
+    slow = evaluate.score_candidates_reference(model, tok, rows, max_length=MAX_LENGTH)
+    for row, a, b in zip(rows, fast, slow):
+        assert a.prediction in row["category"] and a.prediction == b.prediction
+        assert a.scores.keys() == set(row["category"])
+        for label in row["category"]:
+            assert a.scores[label] == pytest.approx(b.scores[label], abs=1e-3)
+    generated = evaluate.generate_answers(model, tok, rows[:3], max_length=MAX_LENGTH, max_new_tokens=4)
+    assert len(generated) == 3 and all(isinstance(g, str) for g in generated)
+
+
+def test_metrics_against_a_hand_computation():
+    truth = ["Art", "Art", "Sports", "Space", "Space", "Space"]
+    pred = ["Art", "Sports", "Sports", "Space", "Art", "Space"]
+    m = metrics.classification_metrics(truth, pred)
+    # Art: tp 1, fp 1, fn 1 -> F1 1/2. Sports: tp 1, fp 1, fn 0 -> P 1/2, R 1, F1 2/3.
+    # Space: tp 2, fp 0, fn 1 -> P 1, R 2/3, F1 4/5.
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["macro_f1"] == pytest.approx((1 / 2 + 2 / 3 + 4 / 5) / 3)
+    assert m["labels"] == ["Art", "Space", "Sports"]
+    assert m["confusion_matrix"] == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]
+    assert m["n_test"] == 6 and m["per_class"]["Sports"]["recall"] == 1.0
+    assert metrics.invalid_rate(["Art", "art", "Sports ", "体育"], [["Art", "Space"]] * 2 + [["Sports", "Art"]] * 2) == 0.5
+    with pytest.raises(ValueError):
+        metrics.classification_metrics(["A"], [])
