@@ -28,11 +28,13 @@ def recipe_lora_config(**overrides):
 
 
 def prepare_lora_model(model, lora_config, *, gradient_checkpointing: bool = True):
-    """Wrap ``model`` with LoRA; with checkpointing, make the frozen embeddings' output require grad."""
+    """Wrap ``model`` with LoRA; with gradient (activation) checkpointing, make the frozen embeddings'
+    output require grad so gradients reach the LoRA weights of the first layer."""
     from peft import get_peft_model
 
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.24 calls gradient checkpointing "activation checkpointing".
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         model.config.use_cache = False
     return get_peft_model(model, lora_config)
@@ -87,3 +89,18 @@ class AnswerOnlyTrainer(Trainer):
 def answer_loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
     """(step, loss) pairs of the training log (``trainer.state.log_history``)."""
     return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+
+
+def training_arguments(output_dir, **overrides):
+    """``TrainingArguments`` for the fast path: length-grouped batches (little padding to compute on).
+
+    Rows of similar length share a batch (``train_sampling_strategy="group_by_length"``, lengths from
+    the tokenized ``length`` column when present); gradient checkpointing is left to
+    :func:`prepare_lora_model`. Everything else is ``TrainingArguments``' default unless overridden.
+    """
+    from transformers import TrainingArguments
+
+    settings = dict(output_dir=str(output_dir), train_sampling_strategy="group_by_length",
+                    gradient_checkpointing=False, remove_unused_columns=True)
+    settings.update(overrides)
+    return TrainingArguments(**settings)

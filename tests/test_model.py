@@ -52,3 +52,12 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch):
     with pytest.raises(ConnectionError, match="qwen/Qwen2-0.5B"):
         M.resolve_model("qwen/Qwen2-0.5B")
     assert time.monotonic() - start < 5
+
+
+def test_unreachable_host_is_detected_quickly(monkeypatch):
+    from qwen_cls.network import is_online
+
+    monkeypatch.delenv("QWEN_CLS_OFFLINE", raising=False)
+    start = time.monotonic()
+    assert is_online("qwen-cls-test.invalid", timeout=2) is False  # .invalid never resolves (RFC 2606)
+    assert time.monotonic() - start < 5
