@@ -23,8 +23,22 @@ demo: setup
 train: setup
 	$(VENV)/bin/qwen-cls run --profile qwen2-0.5b --out runs/qwen2-0.5b
 
+# The tests, then every notebook in the tiny profile under nbval (run in notebooks/, writing runs/notebooks).
 test: setup
 	$(PY) -m pytest tests
+	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/
+
+# Committed notebooks: no outputs, execution_count null, exactly one `parameters` cell.
+check-notebooks: setup
+	$(PY) -m pytest -q tests/test_notebooks.py
+
+# CPU benchmarks, seed recipe vs project path on the tiny model (< 10 min): table + runs/bench/bench.json
+bench: setup
+	$(PY) benchmarks/cpu.py --out runs/bench
+
+# The demo run's SwanLab dashboard on http://127.0.0.1:5197 (after `make demo`; Ctrl+C stops it).
+dashboard: setup
+	$(VENV)/bin/qwen-cls dashboard runs/demo --port 5197
 
 clean:
 	rm -rf runs .pytest_cache

@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
 # Feature modules add their sub-commands here: each entry is a function taking the subparsers object.
 COMMAND_MODULES: list = []
 
+from . import pipeline  # noqa: E402  (qwen-cls run: the notebook chain)
+
+COMMAND_MODULES.append(pipeline.register)
+
+from . import tracking  # noqa: E402  (qwen-cls dashboard: SwanLab logs on 127.0.0.1)
+
+COMMAND_MODULES.append(tracking.register)
+
+from . import export, predict, trainer_script  # noqa: E402  (qwen-cls train / predict / export)
+
+COMMAND_MODULES += [trainer_script.register, predict.register, export.register]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()

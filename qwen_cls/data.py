@@ -13,8 +13,10 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -182,6 +184,37 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 except json.JSONDecodeError as exc:
                     raise DataError(path, lineno, f"invalid JSON ({exc.msg})") from None
     return rows
+
+
+def write_json_atomic(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented UTF-8 JSON via a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` (on error it is removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sample_rows(rows: list, n: int, seed: int) -> list:

@@ -42,15 +42,19 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 @torch.inference_mode()
 def score_candidates(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 8,
-                     progress: bool = False) -> list[Scored]:
-    """Score each row's candidates in batches, reusing the prompt's KV cache across candidates."""
+                     progress: bool = False, examples=None) -> list[Scored]:
+    """Score each row's candidates in batches, reusing the prompt's KV cache across candidates.
+
+    ``examples``: per row, retrieved ``{text, label}`` examples for RAG prompts (see ``qwen_cls.rag``).
+    """
     texts, cats = _rows_fields(rows)
     device = next(model.parameters()).device
     end, pad = end_id(tokenizer), tokenizer.pad_token_id
     results: list[Scored] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="score", disable=not progress):
         b_cats = cats[start:start + batch_size]
-        prompts = encode_prompts(tokenizer, texts[start:start + batch_size], b_cats, max_length)
+        b_examples = examples[start:start + batch_size] if examples is not None else None
+        prompts = encode_prompts(tokenizer, texts[start:start + batch_size], b_cats, max_length, examples=b_examples)
         ids, mask = _left_pad(prompts, pad, device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -94,14 +98,15 @@ def score_candidates(model, tokenizer, rows, *, max_length: int = 384, batch_siz
 
 
 @torch.inference_mode()
-def score_candidates_reference(model, tokenizer, rows, *, max_length: int = 384) -> list[Scored]:
+def score_candidates_reference(model, tokenizer, rows, *, max_length: int = 384, examples=None) -> list[Scored]:
     """Straightforward scoring: one full forward pass per (row, candidate), no cache, no batching."""
     texts, cats = _rows_fields(rows)
     device = next(model.parameters()).device
     end = end_id(tokenizer)
     results = []
-    for text, cands in zip(texts, cats):
-        prompt = encode_prompts(tokenizer, [text], [cands], max_length)[0]
+    for i, (text, cands) in enumerate(zip(texts, cats)):
+        row_examples = [examples[i]] if examples is not None else None
+        prompt = encode_prompts(tokenizer, [text], [cands], max_length, examples=row_examples)[0]
         scores = {}
         for label in cands:
             answer = label_ids(tokenizer, label) + [end]
@@ -114,15 +119,16 @@ def score_candidates_reference(model, tokenizer, rows, *, max_length: int = 384)
 
 @torch.inference_mode()
 def generate_answers(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 8,
-                     max_new_tokens: int = 8, progress: bool = False) -> list[str]:
+                     max_new_tokens: int = 8, progress: bool = False, examples=None) -> list[str]:
     """Free generation (greedy, left padding, stops at ``<|im_end|>``): what the model actually writes."""
     texts, cats = _rows_fields(rows)
     device = next(model.parameters()).device
     stop = [end_id(tokenizer), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     answers = []
     for start in tqdm(range(0, len(rows), batch_size), desc="generate", disable=not progress):
+        b_examples = examples[start:start + batch_size] if examples is not None else None
         prompts = encode_prompts(tokenizer, texts[start:start + batch_size], cats[start:start + batch_size],
-                                 max_length)
+                                 max_length, examples=b_examples)
         ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)

@@ -33,9 +33,10 @@ PROFILES: dict[str, dict] = {
         "download_data": False,
         "max_train_samples": 0,
         "max_test_samples": 0,
-        # A random tiny model needs a big step to move its answer loss visibly in a few dozen updates.
+        # A random tiny model needs big steps to move its answer loss visibly in a few dozen updates.
         "learning_rate": 5e-3,
         "gradient_accumulation_steps": 1,
+        "gradient_checkpointing": False,  # a tiny model needs no memory saving; skip the recompute on CPU
         "logging_steps": 2,
         "swanlab_mode": "local",
         "eval_batch_size": 8,

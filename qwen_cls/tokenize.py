@@ -9,7 +9,7 @@ and the inference prompt of a row are the same tokens.
 
 from __future__ import annotations
 
-from .prompt import END_OF_TURN, SYSTEM_PROMPT, render_prompt
+from .prompt import EXAMPLE_CHARS, END_OF_TURN, SYSTEM_PROMPT, example_pair, render_prompt, render_rag_prompt, shorten_example
 
 IGNORE_INDEX = -100
 
@@ -29,14 +29,28 @@ def answer_reserve(tokenizer, category: list[str]) -> int:
     return max(len(label_ids(tokenizer, c)) for c in category) + 1
 
 
-def encode_prompts(tokenizer, texts, categories, max_length: int, system: str = SYSTEM_PROMPT) -> list[list[int]]:
-    """Prompt ids per row, the text shortened so that prompt + longest candidate + end <= max_length."""
+def encode_prompts(tokenizer, texts, categories, max_length: int, system: str = SYSTEM_PROMPT,
+                   examples=None) -> list[list[int]]:
+    """Prompt ids per row, the text shortened so that prompt + longest candidate + end <= max_length.
+
+    With ``examples`` (per row, a list of retrieved ``{text, label}`` examples) the RAG prompt is built
+    instead: see :func:`encode_rag_prompts`.
+    """
+    if examples is not None:
+        return encode_rag_prompts(tokenizer, texts, categories, examples, max_length, system)
+    return fit_prompts(tokenizer, texts, categories, max_length, system)[0]
+
+
+def fit_prompts(tokenizer, texts, categories, max_length: int, system: str = SYSTEM_PROMPT):
+    """``(prompt_ids, cut_texts, full_lengths)``: :func:`encode_prompts`' ids, the texts as shortened, and
+    each row's untruncated prompt length (one batched encode of the whole rows serves all three)."""
     budgets = [max_length - answer_reserve(tokenizer, c) for c in categories]
     cut_texts = list(texts)
     ids = _encode(tokenizer, cut_texts, categories, system)
+    full_lengths = [len(seq) for seq in ids]
     todo = [i for i, seq in enumerate(ids) if len(seq) > budgets[i]]
     if not todo:
-        return ids
+        return ids, cut_texts, full_lengths
     text_offsets = tokenizer([texts[i] for i in todo], add_special_tokens=False, return_offsets_mapping=True)
     keep = {i: len(offs) for i, offs in zip(todo, text_offsets["offset_mapping"])}
     offsets = dict(zip(todo, text_offsets["offset_mapping"]))
@@ -54,12 +68,83 @@ def encode_prompts(tokenizer, texts, categories, max_length: int, system: str = 
             ids[i] = seq
         todo = [i for i in todo if len(ids[i]) > budgets[i]]
         if not todo:
-            return ids
+            return ids, cut_texts, full_lengths
     raise RuntimeError(f"could not fit rows {todo} into max_length={max_length}")
 
 
 def _encode(tokenizer, texts, categories, system) -> list[list[int]]:
     prompts = [render_prompt(tokenizer, t, c, system) for t, c in zip(texts, categories)]
+    return tokenizer(prompts, add_special_tokens=False)["input_ids"]
+
+
+def _water_fill(lengths: list[int], weights: list[float], room: int) -> list[int]:
+    """Tokens kept per piece: ``min(length, weight * t)`` with the largest ``t`` whose total fits ``room``."""
+    def kept(t):
+        return [min(n, int(w * t)) for n, w in zip(lengths, weights)]
+
+    low, high = 0.0, max(n / w for n, w in zip(lengths, weights)) + 1
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(kept(mid)) <= room else (low, mid)
+    return kept(low)
+
+
+def encode_rag_prompts(tokenizer, texts, categories, examples, max_length: int, system: str = SYSTEM_PROMPT, *,
+                       query_weight: float = 2.0, example_chars: int = EXAMPLE_CHARS,
+                       min_example_tokens: int = 8) -> list[list[int]]:
+    """RAG prompt ids per row, shortened so that prompt + longest candidate + end <= max_length.
+
+    Only texts are shortened, the query's and the examples' (each example first cut to ``example_chars``
+    characters): the system message, the example labels, the candidate list and the answer always fit.
+    The text room is shared by weighted water-filling, the query getting ``query_weight`` times an
+    example's share. If an example would keep fewer than ``min_example_tokens`` tokens, the worst-ranked
+    example is dropped instead; a row left without examples gets the plain prompt.
+    """
+    rows = []
+    for ex_list in examples:
+        pairs = [example_pair(e) for e in ex_list]
+        rows.append([(shorten_example(t, example_chars), label) for t, label in pairs])
+    ids = _encode_rag(tokenizer, texts, categories, rows, system, example_chars)
+    for i, seq in enumerate(ids):
+        budget = max_length - answer_reserve(tokenizer, categories[i])
+        if len(seq) > budget:
+            ids[i] = _fit_rag_row(tokenizer, texts[i], categories[i], rows[i], budget, max_length, system,
+                                  query_weight, example_chars, min_example_tokens)
+    return ids
+
+
+def _fit_rag_row(tokenizer, text, category, exs, budget, max_length, system, query_weight, example_chars,
+                 min_example_tokens) -> list[int]:
+    exs = list(exs)
+    while True:
+        if not exs:  # the plain prompt, cut exactly as without RAG
+            return encode_prompts(tokenizer, [text], [category], max_length, system)[0]
+        pieces = [text] + [t for t, _ in exs]
+        offsets = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        lengths = [len(o) for o in offsets]
+        seq = _encode_rag(tokenizer, [text], [category], [exs], system, example_chars)[0]
+        room = budget - (len(seq) - sum(lengths))
+        weights = [query_weight] + [1.0] * len(exs)
+        keep = _water_fill(lengths, weights, room)
+        if keep[0] < 1 or any(k < min(n, min_example_tokens) for k, n in zip(keep[1:], lengths[1:])):
+            exs.pop()  # too little room for this many examples: drop the worst-ranked one
+            continue
+        break
+    for _ in range(8):  # merges at the cuts can shift counts by a token or two; converge in a few rounds
+        cut = [p[: o[k - 1][1]] if k > 0 else "" for p, o, k in zip(pieces, offsets, keep)]
+        seq = _encode_rag(tokenizer, [cut[0]], [category], [list(zip(cut[1:], [l for _, l in exs]))], system,
+                          example_chars)[0]
+        over = len(seq) - budget
+        if over <= 0:
+            return seq
+        widest = max(range(len(keep)), key=lambda j: (keep[j] / weights[j], -j))  # the piece with most room
+        keep[widest] = max(1, keep[widest] - over)
+    raise RuntimeError(f"could not fit a RAG prompt into max_length={max_length}")
+
+
+def _encode_rag(tokenizer, texts, categories, examples, system, example_chars) -> list[list[int]]:
+    prompts = [render_rag_prompt(tokenizer, t, c, e, system, example_chars)
+               for t, c, e in zip(texts, categories, examples)]
     return tokenizer(prompts, add_special_tokens=False)["input_ids"]
 
 
@@ -79,8 +164,13 @@ def process_batch(batch: dict, tokenizer, max_length: int, system: str = SYSTEM_
     Besides the model inputs it records per row: ``length``, ``text_truncated``, and what the recipe's
     tail cut would have done: ``recipe_answer_cut`` (an answer token lost) and ``recipe_answer_gone``.
     """
-    prompts = encode_prompts(tokenizer, batch["text"], batch["category"], max_length, system)
-    full = _encode(tokenizer, batch["text"], batch["category"], system)
+    examples = batch["examples"] if "examples" in batch else None  # RAG training: retrieved examples per row
+    if examples is None:  # the untruncated lengths come from the same encode that fits the prompts
+        prompts, _, full = fit_prompts(tokenizer, batch["text"], batch["category"], max_length, system)
+    else:
+        prompts = encode_prompts(tokenizer, batch["text"], batch["category"], max_length, system, examples=examples)
+        full = [len(s) for s in _encode_rag(tokenizer, batch["text"], batch["category"], examples, system,
+                                            EXAMPLE_CHARS)]
     end = end_id(tokenizer)
     out = {k: [] for k in ("input_ids", "attention_mask", "labels", "length", "text_truncated",
                            "recipe_answer_cut", "recipe_answer_gone")}
@@ -90,14 +180,18 @@ def process_batch(batch: dict, tokenizer, max_length: int, system: str = SYSTEM_
         for key, value in example.items():
             out[key].append(value)
         out["length"].append(len(example["input_ids"]))
-        out["text_truncated"].append(len(prompt) < len(whole))
-        out["recipe_answer_cut"].append(len(whole) + len(answer_tokens) > max_length)
-        out["recipe_answer_gone"].append(len(whole) >= max_length)
+        out["text_truncated"].append(len(prompt) < whole)
+        out["recipe_answer_cut"].append(whole + len(answer_tokens) > max_length)
+        out["recipe_answer_gone"].append(whole >= max_length)
     return out
 
 
 def tokenize_dataset(dataset, tokenizer, max_length: int, *, batch_size: int = 64, desc: str = "tokenize"):
-    """Apply :func:`process_batch` with batched ``datasets.map``; drops the raw columns."""
+    """Apply :func:`process_batch` with batched ``datasets.map``; drops the raw columns.
+
+    The cache fingerprint is derived cheaply from the dataset's and the tokenizer's identity: left to
+    itself ``datasets`` pickles and hashes the whole tokenizer, which costs more than the tokenizing.
+    """
     return dataset.map(
         process_batch,
         batched=True,
@@ -105,7 +199,16 @@ def tokenize_dataset(dataset, tokenizer, max_length: int, *, batch_size: int = 6
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
         remove_columns=dataset.column_names,
         desc=desc,
+        new_fingerprint=_map_fingerprint(dataset, tokenizer, max_length),
     )
+
+
+def _map_fingerprint(dataset, tokenizer, max_length: int) -> str:
+    import hashlib
+
+    parts = [getattr(dataset, "_fingerprint", ""), getattr(tokenizer, "name_or_path", ""), len(tokenizer),
+             str(tokenizer.chat_template), max_length, SYSTEM_PROMPT, "process_batch-v1"]
+    return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
 
 
 def truncation_report(tokenized) -> dict:

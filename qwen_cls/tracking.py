@@ -1,53 +1,277 @@
-"""Experiment tracking with SwanLab (provisional API; the tracking issue completes it).
+"""Experiment tracking with SwanLab: Trainer callbacks, evaluation logging, and the local dashboard.
 
-``swanlab_mode``: ``local`` (dashboard package installed), ``offline``, ``disabled``, ``cloud``.
+``swanlab_mode`` says where a run's log goes; every mode but ``cloud`` needs no account and no network:
+
+* ``local``: ``OUT/swanlog`` plus the database the dashboard reads (``qwen-cls dashboard OUT``);
+  needs the dashboard package ``swanboard`` (``pip install 'swanlab[dashboard]'``). The default when present.
+* ``offline``: ``OUT/swanlog`` only; upload it later with ``swanlab sync`` (no local dashboard).
+* ``disabled``: nothing is logged.
+* ``cloud``: swanlab.cn, needing an API key (``SWANLAB_API_KEY`` or ``swanlab login``) and network.
 """
 
 from __future__ import annotations
 
+import enum
+import importlib.metadata
 import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 MODES = ("local", "offline", "disabled", "cloud")
+SWANLAB_MODE = {"local": "local", "offline": "offline", "disabled": "disabled", "cloud": "online"}
+MODE_ENV = "QWEN_CLS_SWANLAB_MODE"  # overrides the default mode, e.g. in CI
+LOG_SUBDIR = "swanlog"
+DASHBOARD_HOST = "127.0.0.1"
+DASHBOARD_PORT = 5092  # swanlab watch's default
+DASHBOARD_DB = "runs.swanlab"  # the database swanboard keeps beside the run folders
+EVAL_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
+TINY_WARNING = "tiny random Qwen2: it learns nothing; these numbers show the mechanics only, not results"
+OFFLINE_CHOICES = (
+    "swanlab_mode='local' (no account, no network; view it with `qwen-cls dashboard OUT`), "
+    "'offline' (log files only; upload later with `swanlab sync`) or 'disabled'"
+)
 
 
-def swanlab_callbacks(mode: str, out_dir: str | os.PathLike, config: dict, *, project: str = "qwen-cls",
-                      experiment_name: str | None = None) -> list:
-    """Trainer callbacks that log to SwanLab under ``out_dir/swanlog``; ``[]`` when disabled."""
+class TrackingError(ValueError):
+    """A tracking mode that cannot work here; the message names what to do instead."""
+
+
+def dashboard_available() -> bool:
+    """True when the dashboard package (``swanboard``, the version swanlab asks for) is installed."""
+    try:
+        installed = importlib.metadata.version("swanboard")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    wanted = [r for r in importlib.metadata.requires("swanlab") or [] if r.startswith("swanboard")]
+    return not wanted or wanted[0].split(";")[0].strip() in (f"swanboard=={installed}", "swanboard")
+
+
+def default_mode() -> str:
+    """``$QWEN_CLS_SWANLAB_MODE`` when set, else ``local`` with the dashboard package, else ``offline``."""
+    chosen = os.environ.get(MODE_ENV, "").strip()
+    if chosen:
+        return check_mode(chosen)
+    return "local" if dashboard_available() else "offline"
+
+
+def cloud_api_key() -> str | None:
+    """The SwanLab API key swanlab would use (``SWANLAB_API_KEY``, ``.env`` or ``swanlab login``'s netrc)."""
+    if os.environ.get("SWANLAB_API_KEY"):
+        return os.environ["SWANLAB_API_KEY"]
+    try:
+        from swanlab.sdk.internal.settings import create_settings
+    except ImportError:  # another swanlab layout: look for the saved login only
+        saved = Path(os.environ.get("SWANLAB_ROOT") or Path.home() / ".swanlab") / ".netrc"
+        return "saved login" if saved.is_file() else None
+    return create_settings().api_key
+
+
+def check_mode(mode: str | None) -> str:
+    """Validate ``mode`` (``None`` means :func:`default_mode`); fail early where it cannot work."""
+    if mode is None:
+        return default_mode()
     if mode not in MODES:
-        raise ValueError(f"swanlab_mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise TrackingError(f"swanlab_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "local" and not dashboard_available():
+        raise TrackingError(
+            "swanlab_mode='local' needs the dashboard package: pip install 'swanlab[dashboard]' "
+            "(or `make setup`); or use swanlab_mode='offline' or 'disabled'"
+        )
+    if mode == "cloud" and not cloud_api_key():
+        raise TrackingError(
+            "swanlab_mode='cloud' needs a SwanLab account and network, but no API key was found "
+            "(set SWANLAB_API_KEY or run `swanlab login`). Without an account use " + OFFLINE_CHOICES
+        )
+    return mode
+
+
+def plain(value):
+    """``value`` as YAML-safe builtins: dataclass-likes via ``to_dict``, sets sorted, enums by value."""
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(plain(v) for v in value)
+    if isinstance(value, enum.Enum):
+        return plain(value.value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def experiment_config(*, profile: str, base_model: str, lora, training, n_train: int, n_test: int | None = None,
+                      **extra) -> dict:
+    """The config a run records: profile, model, LoRA and training hyperparameters, data sizes.
+
+    ``lora`` and ``training`` may be dicts, a ``LoraConfig`` or ``TrainingArguments`` (kept whole).
+    """
+    config = {"profile": profile, "base_model": str(base_model), "lora": plain(lora), "training": plain(training),
+              "data": {"n_train": n_train, **({"n_test": n_test} if n_test is not None else {})}}
+    config.update(plain(extra))
+    return config
+
+
+def description(config: dict | None) -> str | None:
+    """The run's description: a warning when the numbers come from the tiny random model."""
+    config = config or {}
+    if "tiny" in (config.get("profile"), config.get("base_model"), config.get("model")):
+        return TINY_WARNING
+    return None
+
+
+def log_dir_of(out_dir: str | os.PathLike) -> Path:
+    """Where a run directory's SwanLab logs live: ``OUT/swanlog``."""
+    return Path(out_dir) / LOG_SUBDIR
+
+
+def _finish_stale_run() -> None:
+    import swanlab
+
+    if swanlab.has_run():  # e.g. a notebook cell run twice: a new training is a new run
+        swanlab.finish()
+
+
+def swanlab_callbacks(mode: str | None, out_dir: str | os.PathLike, config: dict, *, project: str = "qwen-cls",
+                      experiment_name: str | None = None) -> list:
+    """Trainer callbacks that log to SwanLab under ``out_dir/swanlog``; ``[]`` when disabled.
+
+    ``config`` (see :func:`experiment_config`) is recorded with the run, beside the Trainer's own
+    arguments. The run starts when training starts; ``experiment_name`` defaults to ``out_dir``'s name.
+    """
+    mode = check_mode(mode)
     if mode == "disabled":
         return []
     from swanlab.integration.transformers import SwanLabCallback
 
-    log_dir = Path(out_dir) / "swanlog"
+    _finish_stale_run()
+    log_dir = log_dir_of(out_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    swan_mode = "offline" if mode == "offline" else mode
-    callback = SwanLabCallback(project=project, experiment_name=experiment_name, log_dir=str(log_dir),
-                               mode=swan_mode)
-    callback.update_config(config)
+    callback = SwanLabCallback(project=project, experiment_name=experiment_name or Path(out_dir).resolve().name,
+                               log_dir=str(log_dir), mode=SWANLAB_MODE[mode], description=description(config))
+    callback.update_config(plain(config))
     return [callback]
 
 
+def sample_text(sample: dict, *, max_chars: int = 300) -> str:
+    """One prediction as text: input (shortened), candidates, prediction, truth."""
+    text = str(sample.get("text", sample.get("input", "")))
+    if len(text) > max_chars:
+        text = text[:max_chars] + "…"
+    prediction, truth = sample.get("prediction"), sample.get("output")
+    verdict = "right" if prediction == truth else "wrong"
+    return (f"input: {text}\ncandidates: {', '.join(map(str, sample.get('category', [])))}\n"
+            f"prediction: {prediction}\ntruth: {truth} ({verdict})")
+
+
 def log_evaluation(metrics: dict, *, confusion_png: str | os.PathLike | None = None,
-                   samples: list[dict] | None = None) -> None:
-    """Log evaluation metrics (and the confusion matrix image, sample predictions) to the active run."""
+                   samples: list[dict] | None = None, out_dir: str | os.PathLike | None = None,
+                   mode: str | None = None, config: dict | None = None, project: str = "qwen-cls",
+                   experiment_name: str | None = None) -> bool:
+    """Log accuracy, macro-F1 (and invalid rate, size), the confusion matrix image and sample predictions.
+
+    They go to the active run. With none active (evaluation in a new process, e.g. notebook 04) and
+    ``out_dir`` given, a run ``<name>-eval`` is started in ``out_dir/swanlog`` (``mode`` as in
+    :func:`swanlab_callbacks`). Returns whether anything was logged.
+    """
     import swanlab
 
-    if swanlab.get_run() is None:
-        return
-    swanlab.log({f"eval/{k}": metrics[k] for k in ("accuracy", "macro_f1", "invalid_rate") if k in metrics})
+    if not swanlab.has_run():
+        if out_dir is None or (mode := check_mode(mode)) == "disabled":
+            return False
+        log_dir = log_dir_of(out_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        swanlab.init(project=project, name=experiment_name or f"{Path(out_dir).resolve().name}-eval",
+                     log_dir=str(log_dir), mode=SWANLAB_MODE[mode], config=plain(config or {}),
+                     description=description(config))
+    swanlab.log({f"eval/{k}": float(metrics[k]) for k in EVAL_KEYS if metrics.get(k) is not None})
     if confusion_png is not None:
-        swanlab.log({"eval/confusion_matrix": swanlab.Image(str(confusion_png))})
+        swanlab.log({"eval/confusion_matrix": swanlab.Image(str(confusion_png),
+                                                            caption="rows: truth, columns: prediction")})
     if samples:
-        lines = [f"{s.get('prediction')} | truth {s.get('output')} | {s.get('category')} | {s.get('text', '')[:80]}"
-                 for s in samples]
-        swanlab.log({"eval/samples": swanlab.Text("\n".join(lines))})
+        swanlab.log({"eval/samples": [swanlab.Text(sample_text(s)) for s in samples]})
+    return True
 
 
 def finish() -> None:
     """Close the active SwanLab run, if any."""
     import swanlab
 
-    if swanlab.get_run() is not None:
+    if swanlab.has_run():
         swanlab.finish()
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+def find_log_dir(path: str | os.PathLike) -> Path:
+    """The folder holding the dashboard database: ``DIR/swanlog`` or ``DIR`` itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    for candidate in (log_dir_of(path), path):
+        if (candidate / DASHBOARD_DB).is_file():
+            return candidate.resolve()
+    if any(log_dir_of(path).glob("run-*")) or any(path.glob("run-*")):
+        raise TrackingError(f"{path}: its SwanLab logs were written in offline mode, which the dashboard "
+                            "cannot show; train again with swanlab_mode='local'")
+    raise FileNotFoundError(f"{path}: no SwanLab logs ({LOG_SUBDIR}/{DASHBOARD_DB}); train with "
+                            "swanlab_mode='local' into this folder first (e.g. `make demo` for runs/demo)")
+
+
+def port_is_free(port: int) -> bool:
+    """True when ``port`` can be bound (checked as swanlab does, which otherwise picks another port)."""
+    for host in ("0.0.0.0", DASHBOARD_HOST):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def dashboard_command(log_dir: str | os.PathLike, port: int) -> list[str]:
+    """``swanlab watch LOG_DIR`` bound to 127.0.0.1:``port``."""
+    return [sys.executable, "-m", "swanlab", "watch", str(log_dir), "--host", DASHBOARD_HOST, "--port", str(port)]
+
+
+def cmd_dashboard(args) -> int:
+    log_dir = find_log_dir(args.dir)
+    if not dashboard_available():
+        raise TrackingError("the dashboard needs the swanboard package: pip install 'swanlab[dashboard]'")
+    if not 1 <= args.port <= 65535:
+        raise TrackingError(f"--port {args.port}: pick a port between 1 and 65535")
+    if not port_is_free(args.port):
+        raise TrackingError(f"--port {args.port} is in use (another dashboard?, or one closed moments ago: "
+                            "then wait a minute); stop it or pick another port")
+    server = subprocess.Popen(dashboard_command(log_dir, args.port))
+    print(f"SwanLab dashboard of {log_dir}: http://{DASHBOARD_HOST}:{args.port}  (Ctrl+C stops it)", flush=True)
+
+    def stop(signum, frame):
+        server.terminate()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return server.wait()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def register(subparsers) -> None:
+    """Add ``qwen-cls dashboard DIR [--port N]``."""
+    p = subparsers.add_parser("dashboard", help="serve a run directory's SwanLab logs on 127.0.0.1 (swanlab watch)")
+    p.add_argument("dir", help="run directory (holding swanlog/) or a swanlog folder")
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT, help=f"port on 127.0.0.1 (default {DASHBOARD_PORT})")
+    p.set_defaults(func=cmd_dashboard)

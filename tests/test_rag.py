@@ -1,4 +1,7 @@
-"""Retrieval (BM25 over jieba words), the retrieval vote, RAG prompts and their answer-preserving truncation."""
+"""Retrieval (BM25 over jieba words), the retrieval vote, RAG prompts and their answer-preserving truncation.
+
+``tokenizer`` and ``tiny_dir`` are the session fixtures of ``conftest.py``.
+"""
 
 import json
 import math
@@ -37,13 +40,6 @@ def bm25_lucene(query, docs, k1=1.5, b=0.75):
 @pytest.fixture(scope="module")
 def fruit():
     return Retriever.build(FRUIT)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from qwen_cls.model import build_tiny_model, load_tokenizer
-
-    return load_tokenizer(build_tiny_model())
 
 
 def test_segment_uses_jieba_words_and_drops_punctuation():
@@ -163,11 +159,11 @@ def test_short_rag_prompt_is_not_cut_and_no_examples_means_the_plain_prompt(toke
     assert render_rag_prompt(tokenizer, "x", ["A", "B"], []) == render_prompt(tokenizer, "x", ["A", "B"])
 
 
-def test_scoring_passes_examples_through(tokenizer):
+def test_scoring_passes_examples_through(tiny_dir):
     from qwen_cls.evaluate import score_candidates, score_candidates_reference
     from qwen_cls.model import load_model
 
-    model, tok = load_model("tiny", device="cpu")
+    model, tok = load_model(tiny_dir, device="cpu")
     rows = [{"text": "国足击败对手。" * 30, "category": ["Sports", "Economy"]},
             {"text": "股市大涨", "category": ["Economy", "Sports", "Art"]}]
     examples = [[{"text": "篮球联赛总决赛今晚开打。" * 10, "label": "Sports"}],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from qwen_cls import tracking
 from qwen_cls.cli import main as cli_main
@@ -214,7 +215,10 @@ def test_trainer_run_is_logged_locally(tmp_path, tiny_dir):
     assert recorded["data"] == {"n_train": 8, "n_test": 2}
 
     pngs = list((log_dir / run_id / "media" / "image").glob("*.png"))
-    assert len(pngs) == 1 and pngs[0].read_bytes() == (tmp_path / "cm.png").read_bytes()
+    assert len(pngs) == 1
+    with Image.open(pngs[0]) as logged, Image.open(tmp_path / "cm.png") as drawn:  # swanlab re-encodes it
+        assert logged.size == drawn.size == (200, 200)
+        assert list(logged.convert("RGB").getdata()) == list(drawn.convert("RGB").getdata())
     texts = sorted(p.read_text(encoding="utf-8") for p in (log_dir / run_id / "media" / "text").glob("*.txt"))
     assert texts == sorted(tracking.sample_text(s) for s in samples)
     assert "truth: Military (wrong)" in "".join(texts) and f"input: {ROWS[0]['text']}" in "".join(texts)
@@ -231,6 +235,8 @@ def test_evaluation_in_a_new_process_starts_an_eval_run(tmp_path):
     assert [p["data"] for p in metric(log_dir, "demo-eval", "eval/accuracy")] == pytest.approx([2 / 3])
     assert [p["data"] for p in metric(log_dir, "demo-eval", "eval/invalid_rate")] == [0.0]
     assert recorded_config(log_dir, experiments(log_dir)["demo-eval"][1]) == config
+    with sqlite3.connect(log_dir / "runs.swanlab") as db:  # the dashboard says the numbers mean nothing
+        assert db.execute("select description from experiment").fetchall() == [(tracking.TINY_WARNING,)]
 
 
 def drive_callback(callback, losses: list[float], output_dir: Path) -> None:

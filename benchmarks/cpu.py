@@ -1,0 +1,235 @@
+"""CPU benchmark: the seed recipe vs the project's path, same rows, same tiny model, one process.
+
+    python benchmarks/cpu.py --out runs/bench        # what `make bench` runs
+
+Each comparison alternates seed and project, after one warm-up round each, and keeps every repeat;
+ratios use the median. Writes ``OUT/bench.json`` (ratios + raw figures) and prints a table.
+The tiny model has random weights: it learns nothing, so only speed and memory mean anything here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.rows import synth_rows  # noqa: E402
+from benchmarks.seed_recipe import SlowQwen2Tokenizer, seed_lora_model, seed_tokenize, seed_trainer  # noqa: E402
+from qwen_cls.speed import PeakMemory, limit_malloc_caching, per_row_generate, stopwatch  # noqa: E402
+
+
+def _dataset(rows):
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    return Dataset.from_list(rows)
+
+
+def bench_tokenize(folder, rows, repeats, max_length):
+    """rows/s of the recipe's per-row slow tokenizer vs the project's batched fast one (fresh tokenizers)."""
+    from qwen_cls.model import load_tokenizer
+    from qwen_cls.tokenize import tokenize_dataset
+
+    times = {"seed": [], "project": []}
+    outputs = {}
+    for r in range(repeats + 1):
+        for name in ("seed", "project"):
+            ds = _dataset(rows)
+            tok = SlowQwen2Tokenizer(folder) if name == "seed" else load_tokenizer(folder)
+            with stopwatch() as t:
+                out = seed_tokenize(ds, tok, max_length) if name == "seed" else tokenize_dataset(ds, tok, max_length)
+            outputs[name] = out
+            if r:
+                times[name].append(t["s"])
+    return {k: [len(rows) / s for s in v] for k, v in times.items()}, outputs
+
+
+def _training_args(out_dir, steps, batch_size, **extra):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=out_dir, per_device_train_batch_size=batch_size, max_steps=steps,
+                             learning_rate=1e-4, save_strategy="no", report_to="none", logging_steps=10_000,
+                             disable_tqdm=True, seed=0, dataloader_num_workers=0, use_cpu=True, **extra)
+
+
+def bench_train(folder, tokenized, steps, batch_size, repeats, workdir):
+    """samples/s and peak memory of ``Trainer.train()`` for ``steps`` optimizer steps, seed vs project."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen_cls.model import load_tokenizer
+    from qwen_cls.train import (AnswerOnlyTrainer, model_inputs, padding_collator, prepare_lora_model,
+                                recipe_lora_config, training_arguments)
+
+    tokenizer = load_tokenizer(folder)
+    models = {}
+    for name in ("seed", "project"):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+        models[name] = (seed_lora_model(base) if name == "seed"
+                        else prepare_lora_model(base, recipe_lora_config(), gradient_checkpointing=True))
+
+    def trainer_for(name, n_steps):
+        if name == "seed":  # the recipe: gradient checkpointing via TrainingArguments, full logits
+            args = _training_args(workdir, n_steps, batch_size, gradient_checkpointing=True)
+            return seed_trainer(models[name], tokenizer, tokenized["seed"], args)
+        args = training_arguments(workdir, per_device_train_batch_size=batch_size, max_steps=n_steps,
+                                  learning_rate=1e-4, save_strategy="no", report_to="none",
+                                  logging_steps=10_000, disable_tqdm=True, seed=0, use_cpu=True)
+        return AnswerOnlyTrainer(model=models[name], args=args, train_dataset=model_inputs(tokenized["project"]),
+                                 data_collator=padding_collator(tokenizer))
+
+    for name in models:  # warm-up
+        trainer_for(name, 2).train()
+    figures = {name: {"samples_per_s": [], "peak_mem_mb": []} for name in models}
+    for _ in range(repeats):
+        for name in models:
+            trainer = trainer_for(name, steps)
+            with PeakMemory() as mem, stopwatch() as t:
+                trainer.train()
+            figures[name]["samples_per_s"].append(steps * batch_size / t["s"])
+            figures[name]["peak_mem_mb"].append(mem.peak_bytes / 2**20)
+    return figures
+
+
+def bench_eval(folder, rows, repeats, max_length, max_new_tokens):
+    """rows/s: the recipe's per-row generate vs batched greedy generation vs batched candidate scoring."""
+    from qwen_cls.evaluate import generate_answers, score_candidates
+    from qwen_cls.model import load_model
+    from qwen_cls.tokenize import fit_prompts
+
+    model, tokenizer = load_model(folder, device="cpu")
+    _, cut_texts, _ = fit_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], max_length)
+    counts = []
+    runs = {
+        "seed_generate": lambda rs, texts: per_row_generate(model, tokenizer, texts, [r["category"] for r in rs],
+                                                            max_new_tokens=max_new_tokens, generated_counts=counts),
+        "batched_generate": lambda rs, texts: generate_answers(model, tokenizer, rs, max_length=max_length),
+        "project_scoring": lambda rs, texts: score_candidates(model, tokenizer, rs, max_length=max_length),
+    }
+    for fn in runs.values():  # warm-up on one row
+        fn(rows[:1], cut_texts[:1])
+    figures = {name: [] for name in runs}
+    generated_tokens = []
+    for r in range(repeats):
+        for name, fn in runs.items():
+            if name == "seed_generate" and r:  # per-row 512-token generation is slow: one round
+                continue
+            with stopwatch() as t:
+                fn(rows, cut_texts)
+            figures[name].append(len(rows) / t["s"])
+            if name == "seed_generate":
+                generated_tokens = counts[-len(rows):]
+    return figures, {"seed_mean_generated_tokens": statistics.mean(generated_tokens)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--tokenize-rows", type=int, default=48)
+    parser.add_argument("--train-rows", type=int, default=32)
+    parser.add_argument("--train-steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-rows", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from qwen_cls.model import resolve_model
+    from qwen_cls.tokenize import truncation_report
+
+    malloc_fixed = limit_malloc_caching()
+    started = time.perf_counter()
+    folder = resolve_model("tiny")
+    rows = synth_rows(max(args.tokenize_rows, args.train_rows, args.eval_rows))
+    print(f"benchmark rows: {len(rows)}; tiny model {folder}", flush=True)
+
+    tok, tokenized = bench_tokenize(folder, rows[:args.tokenize_rows], args.repeats, args.max_length)
+    report = truncation_report(tokenized["project"])
+    print("tokenize done", flush=True)
+    train_sets = {"seed": tokenized["seed"].select(range(args.train_rows)),
+                  "project": tokenized["project"].select(range(args.train_rows))}
+    with tempfile.TemporaryDirectory() as workdir:
+        train = bench_train(folder, train_sets, args.train_steps, args.batch_size, args.repeats, workdir)
+    print("train done", flush=True)
+    ev, ev_extra = bench_eval(folder, rows[:args.eval_rows], args.repeats, args.max_length, args.max_new_tokens)
+    print("eval done", flush=True)
+
+    med = statistics.median
+    result = {
+        "train_speedup": med(train["project"]["samples_per_s"]) / med(train["seed"]["samples_per_s"]),
+        "train_peak_mem_ratio": med(train["project"]["peak_mem_mb"]) / med(train["seed"]["peak_mem_mb"]),
+        "eval_speedup": med(ev["project_scoring"]) / med(ev["seed_generate"]),
+        "eval_speedup_vs_batched_generate": med(ev["project_scoring"]) / med(ev["batched_generate"]),
+        "tokenize_speedup": med(tok["project"]) / med(tok["seed"]),
+        "raw": {"train": train, "eval_rows_per_s": ev, "tokenize_rows_per_s": tok, **ev_extra,
+                "token_lengths": {"mean_untruncated_prompt_tokens": _mean_full_tokens(folder, rows),
+                                  "rows_at_cap": report["text_truncated"], "rows": report["rows"],
+                                  "recipe_answer_gone": report["recipe_answer_gone"]}},
+        "setup": {"model": "tiny random Qwen2 (2 layers, hidden 64, vocab 151,936), float32, CPU",
+                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                             f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+                  "max_length": args.max_length, "batch_size": args.batch_size, "train_steps": args.train_steps,
+                  "train_rows": args.train_rows, "eval_rows": args.eval_rows, "tokenize_rows": args.tokenize_rows,
+                  "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "malloc_trim": malloc_fixed,
+                  "wall_s": time.perf_counter() - started},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".bench.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    os.replace(tmp, out / "bench.json")
+    print(table(result))
+    print(f"wrote {out / 'bench.json'}")
+    return 0
+
+
+def _mean_full_tokens(folder, rows):
+    from qwen_cls.model import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    return statistics.mean(len(ids) for ids in tok([r["text"] for r in rows], add_special_tokens=False)["input_ids"])
+
+
+def table(result) -> str:
+    raw, med = result["raw"], statistics.median
+    tr, ev, tk = raw["train"], raw["eval_rows_per_s"], raw["tokenize_rows_per_s"]
+    s = result["setup"]
+    lines = [
+        f"{'measure':<34}{'seed recipe':>14}{'project':>14}{'project/seed':>14}",
+        f"{'train samples/s':<34}{med(tr['seed']['samples_per_s']):>14.2f}{med(tr['project']['samples_per_s']):>14.2f}"
+        f"{result['train_speedup']:>13.1f}x",
+        f"{'train peak memory (MiB)':<34}{med(tr['seed']['peak_mem_mb']):>14.0f}{med(tr['project']['peak_mem_mb']):>14.0f}"
+        f"{result['train_peak_mem_ratio']:>13.2f}x",
+        f"{'eval rows/s (vs per-row generate)':<34}{med(ev['seed_generate']):>14.2f}{med(ev['project_scoring']):>14.2f}"
+        f"{result['eval_speedup']:>13.1f}x",
+        f"{'eval rows/s (vs batched greedy)':<34}{med(ev['batched_generate']):>14.2f}{med(ev['project_scoring']):>14.2f}"
+        f"{result['eval_speedup_vs_batched_generate']:>13.1f}x",
+        f"{'tokenize rows/s':<34}{med(tk['seed']):>14.1f}{med(tk['project']):>14.1f}{result['tokenize_speedup']:>13.1f}x",
+        "",
+        f"How: {s['model']}; {s['machine']}. One process, same rows and model, seed and project alternating,",
+        f"one warm-up each, median of {s['repeats']} repeats (the 512-token per-row generate: 1 round).",
+        f"Rows: synthetic mix, mean {raw['token_lengths']['mean_untruncated_prompt_tokens']:.0f} text tokens; "
+        f"{raw['token_lengths']['rows_at_cap']}/{raw['token_lengths']['rows']} reach the cap "
+        f"(MAX_LENGTH {s['max_length']}).",
+        f"Train: Trainer.train() for {s['train_steps']} steps of batch {s['batch_size']}, gradient checkpointing "
+        "both; peak memory = peak RSS above the start (sampled every 0.5 ms).",
+        f"Eval: {s['eval_rows']} rows, same shortened prompts for all; the random model never stops, so the seed "
+        f"generates {raw['seed_mean_generated_tokens']:.0f} tokens/row (a trained one would stop after ~3).",
+        "The tiny model has random weights and learns nothing: these are speed and memory figures only.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""GPU benchmark: seed recipe vs project path on a Qwen2-0.5B-shaped model with random weights, bf16.
+
+    python benchmarks/gpu.py --out runs/bench-gpu          # on a CUDA machine, one command
+    python benchmarks/gpu.py --tiny --out /tmp/bench-gpu   # small shape, runs anywhere (CPU check)
+
+Training: the same LoRA model (recipe config, gradient checkpointing) and the same batches of 4 x <=384
+tokens; seed = full-vocabulary logits + the model's built-in loss on the recipe's tail-cut rows, project
+= :func:`qwen_cls.train.answer_only_loss` on the project's rows; plus the project at a larger batch
+without checkpointing. Reports tokens/s, peak memory and MFU (formula in benchmarks/README.md).
+Evaluation: rows/s of per-row ``generate(max_new_tokens=512)``, batched greedy generation, and
+batched candidate scoring. Writes ``OUT/gpu_bench.json``. Random weights: speed and memory only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.rows import synth_rows  # noqa: E402
+from benchmarks.seed_recipe import seed_tokenize  # noqa: E402
+from qwen_cls.speed import PeakMemory, limit_malloc_caching, per_row_generate, stopwatch  # noqa: E402
+
+QWEN2_05B_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       tie_word_embeddings=True, rope_theta=1000000.0, bos_token_id=151643,
+                       eos_token_id=151645, pad_token_id=151643)
+TINY_SHAPE = dict(QWEN2_05B_SHAPE, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+# Peak dense bf16 tensor FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("A10", 125e12), ("4090", 165e12)]
+
+
+def peak_flops(device) -> tuple[str, float | None]:
+    if torch.device(device).type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((f for key, f in PEAK_BF16 if key in name), None)
+
+
+def build_model(shape, device, dtype, gradient_checkpointing):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_cls.train import prepare_lora_model, recipe_lora_config
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**shape)).to(device=device, dtype=dtype)
+    return prepare_lora_model(model, recipe_lora_config(), gradient_checkpointing=gradient_checkpointing)
+
+
+def train_flops(model, shape, batch, head_positions: int) -> float:
+    """Model FLOPs of one LoRA training step (recomputation not counted): see benchmarks/README.md."""
+    d, L, V = shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    frozen = sum(p.numel() for n, p in model.named_parameters()
+                 if not p.requires_grad and p.dim() == 2 and "embed_tokens" not in n and "lm_head" not in n)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    tokens = sum(lengths)
+    attention = sum(12 * L * d * s * s for s in lengths)  # QK^T and AV: 4*s*d per token per layer fwd, x3
+    return tokens * (4 * frozen + 6 * lora) + attention + head_positions * 4 * d * V
+
+
+def batches(tokenized, tokenizer, batch_size, count, device):
+    from qwen_cls.train import padding_collator
+
+    collate = padding_collator(tokenizer)
+    rows = [tokenized[i] for i in range(len(tokenized))]
+    out = []
+    for k in range(count):
+        chunk = [rows[(k * batch_size + j) % len(rows)] for j in range(batch_size)]
+        feats = [{c: r[c] for c in ("input_ids", "attention_mask", "labels")} for r in chunk]
+        out.append({c: v.to(device) for c, v in collate(feats).items()})
+    return out
+
+
+def bench_train(name, model, shape, data, device, warmup):
+    """Manual loop (same for seed and project): loss, backward, AdamW step on the LoRA weights."""
+    from qwen_cls.train import answer_only_loss
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step(batch):
+        if name == "seed":
+            loss = model(**batch, use_cache=False).loss  # full logits at every position, built-in loss
+        else:
+            loss = answer_only_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for batch in data[:warmup]:
+        step(batch)
+    with PeakMemory(device) as mem, stopwatch(device) as t:
+        for batch in data[warmup:]:
+            step(batch)
+    timed = data[warmup:]
+    tokens = sum(int(b["attention_mask"].sum()) for b in timed)
+    if name == "seed":  # the LM head runs at every position (padding included)
+        heads = [b["input_ids"].numel() for b in timed]
+    else:
+        heads = [int((b["labels"][:, 1:] != -100).sum()) for b in timed]
+    flops = sum(train_flops(model, shape, b, h) for b, h in zip(timed, heads))
+    return {"tokens_per_s": tokens / t["s"], "samples_per_s": sum(len(b["input_ids"]) for b in timed) / t["s"],
+            "peak_mem_mb": mem.peak_bytes / 2**20, "model_flops_per_s": flops / t["s"], "seconds": t["s"]}
+
+
+def bench_eval(model, tokenizer, rows, seed_rows, max_length, max_new_tokens, device):
+    from qwen_cls.evaluate import generate_answers, score_candidates
+    from qwen_cls.tokenize import fit_prompts
+
+    model.eval()
+    _, cut, _ = fit_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], max_length)
+    out = {}
+    score_candidates(model, tokenizer, rows[:2], max_length=max_length)  # warm-up
+    generate_answers(model, tokenizer, rows[:2], max_length=max_length)
+    per_row_generate(model, tokenizer, cut[:1], [rows[0]["category"]], max_new_tokens=4)
+    counts = []
+    with stopwatch(device) as t:
+        per_row_generate(model, tokenizer, cut[:seed_rows], [r["category"] for r in rows[:seed_rows]],
+                         max_new_tokens=max_new_tokens, generated_counts=counts)
+    out["seed_generate_rows_per_s"] = seed_rows / t["s"]
+    out["seed_mean_generated_tokens"] = statistics.mean(counts)
+    with stopwatch(device) as t:
+        generate_answers(model, tokenizer, rows, max_length=max_length, batch_size=16)
+    out["batched_generate_rows_per_s"] = len(rows) / t["s"]
+    with stopwatch(device) as t:
+        score_candidates(model, tokenizer, rows, max_length=max_length, batch_size=16)
+    out["project_scoring_rows_per_s"] = len(rows) / t["s"]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench-gpu")
+    parser.add_argument("--tiny", action="store_true", help="small shape (2 layers, hidden 64): a quick CPU check")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--big-batch-size", type=int, default=32, help="project run without checkpointing")
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--eval-rows", type=int, default=64)
+    parser.add_argument("--seed-eval-rows", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    args = parser.parse_args(argv)
+
+    from datasets import Dataset, disable_progress_bars
+
+    from qwen_cls.model import load_tokenizer, pick_dtype, qwen_tokenizer_dir
+    from qwen_cls.prompt import QWEN2_CHAT_TEMPLATE
+    from qwen_cls.tokenize import tokenize_dataset
+
+    disable_progress_bars()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        limit_malloc_caching()  # so that peak RSS tracks live tensors
+    dtype = pick_dtype(device)
+    shape = TINY_SHAPE if args.tiny else QWEN2_05B_SHAPE
+    card, peak = peak_flops(device)
+    tokenizer = load_tokenizer(qwen_tokenizer_dir())
+    tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
+    rows = synth_rows(max(64, args.eval_rows))
+    ds = Dataset.from_list(rows)
+    seed_ds = seed_tokenize(ds, tokenizer, args.max_length)  # the recipe's rows (fast tokenizer: speed not timed)
+    project_ds = tokenize_dataset(ds, tokenizer, args.max_length)
+    n = args.warmup + args.steps
+
+    results = {}
+    for name, tokenized, bs, ckpt in (("seed", seed_ds, args.batch_size, True),
+                                      ("project", project_ds, args.batch_size, True),
+                                      ("project_big_batch_no_ckpt", project_ds, args.big_batch_size, False)):
+        model = build_model(shape, device, dtype, ckpt)
+        data = batches(tokenized, tokenizer, bs, n, device)
+        results[name] = bench_train("seed" if name == "seed" else "project", model, shape, data, device, args.warmup)
+        results[name].update(batch_size=bs, gradient_checkpointing=ckpt)
+        if peak:
+            results[name]["mfu"] = results[name]["model_flops_per_s"] / peak
+        if name == "project":
+            results["eval"] = bench_eval(model, tokenizer, rows[:args.eval_rows], args.seed_eval_rows,
+                                         args.max_length, args.max_new_tokens, device)
+        del model, data
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    seed, proj, ev = results["seed"], results["project"], results["eval"]
+    summary = {
+        "card": card, "peak_bf16_flops": peak, "dtype": str(dtype), "shape": "tiny" if args.tiny else "qwen2-0.5b",
+        "train_speedup": proj["samples_per_s"] / seed["samples_per_s"],
+        "train_peak_mem_ratio": proj["peak_mem_mb"] / seed["peak_mem_mb"],
+        "eval_speedup": ev["project_scoring_rows_per_s"] / ev["seed_generate_rows_per_s"],
+        "eval_speedup_vs_batched_generate": ev["project_scoring_rows_per_s"] / ev["batched_generate_rows_per_s"],
+        "raw": results, "setup": vars(args),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".gpu_bench.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    os.replace(tmp, out / "gpu_bench.json")
+    mfu = lambda r: f"{r['mfu']:.1%}" if "mfu" in r else "n/a"  # noqa: E731
+    print(f"{card}, {dtype}, shape {summary['shape']}, random weights")
+    print(f"{'train':<28}{'tokens/s':>12}{'samples/s':>12}{'peak MiB':>10}{'MFU':>8}")
+    for name in ("seed", "project", "project_big_batch_no_ckpt"):
+        r = results[name]
+        print(f"{name:<28}{r['tokens_per_s']:>12.0f}{r['samples_per_s']:>12.1f}{r['peak_mem_mb']:>10.0f}{mfu(r):>8}")
+    print(f"eval rows/s: seed per-row generate {ev['seed_generate_rows_per_s']:.2f} "
+          f"({ev['seed_mean_generated_tokens']:.0f} tokens/row), batched greedy {ev['batched_generate_rows_per_s']:.1f}, "
+          f"project scoring {ev['project_scoring_rows_per_s']:.1f}")
+    print(f"train speedup {summary['train_speedup']:.2f}x, peak memory ratio {summary['train_peak_mem_ratio']:.2f}, "
+          f"eval speedup {summary['eval_speedup']:.1f}x (vs batched greedy {summary['eval_speedup_vs_batched_generate']:.1f}x)")
+    print(f"wrote {out / 'gpu_bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""``qwen-cls export``: merge a run's LoRA adapter into its base weights and save a standalone model.
+
+The folder holds safetensors weights, the tokenizer, the run's ``run_config.json`` and a model card
+(``README.md``) with the run's metrics; ``qwen-cls predict --model`` on it gives the predictions of
+``--run`` (base + adapter). It is written to a temp folder and renamed, so a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .faults import runtime_faults
+from .predict import RUN_CONFIG, load_run
+
+METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
+
+
+def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -> str:
+    """A short Markdown model card: what was merged, how to use it, the run's metrics."""
+    lines = [
+        "# qwen-cls merged classifier", "",
+        f"Base model `{config['base_model']}` with the LoRA adapter of run `{run_dir}` merged in "
+        "(`merge_and_unload`). It answers the ChatML classification prompt of `qwen_cls.prompt` with one of "
+        "the candidate labels.", "",
+        f"- max_length: {config['max_length']}",
+        f"- LoRA: {json.dumps(config.get('lora', {}), ensure_ascii=False)}",
+        f"- seed: {config.get('seed')}", "",
+        f"Use: `qwen-cls predict --model <this folder> --input rows.jsonl --output predictions.jsonl`", "",
+        "## Metrics (from the run's metrics.json)", "",
+    ]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {metrics[k]:.4f} |" if isinstance(metrics[k], float) else f"| {k} | {metrics[k]} |"
+                  for k in METRIC_KEYS if k in metrics]
+    else:
+        lines.append("The run has no metrics.json (not evaluated).")
+    if config.get("base_model") == "tiny" or (metrics or {}).get("tiny_model"):
+        lines += ["", "**Tiny random model**: it learned nothing; these numbers show the mechanics only."]
+    return "\n".join(lines) + "\n"
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Merge ``run_dir``'s adapter into its base model and save it (safetensors) to ``out_dir``."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_CONFIG).is_file())):
+        raise ValueError(f"{out}: exists and is not an earlier export; choose a new folder")
+    model, tokenizer, config = load_run(run_dir, device="cpu")
+    merged = model.merge_and_unload()
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        exported = {**config, "exported_from": str(run_dir), "merged": True}
+        (tmp / RUN_CONFIG).write_text(json.dumps(exported, ensure_ascii=False, indent=2), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(config, metrics, run_dir), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@runtime_faults
+def cmd_export(args) -> int:
+    out = export_run(args.run, args.out)
+    print(f"merged model: {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="merge a run's LoRA adapter into the base model (safetensors)")
+    p.add_argument("--run", required=True, help="run dir (adapter/ + run_config.json)")
+    p.add_argument("--out", required=True, help="new folder for the merged model")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,209 @@
+"""``qwen-cls train``: the one training entry point, for one process, a resumed run, or many processes.
+
+The same command resumes an interrupted run (even one killed with ``kill -9``) from its last *complete*
+checkpoint, and runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP; DeepSpeed ZeRO-2 with
+``--deepspeed configs/deepspeed_zero2.json``). Checkpoints are atomic and rotated (``qwen_cls.checkpointing``).
+
+Run dir: ``checkpoints/checkpoint-N``, ``adapter/``, ``run_config.json``, ``train_log.json`` (written by
+rank 0 only) and ``ranks/rank{N}.json`` (every rank: batches and rows it trained on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .faults import runtime_faults
+
+TINY = "tiny"  # = qwen_cls.model.TINY (not imported here: keeps `qwen-cls --help` fast)
+ADAPTER = "adapter"
+
+
+def tokenized_rows(rows, tokenizer, max_length: int):
+    """Validated raw rows -> tokenized ``datasets.Dataset`` holding the model's columns only."""
+    from datasets import Dataset
+
+    from .tokenize import tokenize_dataset
+    from .train import model_inputs
+
+    raw = Dataset.from_list([{"text": r.text, "category": r.category, "output": r.output} for r in rows])
+    return model_inputs(tokenize_dataset(raw, tokenizer, max_length))
+
+
+def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = TINY, max_length: int = 384,
+              epochs: float = 2.0, max_steps: int = -1, batch_size: int = 4, grad_accum: int = 4,
+              learning_rate: float = 1e-4, seed: int = 42, save_steps: int = 50, save_total_limit: int = 2,
+              logging_steps: int = 10, gradient_checkpointing: bool = True, limit: int = 0,
+              deepspeed: str | None = None, swanlab_mode: str = "disabled", resume: bool = True,
+              step_sleep: float = 0.0) -> dict:
+    """Train a LoRA adapter into the run dir ``out``, resuming from its last complete checkpoint.
+
+    Works as one process or as every rank of ``torchrun`` / ``accelerate launch``; returns this rank's
+    summary (also written to ``ranks/rank{N}.json``).
+    """
+    from .data import read_raw_rows
+
+    rows = read_raw_rows(train, limit=limit)  # path:line errors before anything heavy loads
+
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from .checkpointing import (CHECKPOINTS, ResumableTrainer, SleepAfterStep, last_complete_checkpoint,
+                                remove_incomplete_checkpoints, write_json_atomic)
+    from .model import load_model, pick_device, pick_dtype
+    from .train import padding_collator, prepare_lora_model, recipe_lora_config
+
+    out = Path(out)
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    args = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        logging_steps=logging_steps,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        bf16=pick_dtype(pick_device()) == torch.bfloat16,
+        ddp_backend="gloo" if distributed and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
+        deepspeed=deepspeed,
+        dataloader_num_workers=0,
+    )
+    # Everything random below (LoRA init, dropout, data order) follows the seed, so a resumed run
+    # reaches the same adapter as an uninterrupted one.
+    set_seed(seed)
+    base, tokenizer = load_model(model, device="cpu")  # Trainer (or DeepSpeed) places it on the device
+    dataset = tokenized_rows(rows, tokenizer, max_length)
+    lora = recipe_lora_config()
+    peft_model = prepare_lora_model(base.train(), lora, gradient_checkpointing=gradient_checkpointing)
+
+    callbacks = []
+    tracked = swanlab_mode != "disabled" and rank == 0
+    if tracked:
+        from .tracking import swanlab_callbacks
+
+        callbacks += swanlab_callbacks(swanlab_mode, out, {"model": model, "seed": seed, "max_length": max_length})
+    if step_sleep:
+        callbacks.append(SleepAfterStep(step_sleep))
+    trainer = ResumableTrainer(model=peft_model, args=args, train_dataset=dataset,
+                               data_collator=padding_collator(tokenizer), callbacks=callbacks)
+
+    checkpoint = None
+    if resume:
+        if trainer.is_world_process_zero():
+            removed = remove_incomplete_checkpoints(out)
+            for path in removed:
+                print(f"removed incomplete checkpoint {path}", file=sys.stderr)
+        trainer.accelerator.wait_for_everyone()
+        checkpoint = last_complete_checkpoint(out)
+        if checkpoint is not None and rank == 0:
+            print(f"resuming from {checkpoint}", file=sys.stderr)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    wrote = []
+    if trainer.is_world_process_zero():
+        adapter = out / ADAPTER
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
+        try:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if adapter.exists():
+                shutil.rmtree(adapter)
+            os.replace(tmp, adapter)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        run_config = {
+            "profile": TINY if model == TINY else None,
+            "base_model": str(model),
+            "max_length": max_length,
+            "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+                     "target_modules": sorted(lora.target_modules)},
+            "training": {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+                         "grad_accum": grad_accum, "learning_rate": learning_rate,
+                         "world_size": trainer.accelerator.num_processes,
+                         "global_step": trainer.state.global_step,
+                         "resumed_from": checkpoint.name if checkpoint else None,
+                         "train_file": str(train), "train_rows": len(dataset)},
+            "seed": seed,
+        }
+        write_json_atomic(run_config, out / "run_config.json")
+        write_json_atomic(trainer.state.log_history, out / "train_log.json")
+        wrote = [ADAPTER, "run_config.json", "train_log.json"]
+    summary = {"rank": rank, "world_size": trainer.accelerator.num_processes, "batches": trainer.batches_seen,
+               "rows": trainer.rows_seen, "global_step": trainer.state.global_step,
+               "resumed_from": checkpoint.name if checkpoint else None,
+               "train_loss": result.training_loss, "wrote": wrote}
+    write_json_atomic(summary, out / "ranks" / f"rank{rank}.json")
+    if tracked:
+        from .tracking import finish
+
+        finish()
+    trainer.accelerator.wait_for_everyone()
+    return summary
+
+
+@runtime_faults
+def cmd_train(args) -> int:
+    summary = train_run(
+        args.train, args.out, model=args.model, max_length=args.max_length, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        learning_rate=args.lr, seed=args.seed, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
+        gradient_checkpointing=args.gradient_checkpointing, limit=args.limit, deepspeed=args.deepspeed,
+        swanlab_mode=args.swanlab_mode, resume=not args.no_resume, step_sleep=args.step_sleep,
+    )
+    if summary["rank"] == 0:
+        print(f"adapter: {Path(args.out) / ADAPTER}  ({summary['global_step']} optimizer steps, "
+              f"{summary['world_size']} process(es))")
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", required=True, help="training rows: raw JSONL {text, category, output}")
+    p.add_argument("--out", required=True, help="run dir (checkpoints/, adapter/, run_config.json)")
+    p.add_argument("--model", default=TINY, help="'tiny', a model folder, or a ModelScope id (default: tiny)")
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per device per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--save-steps", type=int, default=50)
+    p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (oldest rotated away)")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--limit", type=int, default=0, help="train on the first N rows only (0 = all)")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. configs/deepspeed_zero2.json")
+    p.add_argument("--swanlab-mode", default="disabled", choices=("local", "offline", "disabled", "cloud"))
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # tests stage a kill
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a LoRA adapter into a run dir (resumes; torchrun-ready)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qwen_cls.trainer_script ...`` (what ``accelerate launch -m`` runs): same as ``qwen-cls train``."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

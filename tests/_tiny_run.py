@@ -1,0 +1,40 @@
+"""Helpers for the tests that train the tiny model: training rows, fast settings, subprocess commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_TRAIN = ROOT / "data" / "sample" / "train.jsonl"
+SAMPLE_TEST = ROOT / "data" / "sample" / "test.jsonl"
+LABELS = ["Sports", "Military", "Economy", "Art", "Space"]
+
+
+def train_rows_file(folder: Path, n: int = 16) -> Path:
+    """The bundled sample when present, else ``n`` generated raw rows (content does not matter: random model)."""
+    if SAMPLE_TRAIN.is_file():
+        return SAMPLE_TRAIN
+    path = folder / "train.jsonl"
+    rows = [{"text": f"第{i}条新闻：今天的比赛与会议。" * 3, "category": LABELS[: 2 + i % 4],
+             "output": LABELS[i % 2]} for i in range(n)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# Few short steps: the whole run takes seconds on 2 CPU cores.
+FAST = ["--max-length", "128", "--batch-size", "2", "--grad-accum", "1", "--logging-steps", "1", "--limit", "24"]
+
+
+def train_command(*args: str) -> list[str]:
+    """``qwen-cls train ARGS`` as a subprocess command line (this interpreter, so the venv's packages)."""
+    return [sys.executable, "-m", "qwen_cls.trainer_script", *args]
+
+
+def subprocess_env() -> dict:
+    """One BLAS thread per process (2 cores, 2 processes) and no hub access."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", QWEN_CLS_OFFLINE="1",
+               HF_HUB_OFFLINE="1")
+    return env

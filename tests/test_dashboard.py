@@ -1,0 +1,188 @@
+"""``qwen-cls dashboard``: a local SwanLab run served on 127.0.0.1, checked through its HTTP API and in
+headless Chromium. The dashboard process group is always stopped, and the port is free afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+import pytest
+from PIL import Image
+
+from qwen_cls import tracking
+
+CHROMIUM = Path("/usr/bin/chromium")
+EXPERIMENT = "dash-test"
+LOSSES = [2.5, 2.0, 1.6, 1.3, 1.1]
+ACCURACY, MACRO_F1 = 0.75, 0.6
+
+
+def drive_callback(callback, losses: list[float], output_dir: Path) -> None:
+    """Call a Trainer callback as the Trainer does: train begin, then one log per step."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(output_dir), report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    for step, loss in enumerate(losses, start=1):
+        state.global_step = step
+        callback.on_log(args, state, control, logs={"loss": loss, "learning_rate": 1e-4 * (1 - step / 10)})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A run directory with one local SwanLab run: a 5-point loss curve and evaluation metrics."""
+    out = tmp_path_factory.mktemp("dash") / "run"
+    tracking.finish()
+    try:
+        (callback,) = tracking.swanlab_callbacks("local", out, {"profile": "tiny"}, experiment_name=EXPERIMENT)
+        drive_callback(callback, LOSSES, out / "trainer")
+        tracking.log_evaluation({"accuracy": ACCURACY, "macro_f1": MACRO_F1, "n_test": 4},
+                                samples=[{"text": "火箭发射", "category": ["Art", "Space"], "output": "Space",
+                                          "prediction": "Space"}])
+    finally:
+        tracking.finish()
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["code"] == 0, body
+    return body["data"]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started with ``start_new_session`` and everything it started."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+    try:  # the swanlab child, should it have outlived its parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def dashboard(run_dir):
+    """``qwen-cls dashboard RUN --port N`` running; yields (base url, process); always stopped."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_cls.cli", "dashboard", str(run_dir), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first_line = proc.stdout.readline()
+        url = f"http://127.0.0.1:{port}"
+        assert url in first_line, first_line  # it prints the address
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                get_json(f"{url}/api/v1/project")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"dashboard did not answer: {first_line}{proc.stdout.read()}") from None
+                time.sleep(0.3)
+        yield url, proc
+    finally:
+        family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))] \
+            if proc.poll() is None else [proc.pid]
+        stop_group(proc)
+        proc.stdout.close()
+        assert not [pid for pid in family if psutil.pid_exists(pid)], "dashboard processes outlived the test"
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", port))  # nothing listens any more
+
+
+def experiment_id(url: str) -> int:
+    (exp,) = [e for e in get_json(f"{url}/api/v1/project")["experiments"] if e["name"] == EXPERIMENT]
+    return exp["id"]
+
+
+def test_api_lists_the_run_its_loss_curve_and_eval_metrics(dashboard):
+    url, _ = dashboard
+    project = get_json(f"{url}/api/v1/project")
+    assert project["name"] == "qwen-cls"
+    assert [e["name"] for e in project["experiments"]] == [EXPERIMENT]
+    eid = experiment_id(url)
+    charts = {c["name"]: c["type"] for c in get_json(f"{url}/api/v1/experiment/{eid}/chart")["charts"]}
+    assert charts["train/loss"] == charts["train/learning_rate"] == charts["eval/accuracy"] == "line"
+    assert charts["eval/samples"] == "text"
+    loss = get_json(f"{url}/api/v1/experiment/{eid}/tag/{quote('train/loss', safe='')}")
+    assert [(p["index"], p["data"]) for p in loss["list"]] == list(enumerate(LOSSES, start=1))
+    assert (loss["min"], loss["max"]) == (min(LOSSES), max(LOSSES))
+    summary = {s["key"]: s["value"] for s in get_json(f"{url}/api/v1/experiment/{eid}/summary")["summaries"]}
+    assert summary["eval/accuracy"] == ACCURACY and summary["eval/macro_f1"] == MACRO_F1
+    assert summary["train/loss"] == LOSSES[-1]
+
+
+def test_listens_on_loopback_only(dashboard):
+    url, proc = dashboard
+    port = int(url.rsplit(":", 1)[1])
+    family = psutil.Process(proc.pid)
+    listening = [c.laddr for p in [family, *family.children(recursive=True)]
+                 for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and {(a.ip, a.port) for a in listening} == {("127.0.0.1", port)}
+    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    for address in others:  # not reachable through any other interface of this machine
+        with socket.socket() as client, pytest.raises(OSError):
+            client.settimeout(3)
+            client.connect((address, port))
+
+
+def run_chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """Headless Chromium as root, with a throw-away profile; killed with its helpers on timeout."""
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=10000", *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            stop_group(proc)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (/usr/bin/chromium); .ci/run installs it")
+def test_dashboard_page_renders_in_headless_chromium(dashboard, tmp_path):
+    url, _ = dashboard
+    page = f"{url}/experiment/{experiment_id(url)}"
+    shot = tmp_path / "dashboard.png"
+    result = run_chromium("--window-size=1280,900", f"--screenshot={shot}", page)
+    assert shot.is_file(), result.stderr[-2000:]
+    with Image.open(shot) as image:
+        rgb = image.convert("RGB")
+    assert rgb.size == (1280, 900)
+    colours = sorted(rgb.getcolors(rgb.size[0] * rgb.size[1]), reverse=True)
+    # A blank or error page is one background colour with a little text; the charts page is not.
+    assert colours[0][0] / (1280 * 900) < 0.8 and len(colours) > 200, (colours[0], len(colours))
+
+    dom = run_chromium("--dump-dom", page).stdout
+    assert 'id="app" data-v-app' in dom  # the Vue app mounted (not Chromium's own error page)
+    assert EXPERIMENT in dom and "train/loss" in dom and "eval/accuracy" in dom
+    assert "ERR_" not in dom

@@ -1,0 +1,124 @@
+"""The committed notebooks: clean, one plain ``parameters`` cell, defaults = the tiny profile, workshop kit.
+
+Running them is ``make test``'s nbval step (``pytest --nbval-lax --nbval-current-env notebooks/``).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from qwen_cls.pipeline import NOTEBOOKS, notebook_parameters, notebooks_dir
+from qwen_cls.profiles import PROFILES
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = ROOT / "notebooks"
+ALL_NOTEBOOKS = sorted(p.name for p in NB_DIR.glob("*.ipynb"))
+CORE = ("00_check_environment.ipynb", "01_data_conversion.ipynb", "02_tokenization.ipynb", "03_lora_training.ipynb",
+        "04_evaluation.ipynb")  # the fine-tuning chain; later notebooks may add parameters of their own
+
+
+def read(name: str):
+    return nbformat.read(NB_DIR / name, as_version=4)
+
+
+def parameters_cells(nb):
+    return [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+
+
+def test_chain_notebooks_exist_and_package_finds_them():
+    assert notebooks_dir() == NB_DIR
+    assert NOTEBOOKS[:len(CORE)] == CORE
+    for name in NOTEBOOKS:
+        assert (NB_DIR / name).is_file(), name
+
+
+@pytest.mark.parametrize("name", ALL_NOTEBOOKS)
+def test_committed_notebook_is_clean(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{name}: a cell has outputs; clear them before committing"
+            assert cell.execution_count is None, f"{name}: execution_count must be null"
+        assert "papermill" not in cell.metadata and "execution" not in cell.metadata, name
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells), name
+
+
+@pytest.mark.parametrize("name", ALL_NOTEBOOKS)
+def test_one_parameters_cell_of_plain_literals_then_derived_values(name):
+    nb = read(name)
+    cells = parameters_cells(nb)
+    assert len(cells) == 1, f"{name}: {len(cells)} cells tagged parameters"
+    cell = nb.cells[cells[0]]
+    tree = ast.parse(cell.source)
+    lines = cell.source.splitlines()
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1, f"{name}: only NAME = literal lines"
+        ast.literal_eval(stmt.value)  # a plain literal, nothing computed
+        assert "#" in lines[stmt.lineno - 1], f"{name}: parameter {stmt.targets[0].id} needs a comment"
+    names = [stmt.targets[0].id for stmt in tree.body]
+    assert list(notebook_parameters(NB_DIR / name)) == names, f"{name}: papermill cannot parse every parameter"
+    follower = nb.cells[cells[0] + 1]
+    assert follower.cell_type == "code", f"{name}: a cell of derived values follows the parameters"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_defaults_are_the_tiny_profile(name):
+    tiny = PROFILES["tiny"]
+    for key, default in notebook_parameters(NB_DIR / name).items():
+        assert key in tiny or name not in CORE, f"{name}: parameter {key} is in no profile"
+        if key in tiny:
+            assert ast.literal_eval(default) == tiny[key], f"{name}: default {key}={default} differs from tiny"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_profile_key_reaches_a_notebook(profile):
+    declared = set().union(*(notebook_parameters(NB_DIR / n) for n in CORE))
+    assert set(PROFILES[profile]) == declared
+
+
+def test_qwen_profile_uses_the_recipe():
+    real = PROFILES["qwen2-0.5b"]
+    assert (real["learning_rate"], real["per_device_train_batch_size"], real["gradient_accumulation_steps"]) == (
+        1e-4, 4, 4)
+    assert (real["lora_r"], real["lora_alpha"], real["lora_dropout"]) == (8, 32, 0.1)
+    assert (real["num_train_epochs"], real["max_length"], real["gradient_checkpointing"]) == (2, 384, True)
+    assert real["base_model"] == "qwen/Qwen2-0.5B" and real["download_data"] is True
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_opens_with_goal_time_reads_writes(name):
+    first = read(name).cells[0]
+    assert first.cell_type == "markdown"
+    for word in ("目标", "用时", "读取", "写入"):
+        assert word in first.source, f"{name}: the opening cell lacks {word}"
+
+
+@pytest.mark.parametrize("name", CORE[1:])
+def test_exercises_at_the_end_with_solutions_apart(name):
+    nb = read(name)
+    last = nb.cells[-1]
+    assert last.cell_type == "markdown" and "练习" in last.source
+    solution = NB_DIR / "solutions" / name.replace(".ipynb", ".md")
+    assert solution.is_file() and solution.name in last.source
+    n_exercises = sum(1 for line in last.source.splitlines() if line[:2] in {f"{k}." for k in range(1, 10)})
+    text = solution.read_text(encoding="utf-8")
+    assert n_exercises >= 2 and all(f"## {k}." in text for k in range(1, n_exercises + 1)), solution
+
+
+@pytest.mark.parametrize("name, needles", [
+    ("02_tokenization.ipynb", ["render_prompt(", "def process_func(", "encode_prompts(", "[:MAX_LENGTH]",
+                               "truncation_report(", "length_histogram("]),
+    ("03_lora_training.ipynb", ["LoraConfig(", "TrainingArguments(", "AnswerOnlyTrainer(", "swanlab_callbacks(",
+                                "use_cpu=", "loss_curve("]),
+    ("04_evaluation.ipynb", ["score_candidates(", "<|im_end|>", "generate_answers(", "classification_metrics(",
+                             "confusion_matrix(", "log_evaluation(", "tracking.finish()"]),
+])
+def test_lines_a_learner_must_see_stay_in_the_notebook(name, needles):
+    source = "\n".join(c.source for c in read(name).cells)
+    for needle in needles:
+        assert needle in source, f"{name} lacks {needle}"

@@ -1,0 +1,213 @@
+"""predict (run dir and exported model), export (merged weights), and the faults both report clearly."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from _tiny_run import SAMPLE_TEST, train_rows_file
+from qwen_cls.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run dir made by the library: 3 LoRA steps of the tiny model, plus a hand-written metrics.json."""
+    from qwen_cls.trainer_script import train_run
+
+    folder = tmp_path_factory.mktemp("runs")
+    out = folder / "run"
+    train_run(train_rows_file(folder), out, model="tiny", max_length=128, max_steps=3, batch_size=2,
+              grad_accum=1, learning_rate=1e-2, save_steps=100, limit=8, seed=1)
+    (out / "metrics.json").write_text(json.dumps({"accuracy": 0.25, "macro_f1": 0.125, "n_test": 4,
+                                                  "tiny_model": True}))
+    return out
+
+
+@pytest.fixture()
+def raw_file(tmp_path):
+    """Four raw rows: one without output, one with an extra id field and a comma-separated category."""
+    rows = [json.loads(line) for line in SAMPLE_TEST.read_text(encoding="utf-8").splitlines()[:2]] \
+        if SAMPLE_TEST.is_file() else [{"text": "火箭发射成功。", "category": ["Space", "Art"], "output": "Space"},
+                                       {"text": "球队赢得冠军。", "category": ["Sports", "Art"], "output": "Sports"}]
+    rows.append({"text": "央行宣布降息，股市上涨。", "category": ["Economy", "Sports", "Art"]})
+    rows.append({"id": "x7", "text": "新型战机首飞。", "category": "Military, Space", "output": "Military"})
+    path = tmp_path / "raw.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    return path, rows
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_predict_run_and_export_agree(run_dir, raw_file, tmp_path, capsys):
+    from qwen_cls.evaluate import score_candidates_reference
+    from qwen_cls.model import load_model
+
+    raw, rows = raw_file
+    by_run, by_export, export = tmp_path / "run.jsonl", tmp_path / "export.jsonl", tmp_path / "merged"
+    assert main(["predict", "--run", str(run_dir), "--input", str(raw), "--output", str(by_run), "--quiet"]) == 0
+    assert main(["export", "--run", str(run_dir), "--out", str(export)]) == 0
+    assert main(["predict", "--model", str(export), "--input", str(raw), "--output", str(by_export), "--quiet"]) == 0
+    assert "tiny random model" in capsys.readouterr().out  # 3 of the 4 rows are labelled: accuracy is printed
+
+    got_run, got_export = _read(by_run), _read(by_export)
+    assert len(got_run) == len(got_export) == 4
+    categories = [["Economy", "Sports", "Art"], ["Military", "Space"]]
+    assert [r["category"] for r in got_run[2:]] == categories  # the string category came back as a list
+    assert got_run[3]["id"] == "x7" and "output" not in got_run[2]  # extra fields kept, no invented output
+    for a, b, row in zip(got_run, got_export, rows):
+        assert a["text"] == row["text"]
+        assert set(a["scores"]) == set(a["category"]) and a["prediction"] in a["category"]
+        assert a["prediction"] == max(a["scores"], key=a["scores"].get)
+        assert a["prediction"] == b["prediction"]
+        for label in a["scores"]:
+            assert b["scores"][label] == pytest.approx(a["scores"][label], abs=1e-3)
+
+    # The batched, cache-sharing scorer behind predict agrees with one-pass-per-candidate reference scoring
+    # of base + adapter, loaded here independently of predict.
+    base, tok = load_model("tiny", device="cpu", adapter=str(run_dir / "adapter"))
+    reference = score_candidates_reference(base, tok, got_run, max_length=128)
+    for ref, row in zip(reference, got_run):
+        assert ref.prediction == row["prediction"]
+        for label, value in ref.scores.items():
+            assert row["scores"][label] == pytest.approx(value, abs=1e-3)
+
+
+def test_export_folder_is_a_plain_merged_model(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    export = tmp_path / "merged"
+    assert main(["export", "--run", str(run_dir), "--out", str(export)]) == 0
+    names = sorted(p.name for p in export.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "run_config.json"} <= set(names)
+    with safe_open(export / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("lora" in k for k in keys)
+    # merged weight = base + (alpha / r) * B @ A, computed here from the adapter file
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    a_key = next(k for k in adapter if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
+    lora_a, lora_b = adapter[a_key], adapter[a_key.replace("lora_A", "lora_B")]
+    from qwen_cls.model import build_tiny_model
+
+    base = load_file(build_tiny_model() / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    merged = load_file(export / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert lora_b.abs().sum() > 0
+    assert torch.allclose(merged, base + (32 / 8) * lora_b @ lora_a, atol=1e-6)
+    card = (export / "README.md").read_text()
+    assert "| accuracy | 0.2500 |" in card and "| macro_f1 | 0.1250 |" in card and "learned nothing" in card
+    assert json.loads((export / "run_config.json").read_text())["max_length"] == 128
+
+
+def _fails(argv, capsys, status=2):
+    assert main(argv) == status
+    return capsys.readouterr().err
+
+
+def test_missing_and_incomplete_model_folders(raw_file, tmp_path, capsys):
+    raw, _ = raw_file
+    out = tmp_path / "out.jsonl"
+    err = _fails(["predict", "--model", str(tmp_path / "nope"), "--input", str(raw), "--output", str(out)], capsys)
+    assert "no such model folder" in err
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    err = _fails(["predict", "--model", str(half), "--input", str(raw), "--output", str(out)], capsys)
+    assert "incomplete model folder" in err and "safetensors" in err
+    err = _fails(["predict", "--run", str(tmp_path), "--input", str(raw), "--output", str(out)], capsys)
+    assert "not a run dir" in err
+    assert not out.exists()
+
+
+def test_bad_input_row_reports_path_and_line(run_dir, tmp_path, capsys):
+    raw = tmp_path / "bad.jsonl"
+    raw.write_text('{"text": "ok", "category": ["A", "B"]}\n{"text": "x", "category": ["A"]}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    err = _fails(["predict", "--run", str(run_dir), "--input", str(raw), "--output", str(out)], capsys)
+    assert err.startswith(f"{raw}:2: category needs at least 2")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": 32, "intermediate_size": 88}, {"num_hidden_layers": 3}],
+                         ids=["narrower", "deeper"])
+def test_adapter_from_a_different_base(change, run_dir, raw_file, tmp_path, capsys):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_cls.model import TINY_CONFIG, build_tiny_model
+
+    other = tmp_path / "other-base"  # the tiny architecture with one dimension changed
+    Qwen2ForCausalLM(Qwen2Config(**{**TINY_CONFIG, **change})).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(build_tiny_model() / name, other / name)
+    wrong = tmp_path / "wrong-run"
+    shutil.copytree(run_dir, wrong)
+    config = json.loads((wrong / "run_config.json").read_text())
+    (wrong / "run_config.json").write_text(json.dumps({**config, "base_model": str(other)}))
+    err = _fails(["predict", "--run", str(wrong), "--input", str(raw_file[0]), "--output", str(tmp_path / "o")],
+                 capsys)
+    assert "different base" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_without_network(run_dir, raw_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_CLS_OFFLINE", "1")
+    hub = tmp_path / "hub-run"
+    shutil.copytree(run_dir, hub)
+    config = json.loads((hub / "run_config.json").read_text())
+    (hub / "run_config.json").write_text(json.dumps({**config, "base_model": "qwen/Qwen2-0.5B"}))
+    err = _fails(["predict", "--run", str(hub), "--input", str(raw_file[0]), "--output", str(tmp_path / "o")],
+                 capsys)
+    assert "cannot reach www.modelscope.cn" in err and "local folder" in err
+
+
+def test_disk_full_leaves_no_half_written_output(run_dir, raw_file, tmp_path, capsys, monkeypatch):
+    import qwen_cls.data
+
+    real_dumps, calls = json.dumps, []
+
+    def dumps_until_full(obj, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_dumps(obj, **kwargs)
+
+    out_dir = tmp_path / "outs"
+    out_dir.mkdir()
+    monkeypatch.setattr(qwen_cls.data.json, "dumps", dumps_until_full)
+    err = _fails(["predict", "--run", str(run_dir), "--input", str(raw_file[0]), "--output",
+                  str(out_dir / "p.jsonl"), "--quiet"], capsys, status=1)
+    monkeypatch.undo()
+    assert "disk full" in err and "Traceback" not in err
+    assert len(calls) == 3 and list(out_dir.iterdir()) == []  # two rows were written to a temp file, now gone
+
+    from transformers import PreTrainedModel
+
+    def save_then_fill_disk(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_fill_disk)
+    err = _fails(["export", "--run", str(run_dir), "--out", str(out_dir / "merged")], capsys, status=1)
+    assert "disk full while writing" in err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_out_of_memory_hint(run_dir, raw_file, tmp_path, capsys, monkeypatch):
+    import qwen_cls.evaluate
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(qwen_cls.evaluate, "score_candidates", oom)
+    err = _fails(["predict", "--run", str(run_dir), "--input", str(raw_file[0]), "--output",
+                  str(tmp_path / "o.jsonl")], capsys, status=1)
+    assert "out of memory" in err and "--batch-size" in err and "gradient checkpointing" in err
+    assert not (tmp_path / "o.jsonl").exists()

@@ -1,0 +1,184 @@
+"""``qwen-cls run``: the notebook chain on any raw file in the schema, its run folder, and its user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from qwen_cls.cli import main
+from qwen_cls.pipeline import NOTEBOOKS, parse_value, resolve_parameters
+
+LABELS = ("Sports", "Economy", "Art", "Military")
+TOPICS = {"Sports": "足球比赛冠军球队", "Economy": "市场经济增长银行", "Art": "画家展览美术馆", "Military": "军队演习舰艇"}
+
+
+def raw_rows(n: int, offset: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        answer = LABELS[(i + offset) % len(LABELS)]
+        others = [label for label in LABELS if label != answer][: 1 + i % 3]
+        category = others + [answer] if i % 2 else [answer] + others
+        text = f"第{i + offset}条新闻：" + TOPICS[answer] * (1 + (i * 37) % 60)  # some rows exceed 384 tokens
+        # the schema allows a JSON list or a comma-separated string of candidates
+        rows.append({"text": text, "category": category if i % 3 else ", ".join(category), "output": answer})
+    return rows
+
+
+def write_raw(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def candidates_of(row: dict) -> list[str]:
+    cat = row["category"]
+    return cat if isinstance(cat, list) else [c.strip() for c in cat.split(",")]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One tiny-profile run on hand-written raw files: 20 train rows (16 used), 10 test rows (8 used)."""
+    base = tmp_path_factory.mktemp("run")
+    train = write_raw(base / "raw_train.jsonl", raw_rows(20, 0))
+    test = write_raw(base / "raw_test.jsonl", raw_rows(10, 100))
+    out = base / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qwen_cls.cli", "run", "--profile", "tiny", "--out", str(out),
+         "-p", "train_path", str(train), "-p", "test_path", str(test),
+         "-p", "max_train_samples", "16", "-p", "max_test_samples", "8", "-p", "seed", "3"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout, raw_rows(10, 100)
+
+
+@pytest.mark.slow
+def test_run_prints_progress_and_where_outputs_are(run_dir):
+    out, stdout, _ = run_dir
+    assert f"Outputs are in {out}" in stdout
+    for k, name in enumerate(NOTEBOOKS, 1):
+        assert f"[{k}/{len(NOTEBOOKS)}] {name}" in stdout
+
+
+@pytest.mark.slow
+def test_run_folder_holds_executed_notebooks_without_errors(run_dir):
+    out, _, _ = run_dir
+    for name in NOTEBOOKS:
+        nb = nbformat.read(out / "notebooks" / name, as_version=4)
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1, name
+        for cell in nb.cells:
+            assert all(o.get("output_type") != "error" for o in cell.get("outputs", [])), name
+    assert "max_test_samples = 8" in "\n".join(
+        c.source for c in nbformat.read(out / "notebooks" / "01_data_conversion.ipynb", as_version=4).cells)
+
+
+@pytest.mark.slow
+def test_run_params_and_data_files(run_dir):
+    out, _, test_raw = run_dir
+    params = json.loads((out / "params.json").read_text(encoding="utf-8"))
+    assert params["profile"] == "tiny" and params["out_dir"] == str(out)
+    assert (params["max_train_samples"], params["max_test_samples"], params["seed"]) == (16, 8, 3)
+    assert Path(params["train_path"]).is_absolute()
+    train = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    test = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(train) == 16 and len(test) == 8
+    raw_texts = {r["text"] for r in test_raw}
+    assert {r["text"] for r in test} <= raw_texts and len({r["text"] for r in test}) == 8
+    assert test[0]["input"] == f"文本:{test[0]['text']},分类选项列表:{test[0]['category']}"
+    inventory = json.loads((out / "data" / "label_inventory.json").read_text(encoding="utf-8"))
+    assert sum(v["train"] for v in inventory.values()) == 16 and sum(v["test"] for v in inventory.values()) == 8
+    report = json.loads((out / "truncation_report.json").read_text(encoding="utf-8"))
+    assert report["rows"] == 16 and report["max_length_seen"] <= 384
+    run_config = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
+    assert run_config["lora"]["r"] == 8 and run_config["base_model"] == "tiny" and run_config["seed"] == 3
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    log = json.loads((out / "train_log.json").read_text(encoding="utf-8"))
+    assert any("loss" in entry for entry in log)
+
+
+@pytest.mark.slow
+def test_run_metrics_match_predictions(run_dir):
+    out, _, test_raw = run_dir
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    for key in ("accuracy", "macro_f1", "n_test", "invalid_rate", "profile", "labels", "per_class",
+                "confusion_matrix", "tiny_model"):
+        assert key in metrics, key
+    assert metrics["profile"] == "tiny" and metrics["tiny_model"] is True and metrics["n_test"] == 8
+
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    raw_by_text = {r["text"]: r for r in test_raw}
+    assert len(preds) == 8
+    for p in preds:
+        candidates = candidates_of(raw_by_text[p["text"]])
+        assert p["prediction"] in candidates and p["output"] == raw_by_text[p["text"]]["output"]
+        assert set(p["scores"]) == set(candidates)
+        assert p["prediction"] == max(p["scores"], key=p["scores"].get)
+
+    correct = sum(p["prediction"] == p["output"] for p in preds)
+    assert metrics["accuracy"] == pytest.approx(correct / 8)
+    invalid = sum(p["generated"].strip() not in candidates_of(raw_by_text[p["text"]]) for p in preds)
+    assert metrics["invalid_rate"] == pytest.approx(invalid / 8)
+
+    # macro-F1 by hand over the union of truths and predictions
+    labels = sorted({p["output"] for p in preds} | {p["prediction"] for p in preds})
+    f1s = []
+    for label in labels:
+        tp = sum(p["output"] == label and p["prediction"] == label for p in preds)
+        fp = sum(p["output"] != label and p["prediction"] == label for p in preds)
+        fn = sum(p["output"] == label and p["prediction"] != label for p in preds)
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    assert metrics["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))
+    assert metrics["labels"] == labels
+    matrix = metrics["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 8 and sum(matrix[i][i] for i in range(len(labels))) == correct
+
+
+@pytest.mark.slow
+def test_run_writes_png_figures(run_dir):
+    out, _, _ = run_dir
+    for name in ("confusion_matrix.png", "loss_curve.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_bad_parameter_key_exits_2_naming_valid_keys(tmp_path, capsys):
+    assert main(["run", "--profile", "tiny", "--out", str(tmp_path / "x"), "-p", "learning_rat", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rat" in err and "learning_rate" in err and "max_train_samples" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_raw_file_exits_2_before_any_notebook(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert main(["run", "--out", str(tmp_path / "x"), "-p", "train_path", str(missing)]) == 2
+    assert f"train_path={missing}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_real_profile_offline_fails_fast_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_CLS_OFFLINE", "1")
+    assert main(["run", "--profile", "qwen2-0.5b", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach www.modelscope.cn" in err and "tiny" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("text, value", [("16", 16), ("0.5", 0.5), ("5e-3", 0.005), ("True", True),
+                                         ("False", False), ("None", None), ("local", "local"), ("-3", -3)])
+def test_parse_value_like_papermill(text, value):
+    parsed = parse_value(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_resolve_parameters_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = resolve_parameters("tiny", {"test_path": "mine.jsonl", "seed": 7}, "outdir")
+    assert params["test_path"] == str(tmp_path / "mine.jsonl")  # overrides: relative to the current folder
+    assert params["out_dir"] == str(tmp_path / "outdir")
+    root = Path(__file__).resolve().parents[1]
+    assert params["train_path"] == str(root / "data" / "sample" / "train.jsonl")  # profile: relative to notebooks/
+    assert params["seed"] == 7 and params["learning_rate"] == 5e-3
