@@ -114,7 +114,7 @@ def test_exercises_at_the_end_with_solutions_apart(name):
     ("02_tokenization.ipynb", ["render_prompt(", "def process_func(", "encode_prompts(", "[:MAX_LENGTH]",
                                "truncation_report(", "length_histogram("]),
     ("03_lora_training.ipynb", ["LoraConfig(", "TrainingArguments(", "AnswerOnlyTrainer(", "swanlab_callbacks(",
-                                "use_cpu=", "loss_curve("]),
+                                "use_cpu=", "activation_checkpointing=", "loss_curve("]),
     ("04_evaluation.ipynb", ["score_candidates(", "<|im_end|>", "generate_answers(", "classification_metrics(",
                              "confusion_matrix(", "log_evaluation(", "tracking.finish()"]),
 ])
@@ -122,3 +122,16 @@ def test_lines_a_learner_must_see_stay_in_the_notebook(name, needles):
     source = "\n".join(c.source for c in read(name).cells)
     for needle in needles:
         assert needle in source, f"{name} lacks {needle}"
+
+
+@pytest.mark.parametrize("name, maker", [("02_tokenization.ipynb", "01_data_conversion"),
+                                         ("03_lora_training.ipynb", "02_tokenization"),
+                                         ("04_evaluation.ipynb", "01_data_conversion")])
+def test_opened_alone_without_inputs_names_the_notebook_that_makes_them(name, maker, tmp_path):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError) as info:
+        papermill.execute_notebook(str(NB_DIR / name), str(tmp_path / name), parameters={"out_dir": str(tmp_path)},
+                                   cwd=str(NB_DIR), progress_bar=False)
+    assert info.value.ename == "FileNotFoundError" and maker in info.value.evalue

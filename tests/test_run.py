@@ -182,3 +182,56 @@ def test_resolve_parameters_paths(tmp_path, monkeypatch):
     root = Path(__file__).resolve().parents[1]
     assert params["train_path"] == str(root / "data" / "sample" / "train.jsonl")  # profile: relative to notebooks/
     assert params["seed"] == 7 and params["learning_rate"] == 5e-3
+
+
+# --- helpers the chain relies on -------------------------------------------------------------------------------
+
+def test_sample_rows_shuffles_with_seed_then_takes_n():
+    import random
+
+    from qwen_cls.data import sample_rows
+
+    rows = list(range(10))
+    expected = list(range(10))
+    random.Random(5).shuffle(expected)
+    assert sample_rows(rows, 3, 5) == expected[:3]
+    assert sample_rows(rows, 0, 5) == expected and rows == list(range(10))  # 0 = all; input untouched
+    assert sample_rows(rows, 50, 5) == expected
+
+
+def test_atomic_json_and_folder_writes(tmp_path):
+    from qwen_cls.data import atomic_dir, write_json_atomic
+
+    target = write_json_atomic({"标签": [1, 2]}, tmp_path / "a" / "x.json")
+    assert target.read_text(encoding="utf-8") == '{\n  "标签": [\n    1,\n    2\n  ]\n}\n'
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(folder) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.joinpath("adapter").iterdir()] == ["old.txt"]  # failure: old folder kept
+    with atomic_dir(folder) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in folder.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "adapter"]  # no temp folders left
+
+
+def test_plots_write_pngs_with_the_data_drawn(tmp_path):
+    from qwen_cls import plots
+
+    fig = plots.confusion_matrix([[2, 1], [0, 3]], ["Art", "Sports"], path=tmp_path / "cm.png")
+    texts = sorted(t.get_text() for t in fig.axes[0].texts)
+    assert texts == ["0", "1", "2", "3"]
+    fig = plots.loss_curve([{"step": 2, "loss": 11.5}, {"step": 4, "loss": 11.0}, {"train_runtime": 1.0}],
+                           path=tmp_path / "loss.png")
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == [11.5, 11.0]
+    fig = plots.length_histogram([100, 384, 200], 384, recipe_lengths=[100, 900, 200], path=tmp_path / "len.png")
+    assert any(list(l.get_xdata()) == [384, 384] for l in fig.axes[0].lines)  # the cut is marked
+    fig = plots.label_distribution({"train": {"Art": 3, "Sports": 5}, "test": {"Art": 1}}, path=tmp_path / "lab.png")
+    widths = sorted(p.get_width() for p in fig.axes[0].patches)
+    assert widths == [0, 1, 3, 5]
+    for name in ("cm.png", "loss.png", "len.png", "lab.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
