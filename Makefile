@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel by default; on a CUDA machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo train test bench dashboard clean-notebooks check-notebooks clean
+.PHONY: setup demo train test bench dashboard check-notebooks clean
 
 setup: $(VENV)/.installed
 

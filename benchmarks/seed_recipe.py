@@ -22,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import regex
-import torch
 
 from qwen_cls.prompt import SYSTEM_PROMPT, user_message
 

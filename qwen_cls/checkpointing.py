@@ -7,11 +7,9 @@ and rotates the oldest away. :func:`last_complete_checkpoint` skips anything inc
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,20 +22,6 @@ STAGING = ".staging"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # A checkpoint is complete when all of these exist (the trainer state is written last).
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
-
-
-def write_json_atomic(obj, path: str | os.PathLike) -> None:
-    """JSON (UTF-8, indented) through a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, ensure_ascii=False, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def is_complete_checkpoint(folder: Path) -> bool:

@@ -1,7 +1,8 @@
 """``qwen-cls``: the command-line face of the library.
 
 Each sub-command lives in its own function; user mistakes end with ``path:line: what is wrong`` on
-stderr and exit status 2, never a traceback.
+stderr and exit status 2, the machine's faults (out of memory, disk full) with a hint and status 1,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from . import __version__, export, pipeline, predict, tracking, trainer_script
 from .data import DataError
+from .faults import describe_fault
 
 
 def cmd_convert(args) -> int:
@@ -51,7 +53,7 @@ def cmd_download_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-cls", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="qwen-cls", description="LoRA fine-tuning of Qwen2 as a Chinese text classifier: the command line of the qwen-cls notebooks.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -80,19 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Feature modules add their sub-commands here: each entry is a function taking the subparsers object.
-COMMAND_MODULES: list = []
-
-from . import pipeline  # noqa: E402  (qwen-cls run: the notebook chain)
-
-COMMAND_MODULES.append(pipeline.register)
-
-from . import tracking  # noqa: E402  (qwen-cls dashboard: SwanLab logs on 127.0.0.1)
-
-COMMAND_MODULES.append(tracking.register)
-
-from . import export, predict, trainer_script  # noqa: E402  (qwen-cls train / predict / export)
-
-COMMAND_MODULES += [trainer_script.register, predict.register, export.register]
+COMMAND_MODULES = [
+    pipeline.register,  # run: the notebook chain
+    tracking.register,  # dashboard: SwanLab logs on 127.0.0.1
+    trainer_script.register,  # train
+    predict.register,  # predict
+    export.register,  # export
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ConnectionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError) as exc:  # the machine's faults: out of memory, disk full
+        message = describe_fault(exc)
+        if message is None:
+            raise
+        print(f"error: {message} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .faults import runtime_faults
 from .predict import RUN_CONFIG, load_run
 
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
@@ -29,7 +28,7 @@ def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -
         f"- max_length: {config['max_length']}",
         f"- LoRA: {json.dumps(config.get('lora', {}), ensure_ascii=False)}",
         f"- seed: {config.get('seed')}", "",
-        f"Use: `qwen-cls predict --model <this folder> --input rows.jsonl --output predictions.jsonl`", "",
+        "Use: `qwen-cls predict --model <this folder> --input rows.jsonl --output predictions.jsonl`", "",
         "## Metrics (from the run's metrics.json)", "",
     ]
     if metrics:
@@ -69,7 +68,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-@runtime_faults
 def cmd_export(args) -> int:
     out = export_run(args.run, args.out)
     print(f"merged model: {out}")

@@ -1,15 +1,12 @@
 """Runtime faults (out of memory, disk full) as one clear line with a hint, instead of a traceback.
 
 User mistakes (bad paths, bad rows, wrong adapter) are ``ValueError``/``FileNotFoundError`` and exit 2 in
-``cli.main``; the faults here are the machine's, so commands wrapped with :func:`runtime_faults` print
-``error: ...`` and exit 1.
+``cli.main``; the faults here are the machine's: ``cli.main`` prints ``error: <hint>`` and exits 1.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import sys
 
 OOM_HINT = ("out of memory: lower --batch-size (raise --grad-accum to keep the effective batch), lower "
             "--max-length, and keep gradient checkpointing on")
@@ -28,21 +25,3 @@ def describe_fault(exc: BaseException) -> str | None:
         return (f"disk full{where}: free space (or write somewhere else) and rerun; "
                 "nothing half-written was left in place")
     return None
-
-
-def runtime_faults(func):
-    """Decorate a sub-command: out-of-memory and disk-full end with ``error: ...`` and exit status 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except (RuntimeError, OSError) as exc:
-            message = describe_fault(exc)
-            if message is None:
-                raise
-            print(f"error: {message} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-                  file=sys.stderr)
-            return 1
-
-    return wrapper

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .data import atomic_dir
 from .prompt import QWEN2_CHAT_TEMPLATE
 
 TINY = "tiny"
@@ -81,9 +80,7 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
     out = Path(out_dir) if out_dir else cache_dir() / f"tiny-qwen2-v{TINY_VERSION}-seed{seed}"
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # a half-built model never sits at ``out``
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))
         model.save_pretrained(tmp, safe_serialization=True)
@@ -96,11 +93,6 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
             "It has learned nothing: use it to run the pipeline offline, never to judge quality.\n",
             encoding="utf-8",
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

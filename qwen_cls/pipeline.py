@@ -1,4 +1,4 @@
-"""Run the notebook chain 00 -> 04 with papermill into one run directory (``qwen-cls run``).
+"""Run the notebook chain (00 -> 05, see :data:`NOTEBOOKS`) with papermill into one run directory (``qwen-cls run``).
 
 Each notebook receives the parameters its ``parameters`` cell declares, taken from a profile
 (:mod:`qwen_cls.profiles`) and ``-p KEY VALUE`` overrides. The executed notebooks land in
@@ -143,8 +143,8 @@ def cmd_run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"\nDone. Outputs are in {run_dir}")
-    for name in ("metrics.json", "confusion_matrix.png", "loss_curve.png", "predictions.jsonl", "adapter",
-                 "notebooks"):
+    for name in ("metrics.json", "confusion_matrix.png", "loss_curve.png", "predictions.jsonl",
+                 "rag_metrics.json", "adapter", "swanlog", "notebooks"):
         if (run_dir / name).exists():
             print(f"  {run_dir / name}")
     return 0
@@ -152,7 +152,7 @@ def cmd_run(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``qwen-cls run`` to the CLI."""
-    p = subparsers.add_parser("run", help="execute the notebook chain 00-04 with papermill into a run folder")
+    p = subparsers.add_parser("run", help="execute the notebook chain 00-05 with papermill into a run folder")
     p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
                    help="parameter set: tiny (offline, minutes on CPU) or qwen2-0.5b (the real recipe)")
     p.add_argument("--out", default=None, help="run folder (default: the profile's out_dir)")

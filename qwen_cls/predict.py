@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 from .data import DataError, read_jsonl, read_raw_rows, write_jsonl_atomic
-from .faults import runtime_faults
 
 RUN_CONFIG = "run_config.json"
 TINY = "tiny"  # = qwen_cls.model.TINY
@@ -126,7 +125,6 @@ def predict_file(input_path, output_path, *, run=None, model=None, batch_size: i
     return summary
 
 
-@runtime_faults
 def cmd_predict(args) -> int:
     summary = predict_file(args.input, args.output, run=args.run, model=args.model, batch_size=args.batch_size,
                            max_length=args.max_length, device=args.device, progress=not args.quiet)

@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .faults import runtime_faults
 
 TINY = "tiny"  # = qwen_cls.model.TINY (not imported here: keeps `qwen-cls --help` fast)
 ADAPTER = "adapter"
@@ -154,7 +153,6 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     return summary
 
 
-@runtime_faults
 def cmd_train(args) -> int:
     summary = train_run(
         args.train, args.out, model=args.model, max_length=args.max_length, epochs=args.epochs,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qwen_cls.data import read_raw_rows
 from qwen_cls.evaluate import score_candidates, score_candidates_reference
