@@ -76,17 +76,21 @@ def score_candidates(model, tokenizer, rows, *, max_length: int = 384, batch_siz
 
         cache = out.cache
         cache.batch_select_indices(row_index)  # one copy of the prompt cache per (row, candidate) pair
+        # Position j predicts token j+1: the LM head runs only where token j+1 is a real candidate token.
+        needed = torch.zeros_like(cand_mask, dtype=torch.bool)
+        needed[:, :-1] = cand_mask[:, 1:].bool()
         cont = model(
             input_ids=cand,
             attention_mask=torch.cat([mask[row_index], cand_mask], dim=1),
             position_ids=positions[row_index, -1:] + 1 + torch.arange(width, device=device),
             cache=cache,
             use_cache=True,
+            logits_to_keep=needed,
         )
-        logp = torch.log_softmax(cont.logits.float(), dim=-1)  # position j predicts token j+1
+        logp = torch.log_softmax(cont.logits.float(), dim=-1)  # (number of needed positions, vocab)
         token_logp = torch.zeros_like(cand, dtype=torch.float)
         token_logp[:, 0] = first[row_index].gather(1, cand[:, :1]).squeeze(1)
-        token_logp[:, 1:] = logp[:, :-1].gather(2, cand[:, 1:, None]).squeeze(2)
+        token_logp[:, 1:][needed[:, :-1]] = logp.gather(1, cand[:, 1:][needed[:, :-1]][:, None]).squeeze(1)
         totals = (token_logp * cand_mask).sum(1).tolist()
 
         k = 0

@@ -39,6 +39,7 @@ PROFILES: dict[str, dict] = {
         "gradient_checkpointing": False,  # a tiny model needs no memory saving; skip the recompute on CPU
         "logging_steps": 2,
         "swanlab_mode": "local",
+        "eval_rows": 0,  # test rows 03 scores after each epoch (0: all 30)
         "eval_batch_size": 8,
         "max_new_tokens": 6,
         "out_dir": "../runs/notebooks",
@@ -54,6 +55,7 @@ PROFILES: dict[str, dict] = {
         "max_train_samples": 0,
         "max_test_samples": 0,
         "swanlab_mode": "local",
+        "eval_rows": 200,  # per-epoch monitoring in 03 on a slice; 04 evaluates the whole test split
         "eval_batch_size": 8,
         "max_new_tokens": 8,
         "out_dir": "../runs/qwen2-0.5b",

@@ -126,11 +126,13 @@ def _full_logits_loss(model, batch, num_items_in_batch=None):
 
 
 def compare_loss_speed(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 4,
-                       batches: int = 2, repeats: int = 3) -> dict:
+                       batches: int = 2, repeats: int = 3, memory: bool = True) -> dict:
     """Seconds per batch (forward + backward) of the recipe's full-logits loss vs the answer-only loss.
 
     Both run on the same batches of ``rows`` (dicts with ``text``, ``category``, ``output``), alternating,
     after one warm-up each; the best of ``repeats`` is kept. Gradients are cleared afterwards.
+    With ``memory``, one more untimed pass of each measures its peak memory (:class:`PeakMemory`, MiB):
+    CUDA allocator peak, or on CPU peak RSS after :func:`limit_malloc_caching` (``None`` where that fails).
     """
     data = _batches(model, tokenizer, rows, max_length, batch_size, batches)
     device = next(model.parameters()).device
@@ -147,17 +149,28 @@ def compare_loss_speed(model, tokenizer, rows, *, max_length: int = 384, batch_s
         return t["s"] / len(data)
 
     times = {"full_logits": [], "answer_only": []}
+    peak_mib = {"full_logits": None, "answer_only": None}
+    methods = (("full_logits", _full_logits_loss), ("answer_only", answer_only_loss))
     try:
         for r in range(repeats + 1):
-            for name, fn in (("full_logits", _full_logits_loss), ("answer_only", answer_only_loss)):
+            for name, fn in methods:
                 seconds = run(fn)
                 if r:  # round 0 is the warm-up
                     times[name].append(seconds)
+        if memory and (device.type == "cuda" or limit_malloc_caching()):
+            for name, fn in methods:
+                model.zero_grad(set_to_none=True)  # each pass starts without gradients held
+                with PeakMemory(device) as mem:
+                    run(fn)
+                peak_mib[name] = mem.peak_bytes / 2**20
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     full, fast = min(times["full_logits"]), min(times["answer_only"])
+    measured = peak_mib["full_logits"] is not None
     return {"full_logits_s_per_batch": full, "answer_only_s_per_batch": fast, "speedup": full / fast,
+            "full_logits_peak_mib": peak_mib["full_logits"], "answer_only_peak_mib": peak_mib["answer_only"],
+            "peak_memory": ("CUDA allocator" if device.type == "cuda" else "CPU RSS") if measured else None,
             "batch_size": batch_size, "batches": len(data), "backward": trains}
 
 
@@ -166,6 +179,7 @@ def compare_eval_speed(model, tokenizer, rows, *, max_length: int = 384, max_new
     """Seconds per row: the recipe's per-row ``generate`` vs batched candidate scoring, same prompts.
 
     Both see the same prompt tokens (the project's shortened text), so only the method differs.
+    ``generated_tokens`` lists how many tokens ``generate`` wrote per row (``max_new_tokens`` when it never stopped).
     """
     device = next(model.parameters()).device
     texts = [r["text"] for r in rows]
@@ -176,13 +190,15 @@ def compare_eval_speed(model, tokenizer, rows, *, max_length: int = 384, max_new
     try:
         score_candidates(model, tokenizer, rows[:1], max_length=max_length)  # warm-up
         per_row_generate(model, tokenizer, cut_texts[:1], cats[:1], max_new_tokens=2)
+        counts: list[int] = []
         with stopwatch(device) as slow:
-            per_row_generate(model, tokenizer, cut_texts, cats, max_new_tokens=max_new_tokens)
+            per_row_generate(model, tokenizer, cut_texts, cats, max_new_tokens=max_new_tokens, generated_counts=counts)
         with stopwatch(device) as fast:
             score_candidates(model, tokenizer, rows, max_length=max_length, batch_size=batch_size)
     finally:
         model.train(was_training)
     n = len(rows)
     return {"per_row_generate_s_per_row": slow["s"] / n, "batched_scoring_s_per_row": fast["s"] / n,
-            "speedup": slow["s"] / fast["s"], "rows": n, "max_new_tokens": max_new_tokens}
+            "speedup": slow["s"] / fast["s"], "rows": n, "max_new_tokens": max_new_tokens,
+            "generated_tokens": counts}
 

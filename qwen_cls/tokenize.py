@@ -9,14 +9,23 @@ and the inference prompt of a row are the same tokens.
 
 from __future__ import annotations
 
+import weakref
+
 from .prompt import EXAMPLE_CHARS, END_OF_TURN, SYSTEM_PROMPT, example_pair, render_prompt, render_rag_prompt, shorten_example
 
 IGNORE_INDEX = -100
 
 
+_LABEL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {label: ids}
+
+
 def label_ids(tokenizer, label: str) -> list[int]:
-    """Token ids of a label as the assistant writes it (no special tokens)."""
-    return tokenizer(label, add_special_tokens=False)["input_ids"]
+    """Token ids of a label as the assistant writes it (no special tokens); cached per tokenizer, since
+    the same few labels are looked up for every row."""
+    cache = _LABEL_IDS.setdefault(tokenizer, {})
+    if label not in cache:
+        cache[label] = tokenizer(label, add_special_tokens=False)["input_ids"]
+    return list(cache[label])
 
 
 def end_id(tokenizer) -> int:
@@ -43,26 +52,35 @@ def encode_prompts(tokenizer, texts, categories, max_length: int, system: str = 
 
 def fit_prompts(tokenizer, texts, categories, max_length: int, system: str = SYSTEM_PROMPT):
     """``(prompt_ids, cut_texts, full_lengths)``: :func:`encode_prompts`' ids, the texts as shortened, and
-    each row's untruncated prompt length (one batched encode of the whole rows serves all three)."""
+    each row's untruncated prompt length.
+
+    One batched encode of the whole prompts (with character offsets) gives the full lengths and where to
+    cut each text; only the rows that are too long are encoded again, shortened.
+    """
     budgets = [max_length - answer_reserve(tokenizer, c) for c in categories]
     cut_texts = list(texts)
-    ids = _encode(tokenizer, cut_texts, categories, system)
+    prompts = [render_prompt(tokenizer, t, c, system) for t, c in zip(texts, categories)]
+    encoded = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
     full_lengths = [len(seq) for seq in ids]
     todo = [i for i, seq in enumerate(ids) if len(seq) > budgets[i]]
     if not todo:
         return ids, cut_texts, full_lengths
-    text_offsets = tokenizer([texts[i] for i in todo], add_special_tokens=False, return_offsets_mapping=True)
-    keep = {i: len(offs) for i, offs in zip(todo, text_offsets["offset_mapping"])}
-    offsets = dict(zip(todo, text_offsets["offset_mapping"]))
+    start = render_prompt(tokenizer, "\x00", ["A", "B"], system).index("\x00")  # the text's first character
+    # For each text token (one whose span ends inside the text), the text length that keeps it.
+    text_ends = {i: [end - start for _, end in encoded["offset_mapping"][i] if start < end <= start + len(texts[i])]
+                 for i in todo}
+    keep = {i: len(text_ends[i]) for i in todo}
     for _ in range(8):  # merges at the cut can shift a count by a token or two; converge in a few rounds
         for i in todo:
             keep[i] -= len(ids[i]) - budgets[i]
             if keep[i] < 1:
                 raise ValueError(
                     f"max_length={max_length} leaves no room for the text: the system message, candidate list "
-                    f"{categories[i]} and answer alone take {len(ids[i]) - len(offsets[i])}+ tokens; raise max_length"
+                    f"{categories[i]} and answer alone take {len(ids[i]) - len(text_ends[i])}+ tokens; "
+                    "raise max_length"
                 )
-            cut_texts[i] = texts[i][: offsets[i][keep[i] - 1][1]]
+            cut_texts[i] = texts[i][: text_ends[i][keep[i] - 1]]
         fresh = _encode(tokenizer, [cut_texts[i] for i in todo], [categories[i] for i in todo], system)
         for i, seq in zip(todo, fresh):
             ids[i] = seq

@@ -3,14 +3,17 @@
 The recipe lets the model compute 151,936-way logits at every position of a 384-token row although
 only the 2–5 answer tokens carry loss. :class:`AnswerOnlyTrainer` passes a boolean ``logits_to_keep``
 mask to the model, so the LM head runs only at the positions that predict a supervised token.
+:class:`ClassificationEvalCallback` classifies held rows after each epoch and logs accuracy and macro-F1.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import DataCollatorForSeq2Seq, Trainer
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
+from .evaluate import score_candidates
+from .metrics import classification_metrics
 from .tokenize import IGNORE_INDEX
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,6 +87,53 @@ class AnswerOnlyTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+
+class ClassificationEvalCallback(TrainerCallback):
+    """After each epoch, classify ``rows`` with the model being trained and log accuracy and macro-F1.
+
+    ``rows`` are raw rows (dicts with ``text``, ``category``, ``output``), scored with
+    :func:`qwen_cls.evaluate.score_candidates` in eval mode (no grad, on the model's device), then put
+    back in training mode. ``eval_accuracy`` and ``eval_macro_f1`` go through the trainer's own ``log()``,
+    so ``trainer.state.log_history`` and every callback (SwanLab's: ``eval/accuracy``) receive them.
+    Register it with :meth:`bind`, which also gives it the trainer whose ``log()`` it uses::
+
+        ClassificationEvalCallback(rows, tokenizer).bind(trainer)
+    """
+
+    def __init__(self, rows, tokenizer, *, max_length: int = 384, batch_size: int = 8, prefix: str = "eval"):
+        self.rows = list(rows)
+        if not self.rows:
+            raise ValueError("ClassificationEvalCallback needs at least one evaluation row")
+        self.tokenizer, self.max_length, self.batch_size, self.prefix = tokenizer, max_length, batch_size, prefix
+        self.trainer = None
+        self.history: list[dict] = []  # what was logged: {"step", "epoch", f"{prefix}_accuracy", ...}
+
+    def bind(self, trainer) -> "ClassificationEvalCallback":
+        """Use ``trainer.log()`` and join the trainer's callbacks (once); returns ``self``."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    def evaluate(self, model) -> dict:
+        """``classification_metrics`` of ``model``'s candidate-scoring predictions on the rows."""
+        was_training = model.training
+        model.eval()
+        try:
+            scored = score_candidates(model, self.tokenizer, self.rows, max_length=self.max_length,
+                                      batch_size=self.batch_size)
+        finally:
+            model.train(was_training)
+        return classification_metrics([row["output"] for row in self.rows], [s.prediction for s in scored])
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError("ClassificationEvalCallback has no trainer: register it with .bind(trainer)")
+        metrics = self.evaluate(self.trainer.model)
+        logs = {f"{self.prefix}_accuracy": metrics["accuracy"], f"{self.prefix}_macro_f1": metrics["macro_f1"]}
+        self.history.append({"step": state.global_step, "epoch": state.epoch, **logs})
+        self.trainer.log(dict(logs))
 
 
 def answer_loss_history(log_history: list[dict]) -> list[tuple[int, float]]:

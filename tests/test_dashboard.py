@@ -1,5 +1,9 @@
-"""``qwen-cls dashboard``: a local SwanLab run served on 127.0.0.1, checked through its HTTP API and in
-headless Chromium. The dashboard process group is always stopped, and the port is free afterwards.
+"""``qwen-cls dashboard``: a run directory's local SwanLab runs served on 127.0.0.1, checked through its HTTP
+API and in headless Chromium. The dashboard process group is always stopped, and the port is free afterwards.
+
+The run directory holds what notebooks 03 and 04 write: the training experiment (loss per step, and per
+epoch the accuracy and macro-F1 that ``ClassificationEvalCallback`` logs through ``trainer.log``), and
+notebook 04's separate ``<run>-eval`` experiment (test metrics and sample predictions).
 """
 
 from __future__ import annotations
@@ -23,34 +27,43 @@ from PIL import Image
 from qwen_cls import tracking
 
 CHROMIUM = Path("/usr/bin/chromium")
-EXPERIMENT = "dash-test"
-LOSSES = [2.5, 2.0, 1.6, 1.3, 1.1]
-ACCURACY, MACRO_F1 = 0.75, 0.6
+EXPERIMENT = "dash-test"  # the run directory's name: notebook 03 names the training experiment after it
+EVAL_EXPERIMENT = f"{EXPERIMENT}-eval"  # notebook 04's experiment, started in its own kernel
+LOSSES = [2.5, 2.0, 1.6, 1.3, 1.1, 0.9]  # one per step, 3 steps per epoch
+EPOCH_EVAL = {3: (0.25, 0.2), 6: (0.75, 0.6)}  # step at each epoch's end -> (accuracy, macro-F1)
+ACCURACY, MACRO_F1 = 0.7, 0.5  # notebook 04's test metrics
 
 
-def drive_callback(callback, losses: list[float], output_dir: Path) -> None:
-    """Call a Trainer callback as the Trainer does: train begin, then one log per step."""
+def drive_callback(callback, losses: list[float], epoch_eval: dict, output_dir: Path) -> None:
+    """Call a Trainer callback as the Trainer does: train begin, one log per step, and at each epoch's end
+    the log ``ClassificationEvalCallback`` makes through ``trainer.log``."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     args = TrainingArguments(output_dir=str(output_dir), report_to="none")
     state, control = TrainerState(), TrainerControl()
     callback.on_train_begin(args, state, control)
     for step, loss in enumerate(losses, start=1):
-        state.global_step = step
-        callback.on_log(args, state, control, logs={"loss": loss, "learning_rate": 1e-4 * (1 - step / 10)})
+        state.global_step, state.epoch = step, step / 3
+        callback.on_log(args, state, control, logs={"loss": loss, "learning_rate": 1e-4 * (1 - step / 10),
+                                                    "epoch": state.epoch})
+        if step in epoch_eval:
+            accuracy, macro_f1 = epoch_eval[step]
+            callback.on_log(args, state, control, logs={"eval_accuracy": accuracy, "eval_macro_f1": macro_f1,
+                                                        "epoch": state.epoch})
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A run directory with one local SwanLab run: a 5-point loss curve and evaluation metrics."""
-    out = tmp_path_factory.mktemp("dash") / "run"
+    """A run directory as notebooks 03 and 04 leave it: the training experiment and the ``-eval`` one."""
+    out = tmp_path_factory.mktemp("dash") / EXPERIMENT
     tracking.finish()
     try:
-        (callback,) = tracking.swanlab_callbacks("local", out, {"profile": "tiny"}, experiment_name=EXPERIMENT)
-        drive_callback(callback, LOSSES, out / "trainer")
+        (callback,) = tracking.swanlab_callbacks("local", out, {"profile": "tiny"})
+        drive_callback(callback, LOSSES, EPOCH_EVAL, out / "trainer")
+        tracking.finish()
         tracking.log_evaluation({"accuracy": ACCURACY, "macro_f1": MACRO_F1, "n_test": 4},
                                 samples=[{"text": "火箭发射", "category": ["Art", "Space"], "output": "Space",
-                                          "prediction": "Space"}])
+                                          "prediction": "Space"}], out_dir=out, mode="local")
     finally:
         tracking.finish()
     return out
@@ -116,26 +129,44 @@ def dashboard(run_dir):
             client.connect(("127.0.0.1", port))  # nothing listens any more
 
 
-def experiment_id(url: str) -> int:
-    (exp,) = [e for e in get_json(f"{url}/api/v1/project")["experiments"] if e["name"] == EXPERIMENT]
+def experiment_id(url: str, name: str = EXPERIMENT) -> int:
+    (exp,) = [e for e in get_json(f"{url}/api/v1/project")["experiments"] if e["name"] == name]
     return exp["id"]
 
 
-def test_api_lists_the_run_its_loss_curve_and_eval_metrics(dashboard):
+def points(url: str, eid: int, tag: str) -> dict:
+    return get_json(f"{url}/api/v1/experiment/{eid}/tag/{quote(tag, safe='')}")
+
+
+def test_api_lists_the_training_run_with_its_loss_curve_and_epoch_metrics(dashboard):
     url, _ = dashboard
     project = get_json(f"{url}/api/v1/project")
     assert project["name"] == "qwen-cls"
-    assert [e["name"] for e in project["experiments"]] == [EXPERIMENT]
+    assert sorted(e["name"] for e in project["experiments"]) == [EXPERIMENT, EVAL_EXPERIMENT]
     eid = experiment_id(url)
     charts = {c["name"]: c["type"] for c in get_json(f"{url}/api/v1/experiment/{eid}/chart")["charts"]}
-    assert charts["train/loss"] == charts["train/learning_rate"] == charts["eval/accuracy"] == "line"
-    assert charts["eval/samples"] == "text"
-    loss = get_json(f"{url}/api/v1/experiment/{eid}/tag/{quote('train/loss', safe='')}")
+    assert charts["train/loss"] == charts["train/learning_rate"] == "line"
+    assert charts["eval/accuracy"] == charts["eval/macro_f1"] == "line"  # in the training run itself
+    loss = points(url, eid, "train/loss")
     assert [(p["index"], p["data"]) for p in loss["list"]] == list(enumerate(LOSSES, start=1))
     assert (loss["min"], loss["max"]) == (min(LOSSES), max(LOSSES))
+    accuracy = points(url, eid, "eval/accuracy")
+    assert [(p["index"], p["data"]) for p in accuracy["list"]] == [(s, a) for s, (a, _) in EPOCH_EVAL.items()]
+    f1 = points(url, eid, "eval/macro_f1")
+    assert [(p["index"], p["data"]) for p in f1["list"]] == [(s, f) for s, (_, f) in EPOCH_EVAL.items()]
     summary = {s["key"]: s["value"] for s in get_json(f"{url}/api/v1/experiment/{eid}/summary")["summaries"]}
-    assert summary["eval/accuracy"] == ACCURACY and summary["eval/macro_f1"] == MACRO_F1
     assert summary["train/loss"] == LOSSES[-1]
+    assert (summary["eval/accuracy"], summary["eval/macro_f1"]) == EPOCH_EVAL[len(LOSSES)]
+
+
+def test_api_lists_the_evaluation_run_with_test_metrics_and_samples(dashboard):
+    url, _ = dashboard
+    eid = experiment_id(url, EVAL_EXPERIMENT)
+    charts = {c["name"]: c["type"] for c in get_json(f"{url}/api/v1/experiment/{eid}/chart")["charts"]}
+    assert charts["eval/accuracy"] == "line" and charts["eval/samples"] == "text"
+    assert "train/loss" not in charts
+    summary = {s["key"]: s["value"] for s in get_json(f"{url}/api/v1/experiment/{eid}/summary")["summaries"]}
+    assert (summary["eval/accuracy"], summary["eval/macro_f1"], summary["eval/n_test"]) == (ACCURACY, MACRO_F1, 4)
 
 
 def test_listens_on_loopback_only(dashboard):

@@ -282,3 +282,91 @@ def test_dashboard_user_mistakes_exit_2(tmp_path, capsys):
         assert cli_main(["dashboard", str(tmp_path), "--port", str(port)]) == 2
     assert f"--port {port} is in use" in capsys.readouterr().err
     assert tracking.dashboard_command(tmp_path, 5197)[-4:] == ["--host", "127.0.0.1", "--port", "5197"]
+
+
+# ------------------------------------------------------------------ per-epoch evaluation in the training run
+
+
+def hand_macro_f1(truth: list[str], predicted: list[str]) -> float:
+    """Macro-F1 over the union of labels, F1 = 2tp / (2tp + fp + fn) per label (0 without a true positive)."""
+    f1s = []
+    for label in sorted(set(truth) | set(predicted)):
+        tp = sum(t == p == label for t, p in zip(truth, predicted))
+        fp = sum(p == label != t for t, p in zip(truth, predicted))
+        fn = sum(t == label != p for t, p in zip(truth, predicted))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(f1s) / len(f1s)
+
+
+def test_eval_callback_needs_rows_and_a_trainer(tokenizer):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from qwen_cls.train import ClassificationEvalCallback
+
+    with pytest.raises(ValueError, match="at least one"):
+        ClassificationEvalCallback([], tokenizer)
+    unbound = ClassificationEvalCallback(ROWS[:2], tokenizer)
+    with pytest.raises(RuntimeError, match=r"\.bind\(trainer\)"):
+        unbound.on_epoch_end(TrainingArguments(output_dir="unused", report_to="none"), TrainerState(),
+                             TrainerControl())
+
+
+@pytest.mark.slow
+def test_epoch_evaluation_is_logged_in_the_training_run(tmp_path, tiny_dir):
+    """Two epochs with ClassificationEvalCallback: one SwanLab experiment holds the loss curve and, per
+    epoch, eval/accuracy and eval/macro_f1; the last values equal a scoring of the trained model."""
+    from datasets import Dataset
+    from transformers import TrainerCallback, TrainingArguments
+
+    from qwen_cls.evaluate import score_candidates
+    from qwen_cls.model import load_model
+    from qwen_cls.tokenize import tokenize_dataset
+    from qwen_cls.train import (AnswerOnlyTrainer, ClassificationEvalCallback, model_inputs, padding_collator,
+                                prepare_lora_model, recipe_lora_config)
+
+    model, tokenizer = load_model(tiny_dir, device="cpu")
+    model = prepare_lora_model(model, recipe_lora_config(), gradient_checkpointing=False)
+    train = model_inputs(tokenize_dataset(Dataset.from_list(ROWS), tokenizer, 96))  # 8 rows: 2 steps per epoch
+    eval_rows = ROWS[:4] + [{"text": "油画与雕塑作品展出", "category": ["Art", "Military", "Space"], "output": "Art"}]
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), num_train_epochs=2, per_device_train_batch_size=4,
+                             learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to="none",
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    out = tmp_path / "run"
+    trainer = AnswerOnlyTrainer(model=model, args=args, train_dataset=train, data_collator=padding_collator(tokenizer),
+                                callbacks=tracking.swanlab_callbacks("local", out, {"profile": "tiny"},
+                                                                     experiment_name="train-and-eval"))
+    evaluator = ClassificationEvalCallback(eval_rows, tokenizer, max_length=96, batch_size=2).bind(trainer)
+    assert evaluator.bind(trainer) is evaluator  # binding twice registers it once
+    assert sum(c is evaluator for c in trainer.callback_handler.callbacks) == 1
+
+    class ModeProbe(TrainerCallback):  # runs after the evaluator: training mode must be back on
+        modes: list[bool] = []
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.modes.append(trainer.model.training)
+
+    trainer.add_callback(ModeProbe())
+    trainer.train()
+    tracking.finish()
+    assert ModeProbe.modes == [True, True]
+
+    logged = [e for e in trainer.state.log_history if "eval_accuracy" in e]
+    assert [e["step"] for e in logged] == [2, 4] and [e["epoch"] for e in logged] == [1.0, 2.0]
+    assert [{k: e[k] for k in ("step", "eval_accuracy", "eval_macro_f1")} for e in logged] == [
+        {k: h[k] for k in ("step", "eval_accuracy", "eval_macro_f1")} for h in evaluator.history]
+
+    model.eval()  # the trained model scored independently: the last epoch's numbers
+    predicted = [s.prediction for s in score_candidates(model, tokenizer, eval_rows, max_length=96)]
+    truth = [r["output"] for r in eval_rows]
+    assert logged[-1]["eval_accuracy"] == pytest.approx(sum(t == p for t, p in zip(truth, predicted)) / 5)
+    assert logged[-1]["eval_macro_f1"] == pytest.approx(hand_macro_f1(truth, predicted))
+
+    log_dir = out / "swanlog"
+    assert list(experiments(log_dir)) == ["train-and-eval"]  # one experiment holds both
+    loss = metric(log_dir, "train-and-eval", "train/loss")
+    assert [p["index"] for p in loss] == [1, 2, 3, 4]
+    accuracy = metric(log_dir, "train-and-eval", "eval/accuracy")
+    assert [(p["index"], p["data"]) for p in accuracy] == [(e["step"], pytest.approx(e["eval_accuracy"]))
+                                                           for e in logged]
+    f1 = metric(log_dir, "train-and-eval", "eval/macro_f1")
+    assert [p["data"] for p in f1] == pytest.approx([e["eval_macro_f1"] for e in logged])
