@@ -20,13 +20,22 @@ from .train import AnswerOnlyTrainer
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# A checkpoint is complete when all of these exist (the trainer state is written last).
+# A checkpoint is complete when all of these exist (the trainer state is written last) ...
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+# ... or, under DeepSpeed (which keeps optimizer and scheduler in its own folder), these.
+DEEPSPEED_CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "latest")
 
 
 def is_complete_checkpoint(folder: Path) -> bool:
     """True when ``folder`` holds everything needed to resume (see :data:`CHECKPOINT_FILES`)."""
-    return folder.is_dir() and all((folder / name).is_file() for name in CHECKPOINT_FILES)
+    if not folder.is_dir():
+        return False
+    if all((folder / name).is_file() for name in CHECKPOINT_FILES):
+        return True
+    if all((folder / name).is_file() for name in DEEPSPEED_CHECKPOINT_FILES):
+        tag = (folder / "latest").read_text(encoding="utf-8").strip()
+        return bool(tag) and (folder / tag).is_dir()  # DeepSpeed's global_stepN folder
+    return False
 
 
 def last_complete_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -104,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (RuntimeError, OSError) as exc:  # the machine's faults: out of memory, disk full
         message = describe_fault(exc)
-        if message is None:
-            raise
-        print(f"error: {message} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
-              file=sys.stderr)
-        return 1
+        if message is not None:
+            print(f"error: {message} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                  file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError):  # permission denied, a file where a folder should be, ...
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

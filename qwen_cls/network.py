@@ -8,7 +8,8 @@ import socket
 
 def is_online(host: str = "www.modelscope.cn", port: int = 443, timeout: float = 3.0) -> bool:
     """True when a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
-    if os.environ.get("QWEN_CLS_OFFLINE") or os.environ.get("MODELSCOPE_OFFLINE"):
+    if any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+           for name in ("QWEN_CLS_OFFLINE", "MODELSCOPE_OFFLINE")):
         return False
     try:
         with socket.create_connection((host, port), timeout=timeout):

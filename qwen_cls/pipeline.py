@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .data import write_json_atomic
+from .data import read_raw_rows, write_json_atomic
 from .profiles import DEFAULT_PROFILE, PROFILES, is_path_key, profile_parameters
 
 NOTEBOOKS = (
@@ -76,6 +76,8 @@ def resolve_parameters(profile: str, overrides: dict | None = None, out: str | o
     for key, value in overrides.items():
         if is_path_key(key) and isinstance(value, str) and value:
             value = str(Path(value).expanduser().resolve())
+        elif key == "base_model" and isinstance(value, str) and Path(value).expanduser().exists():
+            value = str(Path(value).expanduser().resolve())  # a local model folder, as seen from here
         params[key] = value
     if out is not None:
         params["out_dir"] = str(Path(out).expanduser().resolve())
@@ -95,6 +97,9 @@ def preflight(params: dict) -> None:
             raise FileNotFoundError(f"{key}={path} does not exist (raw JSONL rows: text, category, output)")
     if any(not Path(params[k]).exists() for k in ("train_path", "test_path")):
         require_host("www.modelscope.cn", what="the Fudan news dataset")
+    for key in ("train_path", "test_path"):  # bad rows: path:line now, not a failed notebook later
+        if Path(params[key]).exists():
+            read_raw_rows(params[key])
     model = str(params["base_model"])
     if model != TINY and not Path(model).expanduser().exists():
         require_host("www.modelscope.cn", what=f"the model {model}")

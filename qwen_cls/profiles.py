@@ -38,7 +38,7 @@ PROFILES: dict[str, dict] = {
         "gradient_accumulation_steps": 1,
         "gradient_checkpointing": False,  # a tiny model needs no memory saving; skip the recompute on CPU
         "logging_steps": 2,
-        "swanlab_mode": "local",
+        "swanlab_mode": None,  # tracking.default_mode(): local with the dashboard package, else offline
         "eval_rows": 0,  # test rows 03 scores after each epoch (0: all 30)
         "eval_batch_size": 8,
         "max_new_tokens": 6,
@@ -54,7 +54,7 @@ PROFILES: dict[str, dict] = {
         "download_data": True,
         "max_train_samples": 0,
         "max_test_samples": 0,
-        "swanlab_mode": "local",
+        "swanlab_mode": None,  # as above
         "eval_rows": 200,  # per-epoch monitoring in 03 on a slice; 04 evaluates the whole test split
         "eval_batch_size": 8,
         "max_new_tokens": 8,
@@ -69,7 +69,12 @@ def profile_parameters(name: str) -> dict:
     """A copy of the named profile's parameters; ``ValueError`` naming the profiles otherwise."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
-    return dict(PROFILES[name])
+    params = dict(PROFILES[name])
+    if params.get("swanlab_mode") is None:
+        from .tracking import default_mode  # $QWEN_CLS_SWANLAB_MODE, else local/offline as installed
+
+        params["swanlab_mode"] = default_mode()
+    return params
 
 
 def is_path_key(key: str) -> bool:

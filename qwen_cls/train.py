@@ -151,6 +151,6 @@ def training_arguments(output_dir, **overrides):
     from transformers import TrainingArguments
 
     settings = dict(output_dir=str(output_dir), train_sampling_strategy="group_by_length",
-                    gradient_checkpointing=False, remove_unused_columns=True)
+                    activation_checkpointing=False, remove_unused_columns=True)
     settings.update(overrides)
     return TrainingArguments(**settings)

@@ -49,18 +49,19 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     rows = read_raw_rows(train, limit=limit)  # path:line errors before anything heavy loads
 
     import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from .checkpointing import (CHECKPOINTS, ResumableTrainer, SleepAfterStep, last_complete_checkpoint,
-                                remove_incomplete_checkpoints, write_json_atomic)
+                                remove_incomplete_checkpoints)
+    from .data import write_json_atomic
     from .model import load_model, pick_device, pick_dtype
-    from .train import padding_collator, prepare_lora_model, recipe_lora_config
+    from .train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
 
     out = Path(out)
     rank = int(os.environ.get("RANK", "0"))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    args = TrainingArguments(
-        output_dir=str(out / CHECKPOINTS),
+    args = training_arguments(  # length-grouped batches, as in the notebooks
+        out / CHECKPOINTS,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
         learning_rate=learning_rate,
@@ -93,7 +94,11 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     if tracked:
         from .tracking import swanlab_callbacks
 
-        callbacks += swanlab_callbacks(swanlab_mode, out, {"model": model, "seed": seed, "max_length": max_length})
+        from .tracking import experiment_config
+
+        config = experiment_config(profile="cli", base_model=model, lora=lora, training=args, n_train=len(dataset),
+                                   max_length=max_length, seed=seed)
+        callbacks += swanlab_callbacks(swanlab_mode, out, config)
     if step_sleep:
         callbacks.append(SleepAfterStep(step_sleep))
     trainer = ResumableTrainer(model=peft_model, args=args, train_dataset=dataset,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -149,24 +148,122 @@ def test_peak_memory_sees_a_large_allocation():
     assert mem.peak_bytes >= 150 * 2**20
 
 
-def test_speed_helpers_return_ratios(tiny, rows):
-    from qwen_cls.speed import compare_eval_speed, compare_loss_speed
+def _lm_head_rows(model):
+    """Attach a forward hook to the LM head that records how many hidden-state rows each call projects."""
+    head = model.get_output_embeddings()
+    rows: list[int] = []
+    handle = head.register_forward_hook(lambda mod, args, out: rows.append(args[0].numel() // head.in_features))
+    return rows, handle
+
+
+def test_loss_speed_times_both_paths_and_answer_only_projects_only_answer_rows(tiny, rows):
+    import math
+    import time
+
+    from qwen_cls.speed import compare_loss_speed
 
     model, tokenizer = tiny
-    loss = compare_loss_speed(model, tokenizer, rows[:4], max_length=96, batch_size=2, batches=1, repeats=1)
-    assert loss["speedup"] == pytest.approx(loss["full_logits_s_per_batch"] / loss["answer_only_s_per_batch"])
+    fields = {k: [r[k] for r in rows[:4]] for k in ("text", "category", "output")}
+    encoded = process_batch(fields, tokenizer, 96)
+    collate = padding_collator(tokenizer)
+    batches = [collate([{k: encoded[k][i] for k in ("input_ids", "attention_mask", "labels")} for i in (j, j + 1)])
+               for j in (0, 2)]
+    full_rows = [b["input_ids"].numel() for b in batches]  # the recipe: every (padded) position
+    # Answer tokens by hand: the label's tokens plus <|im_end|>, for the two rows of each batch.
+    answer_rows = [sum(len(tokenizer(fields["output"][i], add_special_tokens=False)["input_ids"]) + 1 for i in (j, j + 1))
+                   for j in (0, 2)]
+    assert all(a < f for a, f in zip(answer_rows, full_rows))
+
+    seen, handle = _lm_head_rows(model)
+    start = time.perf_counter()
+    try:
+        result = compare_loss_speed(model, tokenizer, rows[:4], max_length=96, batch_size=2, batches=2, repeats=1,
+                                    memory=False)
+    finally:
+        handle.remove()
+    elapsed = time.perf_counter() - start
+    # Warm-up round + one timed round, each: full logits on both batches, then answer-only on both.
+    assert seen == (full_rows + answer_rows) * 2
+    assert result["batches"] == 2 and result["batch_size"] == 2 and result["backward"] is True
+    full, fast = result["full_logits_s_per_batch"], result["answer_only_s_per_batch"]
+    assert all(math.isfinite(x) and x > 0 for x in (full, fast, result["speedup"]))
+    assert (full + fast) * result["batches"] <= elapsed  # the timed round fits inside the call's own wall time
+    assert result["full_logits_peak_mib"] is None and result["peak_memory"] is None  # memory=False
+
+
+def test_eval_speed_times_both_paths_on_every_row(tiny, rows):
+    import math
+    import time
+
+    from qwen_cls.speed import compare_eval_speed
+
+    model, tokenizer = tiny
+    start = time.perf_counter()
     ev = compare_eval_speed(model, tokenizer, rows[:2], max_length=96, max_new_tokens=4)
-    assert ev["rows"] == 2 and ev["speedup"] > 0
+    elapsed = time.perf_counter() - start
+    assert ev["rows"] == 2 and ev["max_new_tokens"] == 4
+    assert len(ev["generated_tokens"]) == 2 and all(1 <= n <= 4 for n in ev["generated_tokens"])
+    slow, fast = ev["per_row_generate_s_per_row"], ev["batched_scoring_s_per_row"]
+    assert all(math.isfinite(x) and x > 0 for x in (slow, fast, ev["speedup"]))
+    assert (slow + fast) * ev["rows"] <= elapsed  # both timed passes fit inside the call's own wall time
+
+
+TINY_D, TINY_LAYERS, VOCAB = 64, 2, 151936
+# benchmarks/gpu.py's --tiny shape by hand: q, o 64x64; k, v 64x32 (2 KV heads of 16); gate, up, down 64x176.
+TINY_FROZEN = TINY_LAYERS * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 176)
+# LoRA r=8 on those seven projections: r * (in + out) each.
+TINY_LORA = TINY_LAYERS * 8 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 176))
 
 
 @pytest.mark.slow
-def test_gpu_benchmark_runs_on_cpu_with_tiny_shape(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--out", str(tmp_path), "--steps", "1",
-           "--warmup", "1", "--big-batch-size", "2", "--eval-rows", "2", "--seed-eval-rows", "1",
-           "--max-new-tokens", "2", "--max-length", "96"]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+def test_gpu_benchmark_runs_on_cpu_with_tiny_shape(tmp_path, monkeypatch):
+    """gpu.py --tiny in-process with a made-up peak of 1 TFLOP/s: its FLOPs/MFU match the README formula by hand."""
+    import benchmarks.gpu as gpu
+    from benchmarks.rows import synth_rows
+    from benchmarks.seed_recipe import seed_tokenize
+    from datasets import Dataset
+
+    from qwen_cls.model import load_tokenizer, qwen_tokenizer_dir
+    from qwen_cls.prompt import QWEN2_CHAT_TEMPLATE
+
+    peak = 1e12
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(gpu, "peak_flops", lambda device: ("cpu", peak))
+    assert gpu.main(["--tiny", "--out", str(tmp_path), "--steps", "1", "--warmup", "1", "--batch-size", "4",
+                     "--big-batch-size", "2", "--eval-rows", "2", "--seed-eval-rows", "1", "--max-new-tokens", "2",
+                     "--max-length", "96"]) == 0
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert result["shape"] == "tiny" and result["card"] == "cpu"
+    assert {"card", "peak_bf16_flops", "dtype", "shape", "train_speedup", "train_peak_mem_ratio", "eval_speedup",
+            "eval_speedup_vs_batched_generate", "raw", "setup"} <= set(result)
+    assert result["shape"] == "tiny" and result["card"] == "cpu" and result["peak_bf16_flops"] == peak
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu_bench.json"]  # no temp file left
     raw = result["raw"]
+
+    # The timed step is batch 1 (after one warm-up batch): rows bs..2*bs-1 of each path's tokenized rows.
+    tokenizer = load_tokenizer(qwen_tokenizer_dir())
+    tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
+    ds = Dataset.from_list(synth_rows(64))
+    tokenized = {"seed": seed_tokenize(ds, tokenizer, 96), "project": tokenize_dataset(ds, tokenizer, 96)}
+    for name, source, bs in (("seed", "seed", 4), ("project", "project", 4),
+                             ("project_big_batch_no_ckpt", "project", 2)):
+        r = raw[name]
+        timed = [tokenized[source][i] for i in range(bs, 2 * bs)]
+        lengths = [len(t["input_ids"]) for t in timed]
+        if source == "seed":  # full logits: the LM head at every padded position
+            heads = bs * max(lengths)
+        else:  # answer-only: the positions whose next token is supervised
+            heads = sum(sum(1 for label in t["labels"][1:] if label != IGNORE_INDEX) for t in timed)
+        flops = (sum(lengths) * (4 * TINY_FROZEN + 6 * TINY_LORA) + sum(12 * TINY_LAYERS * TINY_D * s * s for s in lengths)
+                 + heads * 4 * TINY_D * VOCAB)
+        assert r["seconds"] > 0 and r["batch_size"] == bs
+        assert r["samples_per_s"] * r["seconds"] == pytest.approx(bs)
+        assert r["tokens_per_s"] * r["seconds"] == pytest.approx(sum(lengths))
+        assert r["mfu"] * peak * r["seconds"] == pytest.approx(flops, rel=1e-9), name
+    assert raw["project"]["gradient_checkpointing"] and not raw["project_big_batch_no_ckpt"]["gradient_checkpointing"]
+    ev = raw["eval"]
+    assert 1 <= ev["seed_mean_generated_tokens"] <= 2
     assert result["train_speedup"] == pytest.approx(raw["project"]["samples_per_s"] / raw["seed"]["samples_per_s"])
-    assert raw["eval"]["seed_mean_generated_tokens"] <= 2
+    assert result["train_peak_mem_ratio"] == pytest.approx(raw["project"]["peak_mem_mb"] / raw["seed"]["peak_mem_mb"])
+    assert result["eval_speedup"] == pytest.approx(ev["project_scoring_rows_per_s"] / ev["seed_generate_rows_per_s"])
+    assert result["eval_speedup_vs_batched_generate"] == pytest.approx(
+        ev["project_scoring_rows_per_s"] / ev["batched_generate_rows_per_s"])
