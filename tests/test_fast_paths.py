@@ -170,8 +170,8 @@ def test_loss_speed_times_both_paths_and_answer_only_projects_only_answer_rows(t
                for j in (0, 2)]
     full_rows = [b["input_ids"].numel() for b in batches]  # the recipe: every (padded) position
     # Answer tokens by hand: the label's tokens plus <|im_end|>, for the two rows of each batch.
-    answer_rows = [sum(len(tokenizer(fields["output"][i], add_special_tokens=False)["input_ids"]) + 1 for i in (j, j + 1))
-                   for j in (0, 2)]
+    answer_tokens = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1 for o in fields["output"]]
+    answer_rows = [answer_tokens[j] + answer_tokens[j + 1] for j in (0, 2)]
     assert all(a < f for a, f in zip(answer_rows, full_rows))
 
     seen, handle = _lm_head_rows(model)
@@ -218,7 +218,7 @@ TINY_LORA = TINY_LAYERS * 8 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 176))
 @pytest.mark.slow
 def test_gpu_benchmark_runs_on_cpu_with_tiny_shape(tmp_path, monkeypatch):
     """gpu.py --tiny in-process with a made-up peak of 1 TFLOP/s: its FLOPs/MFU match the README formula by hand."""
-    import benchmarks.gpu as gpu
+    from benchmarks import gpu
     from benchmarks.rows import synth_rows
     from benchmarks.seed_recipe import seed_tokenize
     from datasets import Dataset
@@ -253,8 +253,8 @@ def test_gpu_benchmark_runs_on_cpu_with_tiny_shape(tmp_path, monkeypatch):
             heads = bs * max(lengths)
         else:  # answer-only: the positions whose next token is supervised
             heads = sum(sum(1 for label in t["labels"][1:] if label != IGNORE_INDEX) for t in timed)
-        flops = (sum(lengths) * (4 * TINY_FROZEN + 6 * TINY_LORA) + sum(12 * TINY_LAYERS * TINY_D * s * s for s in lengths)
-                 + heads * 4 * TINY_D * VOCAB)
+        attention = sum(12 * TINY_LAYERS * TINY_D * s * s for s in lengths)
+        flops = sum(lengths) * (4 * TINY_FROZEN + 6 * TINY_LORA) + attention + heads * 4 * TINY_D * VOCAB
         assert r["seconds"] > 0 and r["batch_size"] == bs
         assert r["samples_per_s"] * r["seconds"] == pytest.approx(bs)
         assert r["tokens_per_s"] * r["seconds"] == pytest.approx(sum(lengths))

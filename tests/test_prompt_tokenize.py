@@ -53,6 +53,17 @@ def test_training_prompt_tokens_equal_inference_prompt_tokens(tokenizer):
     messages = P.build_messages(ROWS["text"][1], ROWS["category"][1])
     templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert inference[1] == templated["input_ids"]
+    # The long row is truncated: its prompt is the chat template's tokens for the text it kept, found by
+    # decoding the training prompt (not from the truncation code), templated afresh.
+    n_prompt = batch["labels"][0].count(T.IGNORE_INDEX)
+    train_prompt = batch["input_ids"][0][:n_prompt]
+    untruncated = T.encode_prompts(tokenizer, ROWS["text"][:1], ROWS["category"][:1], 100_000)[0]
+    assert batch["text_truncated"][0] and len(train_prompt) < len(untruncated)
+    kept = tokenizer.decode(train_prompt).split("文本:", 1)[1].split(",分类选项列表:", 1)[0]
+    assert 0 < len(kept) < len(LONG) and LONG.startswith(kept)
+    messages = P.build_messages(kept, ROWS["category"][0])
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert templated["input_ids"] == train_prompt
 
 
 def test_truncation_shortens_the_text_only(tokenizer):
