@@ -99,7 +99,7 @@ def test_opens_with_goal_time_reads_writes(name):
         assert word in first.source, f"{name}: the opening cell lacks {word}"
 
 
-@pytest.mark.parametrize("name", CORE[1:])
+@pytest.mark.parametrize("name", NOTEBOOKS[1:])
 def test_exercises_at_the_end_with_solutions_apart(name):
     nb = read(name)
     last = nb.cells[-1]
@@ -112,17 +112,49 @@ def test_exercises_at_the_end_with_solutions_apart(name):
 
 
 @pytest.mark.parametrize("name, needles", [
-    ("02_tokenization.ipynb", ["render_prompt(", "def process_func(", "encode_prompts(", "[:MAX_LENGTH]",
-                               "truncation_report(", "length_histogram("]),
-    ("03_lora_training.ipynb", ["LoraConfig(", "TrainingArguments(", "AnswerOnlyTrainer(", "swanlab_callbacks(",
-                                "use_cpu=", "activation_checkpointing=", "loss_curve("]),
-    ("04_evaluation.ipynb", ["score_candidates(", "<|im_end|>", "generate_answers(", "classification_metrics(",
-                             "confusion_matrix(", "log_evaluation(", "tracking.finish()"]),
+    ("02_tokenization.ipynb", ["render_prompt(", "def fit_prompt(", "def process_func(", "encode_prompts(",
+                               "[:MAX_LENGTH]", "truncation_report(", "length_histogram("]),
+    ("03_lora_training.ipynb", ["LoraConfig(", "TrainingArguments(", 'train_sampling_strategy="group_by_length"',
+                                "AnswerOnlyTrainer(", "ClassificationEvalCallback(", "swanlab_callbacks(", "use_cpu=",
+                                "activation_checkpointing=", "compare_loss_speed(", "loss_curve("]),
+    ("04_evaluation.ipynb", ["def score_row(", "score_candidates(", "<|im_end|>", "generate_answers(",
+                             "classification_metrics(", "confusion_matrix(", "log_evaluation(", "tracking.finish()",
+                             "compare_eval_speed("]),
 ])
 def test_lines_a_learner_must_see_stay_in_the_notebook(name, needles):
     source = "\n".join(c.source for c in read(name).cells)
     for needle in needles:
         assert needle in source, f"{name} lacks {needle}"
+
+
+def _functions(name: str) -> dict:
+    """Function definitions of a notebook's code cells: name -> ``ast.FunctionDef``."""
+    code = "\n".join(c.source for c in read(name).cells if c.cell_type == "code")
+    return {n.name: n for n in ast.walk(ast.parse(code)) if isinstance(n, ast.FunctionDef)}
+
+
+def _called(function) -> set[str]:
+    """Names of the functions and methods a function body calls."""
+    calls = (n.func for n in ast.walk(function) if isinstance(n, ast.Call))
+    return {f.id if isinstance(f, ast.Name) else f.attr for f in calls if isinstance(f, (ast.Name, ast.Attribute))}
+
+
+@pytest.mark.parametrize("name, rule, must_call, library_versions, user", [
+    # 02: the truncation rule written out (render, tokenize with offsets, cut the text); process_func uses it
+    ("02_tokenization.ipynb", "fit_prompt", {"render_prompt", "tokenizer", "label_ids"},
+     {"encode_prompts", "fit_prompts", "process_batch", "tokenize_dataset"}, "process_func"),
+    # 04: the scoring rule written out (one forward pass per candidate, sum of log-probs, argmax)
+    ("04_evaluation.ipynb", "score_row", {"model", "log_softmax", "label_ids", "end_id", "max"},
+     {"score_candidates", "score_candidates_reference"}, None),
+])
+def test_rule_functions_are_written_out_in_the_notebook(name, rule, must_call, library_versions, user):
+    functions = _functions(name)
+    assert rule in functions, f"{name} does not define {rule}()"
+    called = _called(functions[rule])
+    assert must_call <= called, f"{name}: {rule}() does not call {sorted(must_call - called)}"
+    assert not called & library_versions, f"{name}: {rule}() delegates to {sorted(called & library_versions)}"
+    if user:
+        assert rule in _called(functions[user]), f"{name}: {user}() does not use {rule}()"
 
 
 @pytest.mark.parametrize("name, maker", [("02_tokenization.ipynb", "01_data_conversion"),
@@ -136,3 +168,25 @@ def test_opened_alone_without_inputs_names_the_notebook_that_makes_them(name, ma
         papermill.execute_notebook(str(NB_DIR / name), str(tmp_path / name), parameters={"out_dir": str(tmp_path)},
                                    cwd=str(NB_DIR), progress_bar=False)
     assert info.value.ename == "FileNotFoundError" and maker in info.value.evalue
+
+
+def test_rag_notebook_opened_alone_names_the_notebooks_that_make_its_inputs(tmp_path):
+    """05 needs 01's data files, then 02/03's adapter and run_config.json: each gap names its maker."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    def run_05():
+        with pytest.raises(PapermillExecutionError) as info:
+            papermill.execute_notebook(str(NB_DIR / "05_rag.ipynb"), str(tmp_path / "05_rag.ipynb"),
+                                       parameters={"out_dir": str(tmp_path)}, cwd=str(NB_DIR), progress_bar=False)
+        assert info.value.ename == "FileNotFoundError"
+        return info.value.evalue
+
+    evalue = run_05()  # empty out_dir
+    assert "01_data_conversion" in evalue and "train.jsonl" in evalue
+    (tmp_path / "data").mkdir()
+    row = '{"text": "球队夺冠。", "category": ["Sports", "Art"], "output": "Sports"}\n'
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / "data" / name).write_text(row, encoding="utf-8")
+    evalue = run_05()  # data present, no adapter yet
+    assert "02_tokenization" in evalue and "03_lora_training" in evalue and "adapter" in evalue

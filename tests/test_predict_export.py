@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,24 +170,41 @@ def test_hub_id_without_network(run_dir, raw_file, tmp_path, capsys, monkeypatch
 
 
 def test_disk_full_leaves_no_half_written_output(run_dir, raw_file, tmp_path, capsys, monkeypatch):
+    from contextlib import contextmanager
+
     import qwen_cls.data
-
-    real_dumps, calls = json.dumps, []
-
-    def dumps_until_full(obj, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_dumps(obj, **kwargs)
 
     out_dir = tmp_path / "outs"
     out_dir.mkdir()
-    monkeypatch.setattr(qwen_cls.data.json, "dumps", dumps_until_full)
-    err = _fails(["predict", "--run", str(run_dir), "--input", str(raw_file[0]), "--output",
-                  str(out_dir / "p.jsonl"), "--quiet"], capsys, status=1)
+    target = out_dir / "p.jsonl"
+    real_atomic_text_file, writes, temps_seen = qwen_cls.data.atomic_text_file, [], []
+
+    class FillsAfterOneRow:
+        """The output handle on a disk that fills up: the first row is written, the second write fails."""
+
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, text):
+            writes.append(text)
+            if len(writes) > 1:
+                temps_seen.extend(p.name for p in out_dir.iterdir())
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(text)
+
+    @contextmanager
+    def atomic_on_full_disk(path):
+        with real_atomic_text_file(path) as handle:
+            yield FillsAfterOneRow(handle) if Path(path) == target else handle
+
+    monkeypatch.setattr(qwen_cls.data, "atomic_text_file", atomic_on_full_disk)
+    err = _fails(["predict", "--run", str(run_dir), "--input", str(raw_file[0]), "--output", str(target),
+                  "--quiet"], capsys, status=1)
     monkeypatch.undo()
     assert "disk full" in err and "Traceback" not in err
-    assert len(calls) == 3 and list(out_dir.iterdir()) == []  # two rows were written to a temp file, now gone
+    assert len(writes) == 2 and json.loads(writes[0])["text"] == raw_file[1][0]["text"]  # failed on row 2
+    assert len(temps_seen) == 1 and temps_seen[0].startswith(".p.jsonl.") and temps_seen[0].endswith(".tmp")
+    assert list(out_dir.iterdir()) == []  # neither the output nor the half-written temp file is left
 
     from transformers import PreTrainedModel
 

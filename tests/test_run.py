@@ -139,6 +139,23 @@ def test_run_metrics_match_predictions(run_dir):
 
 
 @pytest.mark.slow
+def test_run_rag_metrics_cover_five_methods_on_the_same_test_rows(run_dir):
+    out, _, _ = run_dir
+    rag = json.loads((out / "rag_metrics.json").read_text(encoding="utf-8"))
+    assert list(rag) == ["retrieval_vote", "zero_shot", "rag", "lora", "lora_rag"]
+    for method, m in rag.items():
+        assert set(m) == {"accuracy", "macro_f1", "n_test"}, method
+        assert m["n_test"] == 8, method  # max_test_samples
+        assert isinstance(m["accuracy"], float) and isinstance(m["macro_f1"], float), method
+        assert 0 <= m["macro_f1"] <= 1, method
+        assert (m["accuracy"] * 8) == pytest.approx(round(m["accuracy"] * 8)), method  # k correct of 8
+    # 05's LoRA method is 04's scoring (same adapter, max_length, batch size): its accuracy, counted by hand
+    # from 04's predictions.jsonl, must match.
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rag["lora"]["accuracy"] == pytest.approx(sum(p["prediction"] == p["output"] for p in preds) / len(preds))
+
+
+@pytest.mark.slow
 def test_run_writes_png_figures(run_dir):
     out, _, _ = run_dir
     for name in ("confusion_matrix.png", "loss_curve.png"):
