@@ -12,7 +12,7 @@ import torch
 from qwen_cls.data import read_raw_rows
 from qwen_cls.evaluate import score_candidates, score_candidates_reference
 from qwen_cls.model import load_model, resolve_model
-from qwen_cls.tokenize import IGNORE_INDEX, encode_prompts, fit_prompts, process_batch, tokenize_dataset
+from qwen_cls.tokenize import CHARS_PER_TOKEN_BOUND, IGNORE_INDEX, encode_prompts, fit_prompts, process_batch, tokenize_dataset
 from qwen_cls.train import answer_only_loss, padding_collator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,12 @@ def test_fit_prompts_reports_cut_texts_and_full_lengths(tiny, rows):
     ids, cut, full = fit_prompts(tokenizer, texts, cats, 100)
     assert ids == encode_prompts(tokenizer, texts, cats, 100)
     untruncated = encode_prompts(tokenizer, texts, cats, 100_000)
-    assert full == [len(u) for u in untruncated]
+    for text, length, whole in zip(texts, full, untruncated):
+        if len(text) <= CHARS_PER_TOKEN_BOUND * 100:
+            assert length == len(whole)
+        else:  # clipped before encoding: the reported length is still over max_length, and a lower bound
+            assert 100 <= length <= len(whole)
+    assert any(len(t) > CHARS_PER_TOKEN_BOUND * 100 for t in texts)  # the clipped path is exercised
     assert encode_prompts(tokenizer, cut, cats, 100_000) == ids  # the cut text alone gives the same prompt
 
 

@@ -103,3 +103,14 @@ def test_recipe_tail_cut_report_matches_a_hand_count(tokenizer):
 def test_too_small_max_length_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="raise max_length"):
         T.encode_prompts(tokenizer, [LONG], [["Military", "Space"]], max_length=40)
+
+
+def test_clipping_long_texts_before_encoding_changes_nothing(tokenizer, monkeypatch):
+    rows = {"text": [LONG * 3, LONG[:300], "短"], "category": ROWS["category"] + [["Art", "History"]],
+            "output": ["Space", "Sports", "Art"]}
+    assert len(rows["text"][0]) > T.CHARS_PER_TOKEN_BOUND * 120  # row 0 is clipped first at max_length 120
+    clipped = T.process_batch(rows, tokenizer, max_length=120)
+    monkeypatch.setattr(T, "CHARS_PER_TOKEN_BOUND", 10**9)  # encode every text whole
+    whole = T.process_batch(rows, tokenizer, max_length=120)
+    for key in ("input_ids", "labels", "text_truncated", "recipe_answer_cut", "recipe_answer_gone"):
+        assert clipped[key] == whole[key], key
