@@ -224,14 +224,37 @@ def find_log_dir(path: str | os.PathLike) -> Path:
                             "swanlab_mode='local' into this folder first (e.g. `make demo` for runs/demo)")
 
 
-def port_is_free(port: int) -> bool:
-    """True when ``port`` can be bound (checked as swanlab does, which otherwise picks another port)."""
+def _binds(port: int, *, reuse: bool) -> bool:
     for host in ("0.0.0.0", DASHBOARD_HOST):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            if reuse:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError:
                 return False
+    return True
+
+
+def port_is_free(port: int) -> bool:
+    """True when ``port`` can be bound (checked as swanlab does, which otherwise picks another port)."""
+    return _binds(port, reuse=False)
+
+
+def wait_for_port(port: int, timeout: float = 75.0) -> bool:
+    """True once ``port`` is free. A port that only lingers after a closed server (TCP TIME_WAIT, up to a
+    minute on Linux) is waited for; one a live server holds is reported at once (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    announced = False
+    while not port_is_free(port):
+        if not _binds(port, reuse=True) or time.monotonic() > deadline:
+            return False  # a server listens there (or the port never came free)
+        if not announced:
+            print(f"port {port} was closed moments ago; waiting for the system to release it ...", flush=True)
+            announced = True
+        time.sleep(0.5)
     return True
 
 
@@ -246,9 +269,8 @@ def cmd_dashboard(args) -> int:
         raise TrackingError("the dashboard needs the swanboard package: pip install 'swanlab[dashboard]'")
     if not 1 <= args.port <= 65535:
         raise TrackingError(f"--port {args.port}: pick a port between 1 and 65535")
-    if not port_is_free(args.port):
-        raise TrackingError(f"--port {args.port} is in use (another dashboard?, or one closed moments ago: "
-                            "then wait a minute); stop it or pick another port")
+    if not wait_for_port(args.port):
+        raise TrackingError(f"--port {args.port} is in use (another dashboard?); stop it or pick another port")
     server = subprocess.Popen(dashboard_command(log_dir, args.port))
     print(f"SwanLab dashboard of {log_dir}: http://{DASHBOARD_HOST}:{args.port}  (Ctrl+C stops it)", flush=True)
 

@@ -284,6 +284,26 @@ def test_dashboard_user_mistakes_exit_2(tmp_path, capsys):
     assert tracking.dashboard_command(tmp_path, 5197)[-4:] == ["--host", "127.0.0.1", "--port", "5197"]
 
 
+def test_a_port_lingering_after_a_closed_server_is_waited_for(capsys):
+    import time
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the side that closes first keeps the port in TIME_WAIT for a while
+    server.close()
+    client.close()
+    assert not tracking.port_is_free(port)  # what swanlab's own check sees: it would pick a random port
+    start = time.monotonic()
+    assert tracking.wait_for_port(port, timeout=1.0) is False  # TIME_WAIT outlasts one second
+    assert time.monotonic() - start >= 1.0  # ... but it was waited for, not refused at once
+    assert f"port {port} was closed moments ago" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ per-epoch evaluation in the training run
 
 
