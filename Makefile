@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel by default; on a CUDA machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo train test bench dashboard check-notebooks clean
+.PHONY: setup demo train test bench dashboard lab check-notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ bench: setup
 # The demo run's SwanLab dashboard on http://127.0.0.1:5197 (after `make demo`; Ctrl+C stops it).
 dashboard: setup
 	$(VENV)/bin/qwen-cls dashboard runs/demo --port 5197
+
+# JupyterLab on the notebooks (it listens on localhost only and prints its address with a token).
+lab: setup
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/
 
 clean:
 	rm -rf runs .pytest_cache

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
 from .data import atomic_dir
 from .prompt import QWEN2_CHAT_TEMPLATE
+
+# peft 0.21 still calls transformers' deprecated ``is_gradient_checkpointing``: not the learner's concern.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 TINY = "tiny"
 REAL_MODEL_ID = "qwen/Qwen2-0.5B"
