@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -53,7 +51,7 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
 
     from .checkpointing import (CHECKPOINTS, ResumableTrainer, SleepAfterStep, last_complete_checkpoint,
                                 remove_incomplete_checkpoints)
-    from .data import write_json_atomic
+    from .data import atomic_dir, write_json_atomic
     from .model import load_model, pick_device, pick_dtype
     from .train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
 
@@ -118,16 +116,9 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
 
     wrote = []
     if trainer.is_world_process_zero():
-        adapter = out / ADAPTER
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=out))
-        try:
+        with atomic_dir(out / ADAPTER) as tmp:  # never a half-written adapter
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            if adapter.exists():
-                shutil.rmtree(adapter)
-            os.replace(tmp, adapter)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         run_config = {
             "profile": TINY if model == TINY else None,
             "base_model": str(model),
