@@ -130,13 +130,6 @@ def log_dir_of(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / LOG_SUBDIR
 
 
-def _finish_stale_run() -> None:
-    import swanlab
-
-    if swanlab.has_run():  # e.g. a notebook cell run twice: a new training is a new run
-        swanlab.finish()
-
-
 def swanlab_callbacks(mode: str | None, out_dir: str | os.PathLike, config: dict, *, project: str = "qwen-cls",
                       experiment_name: str | None = None) -> list:
     """Trainer callbacks that log to SwanLab under ``out_dir/swanlog``; ``[]`` when disabled.
@@ -149,7 +142,7 @@ def swanlab_callbacks(mode: str | None, out_dir: str | os.PathLike, config: dict
         return []
     from swanlab.integration.transformers import SwanLabCallback
 
-    _finish_stale_run()
+    finish()  # a run left open (e.g. a notebook cell run twice): a new training is a new run
     log_dir = log_dir_of(out_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     callback = SwanLabCallback(project=project, experiment_name=experiment_name or Path(out_dir).resolve().name,
