@@ -103,9 +103,9 @@ def _check_readable(path: Path) -> None:
         raise DataError(path, None, "is a directory; give the path of a .jsonl file")
 
 
-def iter_raw_rows(path: str | os.PathLike, *, require_output: bool = True) -> Iterator[RawRow]:
-    """Yield validated rows of a raw JSONL file, skipping blank lines; BOM and CRLF are fine."""
-    path = Path(path)
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line number, decoded value)`` for each non-blank line of a UTF-8 JSONL file (a BOM, CRLF are
+    fine); undecodable bytes and invalid JSON raise :class:`DataError` naming ``path:line``."""
     _check_readable(path)
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, 1):
@@ -116,14 +116,20 @@ def iter_raw_rows(path: str | os.PathLike, *, require_output: bool = True) -> It
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(path, lineno, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
-            try:
-                row = validate_row(obj, require_output=require_output)
-            except ValueError as exc:
-                raise DataError(path, lineno, str(exc)) from None
-            yield RawRow(row.text, row.category, row.output, lineno)
+
+
+def iter_raw_rows(path: str | os.PathLike, *, require_output: bool = True) -> Iterator[RawRow]:
+    """Yield validated rows of a raw JSONL file, skipping blank lines; BOM and CRLF are fine."""
+    path = Path(path)
+    for lineno, obj in _json_lines(path):
+        try:
+            row = validate_row(obj, require_output=require_output)
+        except ValueError as exc:
+            raise DataError(path, lineno, str(exc)) from None
+        yield RawRow(row.text, row.category, row.output, lineno)
 
 
 def read_raw_rows(path: str | os.PathLike, *, require_output: bool = True, limit: int = 0) -> list[RawRow]:
@@ -179,19 +185,9 @@ def convert_file(raw_path: str | os.PathLike, out_path: str | os.PathLike, *, li
     return write_jsonl_atomic((to_instruction_row(r) for r in rows), out_path)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list:
     """Plain JSONL reader (for files this package wrote) with ``path:line`` errors."""
-    path = Path(path)
-    _check_readable(path)
-    rows = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(path, lineno, f"invalid JSON ({exc.msg})") from None
-    return rows
+    return [obj for _, obj in _json_lines(Path(path))]
 
 
 def write_json_atomic(obj, path: str | os.PathLike) -> Path:
