@@ -152,16 +152,16 @@ def to_instruction_row(row: RawRow) -> dict:
 
 
 @contextmanager
-def atomic_text_file(path: str | os.PathLike) -> Iterator:
-    """Yield a text handle on a temp file beside ``path``; on success it replaces ``path``, on error it is
-    removed, so ``path`` is never half-written."""
+def atomic_file(path: str | os.PathLike, *, binary: bool = False) -> Iterator:
+    """Yield a (UTF-8 text, or ``binary``) handle on a temp file beside ``path``; on success it replaces
+    ``path``, on error it is removed, so ``path`` is never half-written."""
     path = Path(path)
     if path.is_dir():
         raise DataError(path, None, "is a directory; give the path of an output file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as handle:
             yield handle
         os.replace(tmp, path)
     except BaseException:
@@ -172,7 +172,7 @@ def atomic_text_file(path: str | os.PathLike) -> Iterator:
 def write_jsonl_atomic(rows: Iterable[dict], path: str | os.PathLike) -> int:
     """Write rows as UTF-8 JSONL via a temp file in the same folder, then rename; returns the count."""
     count = 0
-    with atomic_text_file(path) as handle:
+    with atomic_file(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
@@ -192,7 +192,7 @@ def read_jsonl(path: str | os.PathLike) -> list:
 
 def write_json_atomic(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented UTF-8 JSON via a temp file in the same folder, then rename."""
-    with atomic_text_file(path) as handle:
+    with atomic_file(path) as handle:
         json.dump(obj, handle, ensure_ascii=False, indent=2)
         handle.write("\n")
     return Path(path)

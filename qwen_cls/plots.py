@@ -6,26 +6,20 @@ Each function returns the ``Figure``; with ``path`` it is also saved as PNG (tem
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .data import atomic_file
+
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     """Save ``fig`` as PNG atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, binary=True) as handle:
+        fig.savefig(handle, dpi=dpi, bbox_inches="tight", format="png")
     return path
 
 

@@ -177,7 +177,7 @@ def test_disk_full_leaves_no_half_written_output(run_dir, raw_file, tmp_path, ca
     out_dir = tmp_path / "outs"
     out_dir.mkdir()
     target = out_dir / "p.jsonl"
-    real_atomic_text_file, writes, temps_seen = qwen_cls.data.atomic_text_file, [], []
+    real_atomic_file, writes, temps_seen = qwen_cls.data.atomic_file, [], []
 
     class FillsAfterOneRow:
         """The output handle on a disk that fills up: the first row is written, the second write fails."""
@@ -194,10 +194,10 @@ def test_disk_full_leaves_no_half_written_output(run_dir, raw_file, tmp_path, ca
 
     @contextmanager
     def atomic_on_full_disk(path):
-        with real_atomic_text_file(path) as handle:
+        with real_atomic_file(path) as handle:
             yield FillsAfterOneRow(handle) if Path(path) == target else handle
 
-    monkeypatch.setattr(qwen_cls.data, "atomic_text_file", atomic_on_full_disk)
+    monkeypatch.setattr(qwen_cls.data, "atomic_file", atomic_on_full_disk)
     err = _fails(["predict", "--run", str(run_dir), "--input", str(raw_file[0]), "--output", str(target),
                   "--quiet"], capsys, status=1)
     monkeypatch.undo()
