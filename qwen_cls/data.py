@@ -14,6 +14,7 @@ import ast
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections import Counter
 from contextlib import contextmanager
@@ -151,19 +152,47 @@ def to_instruction_row(row: RawRow) -> dict:
     return out
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, so no other thread sees it changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_target(path: str | os.PathLike) -> Path:
+    """Where a write to ``path`` lands: through symlinks to the file they name; folders and special files
+    (devices, pipes, sockets) are refused with :class:`DataError`."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.is_dir():
+        raise DataError(path, None, "is a directory; give the path of an output file")
+    if target.exists() and not target.is_file():
+        raise DataError(path, None, "is not a regular file (a device, pipe or socket); give a file path")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise DataError(path, None, f"{target.parent} is a file, not a folder; choose another output path")
+    return target
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, *, binary: bool = False) -> Iterator:
     """Yield a (UTF-8 text, or ``binary``) handle on a temp file beside ``path``; on success it replaces
-    ``path``, on error it is removed, so ``path`` is never half-written."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(path, None, "is a directory; give the path of an output file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ``path``, on error it is removed, so ``path`` is never half-written. A symlink is written through
+    (the file it names is replaced); the file keeps its mode, a new one gets the umask's (0666 & ~umask)."""
+    target = write_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~current_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as handle:
             yield handle
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -200,17 +229,30 @@ def write_json_atomic(obj, path: str | os.PathLike) -> Path:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` (on error it is removed)."""
+    """Yield a temp folder beside ``path``; on success it takes ``path``'s place (an existing ``path`` is
+    moved aside first and removed only once the new one is in), on error it is removed. The folder gets
+    the umask's mode (0777 & ~umask). Callers decide whether an existing ``path`` may be replaced."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(path, None, "is a file, not a folder; choose another output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
         if path.exists():
-            shutil.rmtree(path)
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
         os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():  # put the previous folder back
+            os.replace(old / path.name, path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def sample_rows(rows: list, n: int, seed: int) -> list:

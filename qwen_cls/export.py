@@ -3,6 +3,10 @@
 The folder holds safetensors weights, the tokenizer, the run's ``run_config.json`` and a model card
 (``README.md``) with the run's metrics; ``qwen-cls predict --model`` on it gives the predictions of
 ``--run`` (base + adapter). It is written to a temp folder and renamed, so a failure leaves nothing.
+
+It never deletes what it did not create: ``--out`` must be new, empty, or an earlier export of the same
+run (recognised by :data:`MARKER`); a run folder, a folder inside a run, or a folder holding the run is
+refused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,40 @@ from .data import atomic_dir
 from .predict import RUN_CONFIG, load_run
 
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
+MARKER = "qwen_cls_export.json"  # {"exported_from": <run folder>}: this folder is an export, safe to redo
+RUN_FILES = (RUN_CONFIG, "params.json")  # a folder holding one of these is a run (or an export of one)
+
+
+class ExportRefused(ValueError):
+    """``--out`` holds something the export did not make; the message says why and what to do."""
+
+
+def earlier_export_of(folder: Path) -> str | None:
+    """The run folder an earlier export in ``folder`` came from, or None when ``folder`` is no export."""
+    try:
+        return json.loads((folder / MARKER).read_text(encoding="utf-8"))["exported_from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_out_dir(run_dir: Path, out: Path) -> None:
+    """Refuse an ``--out`` whose contents the export would destroy (see the module docstring)."""
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or target.is_relative_to(run):
+        raise ExportRefused(f"--out {out} is the run folder or inside it; choose a new folder outside {run_dir}")
+    if run.is_relative_to(target):
+        raise ExportRefused(f"--out {out} holds the run folder {run_dir}; choose a new, empty folder")
+    for parent in target.parents:
+        if any((parent / name).is_file() for name in RUN_FILES):
+            raise ExportRefused(f"--out {out} lies inside the run folder {parent}; choose a folder outside it")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportRefused(f"--out {out} is a file; choose a new folder")
+    if any(out.iterdir()) and earlier_export_of(out) != str(run):
+        what = "another run's folder" if any((out / n).is_file() for n in RUN_FILES) else "not empty"
+        raise ExportRefused(f"--out {out} is {what} and not an earlier export of {run_dir}; nothing was "
+                            "changed: choose a new or empty folder")
 
 
 def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -> str:
@@ -44,8 +82,7 @@ def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge ``run_dir``'s adapter into its base model and save it (safetensors) to ``out_dir``."""
     run_dir, out = Path(run_dir), Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / RUN_CONFIG).is_file())):
-        raise ValueError(f"{out}: exists and is not an earlier export; choose a new folder")
+    check_out_dir(run_dir, out)
     model, tokenizer, config = load_run(run_dir, device="cpu")
     merged = model.merge_and_unload()
     metrics_path = run_dir / "metrics.json"
@@ -57,6 +94,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         exported = {**config, "exported_from": str(run_dir), "merged": True}
         (tmp / RUN_CONFIG).write_text(json.dumps(exported, ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config, metrics, run_dir), encoding="utf-8")
+        (tmp / MARKER).write_text(json.dumps({"exported_from": str(run_dir.resolve())}) + "\n", encoding="utf-8")
     return out
 
 
@@ -69,5 +107,6 @@ def cmd_export(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="merge a run's LoRA adapter into the base model (safetensors)")
     p.add_argument("--run", required=True, help="run dir (adapter/ + run_config.json)")
-    p.add_argument("--out", required=True, help="new folder for the merged model")
+    p.add_argument("--out", required=True, help="new or empty folder for the merged model (or an earlier export "
+                   "of the same run, which is replaced)")
     p.set_defaults(func=cmd_export)

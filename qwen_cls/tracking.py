@@ -1,4 +1,4 @@
-"""Experiment tracking with SwanLab: Trainer callbacks, evaluation logging, and the local dashboard.
+"""Experiment tracking with SwanLab: Trainer callbacks and evaluation logging (the dashboard: :mod:`qwen_cls.dashboard`).
 
 ``swanlab_mode`` says where a run's log goes; every mode but ``cloud`` needs no account and no network:
 
@@ -14,19 +14,12 @@ from __future__ import annotations
 import enum
 import importlib.metadata
 import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 MODES = ("local", "offline", "disabled", "cloud")
 SWANLAB_MODE = {"local": "local", "offline": "offline", "disabled": "disabled", "cloud": "online"}
 MODE_ENV = "QWEN_CLS_SWANLAB_MODE"  # overrides the default mode, e.g. in CI
 LOG_SUBDIR = "swanlog"
-DASHBOARD_HOST = "127.0.0.1"
-DASHBOARD_PORT = 5092  # swanlab watch's default
-DASHBOARD_DB = "runs.swanlab"  # the database swanboard keeps beside the run folders
 EVAL_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
 TINY_WARNING = "tiny random Qwen2: it learns nothing; these numbers show the mechanics only, not results"
 OFFLINE_CHOICES = (
@@ -197,96 +190,3 @@ def finish() -> None:
 
     if swanlab.has_run():
         swanlab.finish()
-
-
-# ---------------------------------------------------------------- dashboard
-
-
-def find_log_dir(path: str | os.PathLike) -> Path:
-    """The folder holding the dashboard database: ``DIR/swanlog`` or ``DIR`` itself."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run directory")
-    for candidate in (log_dir_of(path), path):
-        if (candidate / DASHBOARD_DB).is_file():
-            return candidate.resolve()
-    if any(log_dir_of(path).glob("run-*")) or any(path.glob("run-*")):
-        raise TrackingError(f"{path}: its SwanLab logs were written in offline mode, which the dashboard "
-                            "cannot show; train again with swanlab_mode='local'")
-    raise FileNotFoundError(f"{path}: no SwanLab logs ({LOG_SUBDIR}/{DASHBOARD_DB}); train with "
-                            "swanlab_mode='local' into this folder first (e.g. `make demo` for runs/demo)")
-
-
-def _binds(port: int, *, reuse: bool) -> bool:
-    for host in ("0.0.0.0", DASHBOARD_HOST):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            if reuse:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
-def port_is_free(port: int) -> bool:
-    """True when ``port`` can be bound (checked as swanlab does, which otherwise picks another port)."""
-    return _binds(port, reuse=False)
-
-
-def wait_for_port(port: int, timeout: float = 75.0) -> bool:
-    """True once ``port`` is free. A port that only lingers after a closed server (TCP TIME_WAIT, up to a
-    minute on Linux) is waited for; one a live server holds is reported at once (False)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    announced = False
-    while not port_is_free(port):
-        if not _binds(port, reuse=True) or time.monotonic() > deadline:
-            return False  # a server listens there (or the port never came free)
-        if not announced:
-            print(f"port {port} was closed moments ago; waiting for the system to release it ...", flush=True)
-            announced = True
-        time.sleep(0.5)
-    return True
-
-
-def dashboard_command(log_dir: str | os.PathLike, port: int) -> list[str]:
-    """``swanlab watch LOG_DIR`` bound to 127.0.0.1:``port``."""
-    return [sys.executable, "-m", "swanlab", "watch", str(log_dir), "--host", DASHBOARD_HOST, "--port", str(port)]
-
-
-def cmd_dashboard(args) -> int:
-    log_dir = find_log_dir(args.dir)
-    if not dashboard_available():
-        raise TrackingError("the dashboard needs the swanboard package: pip install 'swanlab[dashboard]'")
-    if not 1 <= args.port <= 65535:
-        raise TrackingError(f"--port {args.port}: pick a port between 1 and 65535")
-    if not wait_for_port(args.port):
-        raise TrackingError(f"--port {args.port} is in use (another dashboard?); stop it or pick another port")
-    server = subprocess.Popen(dashboard_command(log_dir, args.port))
-    print(f"SwanLab dashboard of {log_dir}: http://{DASHBOARD_HOST}:{args.port}  (Ctrl+C stops it)", flush=True)
-
-    def stop(signum, frame):
-        server.terminate()
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        return server.wait()
-    finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def register(subparsers) -> None:
-    """Add ``qwen-cls dashboard DIR [--port N]``."""
-    p = subparsers.add_parser("dashboard", help="serve a run directory's SwanLab logs on 127.0.0.1 (swanlab watch)")
-    p.add_argument("dir", help="run directory (holding swanlog/) or a swanlog folder")
-    p.add_argument("--port", type=int, default=DASHBOARD_PORT, help=f"port on 127.0.0.1 (default {DASHBOARD_PORT})")
-    p.set_defaults(func=cmd_dashboard)

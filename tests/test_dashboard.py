@@ -61,7 +61,9 @@ def run_dir(tmp_path_factory) -> Path:
         (callback,) = tracking.swanlab_callbacks("local", out, {"profile": "tiny"})
         drive_callback(callback, LOSSES, EPOCH_EVAL, out / "trainer")
         tracking.finish()
-        tracking.log_evaluation({"accuracy": ACCURACY, "macro_f1": MACRO_F1, "n_test": 4},
+        png = out.parent / "confusion.png"
+        Image.new("RGB", (32, 24), (200, 30, 30)).save(png)
+        tracking.log_evaluation({"accuracy": ACCURACY, "macro_f1": MACRO_F1, "n_test": 4}, confusion_png=png,
                                 samples=[{"text": "火箭发射", "category": ["Art", "Space"], "output": "Space",
                                           "prediction": "Space"}], out_dir=out, mode="local")
     finally:
@@ -103,7 +105,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 def dashboard(run_dir):
     """``qwen-cls dashboard RUN --port N`` running; yields (base url, process); always stopped."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_cls.cli", "dashboard", str(run_dir), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_cls", "dashboard", str(run_dir), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         first_line = proc.stdout.readline()
@@ -217,3 +219,91 @@ def test_dashboard_page_renders_in_headless_chromium(dashboard, tmp_path):
     assert 'id="app" data-v-app' in dom  # the Vue app mounted (not Chromium's own error page)
     assert EXPERIMENT in dom and "train/loss" in dom and "eval/accuracy" in dom
     assert "ERR_" not in dom
+
+
+# ------------------------------------------------------------------ attacks: files, hosts, origins
+
+
+def raw_get(url: str, target: str, *, host: str | None = None, method: str = "GET",
+            headers: dict | None = None) -> tuple[int, bytes]:
+    """Send ``target`` exactly as written (no normalisation of ``..`` or ``%2F``); (status, body)."""
+    import http.client
+
+    address, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(address, int(port), timeout=10)
+    try:
+        connection.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        connection.putheader("Host", f"{address}:{port}" if host is None else host)
+        for key, value in (headers or {}).items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def media_target(url: str, name: str) -> str:
+    eid = experiment_id(url, EVAL_EXPERIMENT)
+    return f"/api/v1/media/{name}?tag={quote('eval/confusion_matrix', safe='')}&experiment_id={eid}"
+
+
+def test_media_route_serves_the_runs_own_image(dashboard, run_dir):
+    url, _ = dashboard
+    eid = experiment_id(url, EVAL_EXPERIMENT)
+    (point,) = points(url, eid, "eval/confusion_matrix")["list"]
+    (name,) = point["data"]
+    status, body = raw_get(url, media_target(url, quote(name, safe="")))
+    assert status == 200
+    (saved,) = [p for p in (run_dir / "swanlog").rglob(Path(name).name) if not p.is_symlink()]
+    assert body == saved.read_bytes() and body[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SECRET = "/etc/passwd"
+ATTACKS = [
+    "%2Fetc%2Fpasswd",  # the absolute path, encoded
+    "..%2F..%2F..%2F..%2F..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "../../../../../../../../../../etc/passwd",  # sent raw, not normalised by the client
+    "..%2F..%2F..%2F..%2Fruns.swanlab",  # a file of the log folder itself, outside the media folder
+    "..%5C..%5C..%5Cruns.swanlab",
+    "escape.png",  # a symlink inside the media folder that leads out (made by the test)
+    "missing.png",  # absent: 404 without the path
+]
+
+
+@pytest.mark.parametrize("name", ATTACKS)
+def test_media_route_refuses_paths_outside_the_media_folder(dashboard, run_dir, name):
+    url, _ = dashboard
+    (media,) = {p.parent for p in (run_dir / "swanlog").rglob("*.png") if p.is_symlink()}  # the tag's folder
+    link = media / "escape.png"
+    if not link.is_symlink():
+        link.symlink_to(SECRET)
+    status, body = raw_get(url, media_target(url, name))
+    assert status == 404, body[:200]
+    assert b"root:" not in body  # not the file's content
+    assert b"/etc" not in body and str(run_dir).encode() not in body and b"swanlog" not in body
+
+
+def test_foreign_host_headers_are_refused(dashboard):
+    url, _ = dashboard
+    port = url.rsplit(":", 1)[1]
+    assert raw_get(url, "/api/v1/project")[0] == 200
+    assert raw_get(url, "/api/v1/project", host=f"localhost:{port}")[0] == 200
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}", f"127.0.0.1:{int(port) + 1}",
+                 ""):
+        status, body = raw_get(url, "/api/v1/project", host=host)
+        assert status == 403 and b"qwen-cls" not in body, (host, body[:200])
+        status, body = raw_get(url, media_target(url, "%2Fetc%2Fpasswd"), host=host)
+        assert status == 403 and b"root:" not in body
+
+
+def test_changes_from_a_foreign_origin_are_refused_and_errors_name_no_path(dashboard, run_dir):
+    url, _ = dashboard
+    eid = experiment_id(url)
+    status, _ = raw_get(url, f"/api/v1/experiment/{eid}", method="DELETE",
+                        headers={"Origin": "http://attacker.example"})
+    assert status == 403
+    assert experiment_id(url) == eid  # still there
+    status, body = raw_get(url, "/api/v1/experiment/999999/tag/train%2Floss")  # swanboard raises inside
+    assert status >= 400 and str(run_dir).encode() not in body and b"swanlog" not in body, body[:300]

@@ -1,5 +1,6 @@
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,57 @@ def test_download_fails_fast_offline(monkeypatch, tmp_path):
         data.download_fudan_news(tmp_path)
     assert time.monotonic() - start < 5
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ writes: umask modes, symlinks, special files
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_keep_the_umask_mode(tmp_path, umask):
+    import os
+
+    from qwen_cls.data import atomic_dir, write_json_atomic
+
+    previous = os.umask(umask)
+    try:
+        write_json_atomic({"a": 1}, tmp_path / "new.json")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_overwriting_keeps_the_files_mode_and_writes_through_symlinks(tmp_path):
+    import os
+
+    from qwen_cls.data import write_json_atomic
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    os.chmod(real, 0o644)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_json_atomic({"b": 2}, link)
+    assert link.is_symlink() and os.readlink(link) == str(real)  # still a link ...
+    assert json.loads(real.read_text()) == {"b": 2}  # ... to the file that was written
+    assert real.stat().st_mode & 0o777 == 0o644
+
+
+def test_special_files_and_file_parents_are_refused(tmp_path):
+    import os
+
+    from qwen_cls.data import write_json_atomic
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file"):
+        write_json_atomic({}, fifo)
+    with pytest.raises(DataError, match="not a regular file"):
+        write_json_atomic({}, "/dev/null")
+    assert Path("/dev/null").is_char_device()  # untouched
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        write_json_atomic({}, tmp_path / "afile" / "out.json")
+    assert list(tmp_path.iterdir()) and not fifo.is_file()

@@ -229,3 +229,58 @@ def test_out_of_memory_hint(run_dir, raw_file, tmp_path, capsys, monkeypatch):
                   str(tmp_path / "o.jsonl")], capsys, status=1)
     assert "out of memory" in err and "--batch-size" in err and "gradient checkpointing" in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# ------------------------------------------------------------------ export never deletes what it did not make
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` (relative path -> bytes), folders included as None."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("where", ["the run itself", "inside the run", "another run", "a thesis folder",
+                                   "a folder holding the run", "a file"])
+def test_export_refuses_folders_it_did_not_make_and_leaves_them_byte_identical(run_dir, tmp_path, capsys, where):
+    if where == "the run itself":
+        out, guarded = run_dir, run_dir
+    elif where == "inside the run":
+        out, guarded = run_dir / "adapter", run_dir
+    elif where == "another run":
+        guarded = out = tmp_path / "other-run"
+        shutil.copytree(run_dir, out)
+    elif where == "a thesis folder":
+        guarded = out = tmp_path / "work"
+        (out / "data").mkdir(parents=True)
+        (out / "run_config.json").write_text("{}")
+        (out / "thesis.tex").write_text("\\chapter{Results}")
+        (out / "data" / "rows.jsonl").write_text('{"a": 1}\n')
+    elif where == "a folder holding the run":
+        out, guarded = run_dir.parent, run_dir.parent
+    else:
+        guarded = out = tmp_path / "notes.txt"
+        out.write_text("keep me")
+    before = snapshot(guarded) if guarded.is_dir() else guarded.read_bytes()
+    err = _fails(["export", "--run", str(run_dir), "--out", str(out)], capsys, status=2)
+    assert "--out" in err and "Traceback" not in err
+    after = snapshot(guarded) if guarded.is_dir() else guarded.read_bytes()
+    assert after == before
+
+
+def test_export_redoes_its_own_earlier_export_but_not_another_runs(run_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+    marker = json.loads((out / "qwen_cls_export.json").read_text())
+    assert marker == {"exported_from": str(run_dir.resolve())}
+    (out / "stale.txt").write_text("from the first export")
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0  # the same run: replaced whole
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    other = tmp_path / "other-run"
+    shutil.copytree(run_dir, other)
+    before = snapshot(out)
+    err = _fails(["export", "--run", str(other), "--out", str(out)], capsys, status=2)
+    assert "not an earlier export of" in err and snapshot(out) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", "--run", str(run_dir), "--out", str(empty)]) == 0
+    assert (empty / "model.safetensors").is_file()
