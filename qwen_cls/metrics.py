@@ -32,3 +32,10 @@ def invalid_rate(generated: list[str], candidates: list[list[str]]) -> float:
     if not generated:
         return 0.0
     return sum(g.strip() not in c for g, c in zip(generated, candidates)) / len(generated)
+
+
+def chance_accuracy(candidates: list[list[str]]) -> float:
+    """Expected accuracy of guessing uniformly among each row's candidates: the mean of ``1 / len(c)``."""
+    if not candidates:
+        raise ValueError("no rows to score")
+    return sum(1 / len(c) for c in candidates) / len(candidates)

@@ -1,4 +1,5 @@
-"""Matplotlib figures of the notebooks: label distribution, token lengths, loss curve, confusion matrix.
+"""Matplotlib figures of the notebooks: label distribution, token lengths, loss and learning curves,
+confusion matrix.
 
 Each function returns the ``Figure``; with ``path`` it is also saved as PNG (temp file + rename).
 """
@@ -75,6 +76,28 @@ def loss_curve(log_history: Sequence[dict], *, path=None, title="Training loss (
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def learning_curve(history: Sequence[dict], *, chance: float | None = None,
+                   key: str = "eval_accuracy", path=None, title="Accuracy on held-out rows while training"):
+    """Accuracy per epoch (``history`` entries ``{"epoch", key}``, epoch 0 = before training), with the
+    chance level (guessing among each row's candidates) drawn as a dashed line."""
+    points = [(e["epoch"], e[key]) for e in history if key in e]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if points:
+        epochs, values = zip(*points)
+        ax.plot(epochs, values, marker="o", label="accuracy (candidate scoring)")
+        for x, y in points:
+            ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", label=f"chance = {chance:.2f}")
+    ax.set_xlabel("epoch (0 = before training)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.08)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     return _finish(fig, path)
 
 

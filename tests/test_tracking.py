@@ -365,18 +365,22 @@ def test_epoch_evaluation_is_logged_in_the_training_run(tmp_path, tiny_dir):
             self.modes.append(trainer.model.training)
 
     trainer.add_callback(ModeProbe())
+    model.eval()  # the untrained model scored independently: the learning curve's first point (epoch 0)
+    untrained = [s.prediction for s in score_candidates(model, tokenizer, eval_rows, max_length=96)]
+    model.train()
     trainer.train()
     tracking.finish()
     assert ModeProbe.modes == [True, True]
 
     logged = [e for e in trainer.state.log_history if "eval_accuracy" in e]
-    assert [e["step"] for e in logged] == [2, 4] and [e["epoch"] for e in logged] == [1.0, 2.0]
+    assert [e["step"] for e in logged] == [0, 2, 4] and [e["epoch"] for e in logged] == [0.0, 1.0, 2.0]
     assert [{k: e[k] for k in ("step", "eval_accuracy", "eval_macro_f1")} for e in logged] == [
         {k: h[k] for k in ("step", "eval_accuracy", "eval_macro_f1")} for h in evaluator.history]
 
     model.eval()  # the trained model scored independently: the last epoch's numbers
     predicted = [s.prediction for s in score_candidates(model, tokenizer, eval_rows, max_length=96)]
     truth = [r["output"] for r in eval_rows]
+    assert logged[0]["eval_accuracy"] == pytest.approx(sum(t == p for t, p in zip(truth, untrained)) / 5)
     assert logged[-1]["eval_accuracy"] == pytest.approx(sum(t == p for t, p in zip(truth, predicted)) / 5)
     assert logged[-1]["eval_macro_f1"] == pytest.approx(hand_macro_f1(truth, predicted))
 
