@@ -1,6 +1,6 @@
 """Classify with the model: score every candidate label, or let it write freely.
 
-Scoring: the prediction is the candidate whose tokens (every token, plus ``<|im_end|>``) have the
+Scoring: the prediction is the candidate whose tokens (every token, plus the end-of-turn token) have the
 highest total log-probability after the prompt, so every prediction is one of the row's candidates.
 The prompt is run once per row; its KV cache is then shared by all of that row's candidates.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .prompt import END_OF_TURN
+from .prompt import chat_family
 from .tokenize import encode_prompts, end_id, label_ids
 
 
@@ -124,10 +124,12 @@ def score_candidates_reference(model, tokenizer, rows, *, max_length: int = 384,
 @torch.inference_mode()
 def generate_answers(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 8,
                      max_new_tokens: int = 8, progress: bool = False, examples=None) -> list[str]:
-    """Free generation (greedy, left padding, stops at ``<|im_end|>``): what the model actually writes."""
+    """Free generation (greedy, left padding, stops at the end of the turn or of the text, e.g. ``<|im_end|>``
+    or ``<|endoftext|>`` for Qwen2): what the model actually writes, cut at the first stop token."""
     texts, cats = _rows_fields(rows)
     device = next(model.parameters()).device
-    stop = [end_id(tokenizer), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    stop_tokens = chat_family(tokenizer).stop_tokens
+    stop = tokenizer.convert_tokens_to_ids(list(stop_tokens))
     answers = []
     for start in tqdm(range(0, len(rows), batch_size), desc="generate", disable=not progress):
         b_examples = examples[start:start + batch_size] if examples is not None else None
@@ -138,5 +140,7 @@ def generate_answers(model, tokenizer, rows, *, max_length: int = 384, batch_siz
                              eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         for seq in out[:, ids.shape[1]:]:
             text = tokenizer.decode(seq, skip_special_tokens=False)
-            answers.append(text.split(END_OF_TURN)[0].split("<|endoftext|>")[0].strip())
+            for token in stop_tokens:
+                text = text.split(token)[0]
+            answers.append(text.strip())
     return answers

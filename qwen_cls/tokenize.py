@@ -2,7 +2,8 @@
 
 The recipe appends the answer and then cuts ``[:MAX_LENGTH]``, which removes the answer and the end
 token from every row longer than the cap. Here only the news *text* is shortened: the system message,
-the candidate list, the answer and ``<|im_end|>`` always fit, so every row keeps its supervision.
+the candidate list, the answer and the end-of-turn token (``<|im_end|>`` for Qwen2, ``<end_of_turn>`` for
+Gemma) always fit, so every row keeps its supervision.
 The text budget of a row depends on its longest candidate (not on its answer), so the training prompt
 and the inference prompt of a row are the same tokens.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import weakref
 
-from .prompt import EXAMPLE_CHARS, END_OF_TURN, SYSTEM_PROMPT, example_pair, render_prompt, render_rag_prompt, shorten_example
+from .prompt import (EXAMPLE_CHARS, SYSTEM_PROMPT, chat_family, example_pair, render_prompt, render_rag_prompt,
+                     shorten_example)
 
 IGNORE_INDEX = -100
 # A Qwen token covers at most this many characters of news text on average; clipping a text at this many
@@ -32,8 +34,8 @@ def label_ids(tokenizer, label: str) -> list[int]:
 
 
 def end_id(tokenizer) -> int:
-    """Id of ``<|im_end|>``, the token that ends the assistant's answer."""
-    return tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    """Id of the token that ends the assistant's answer: ``<|im_end|>`` (Qwen2), ``<end_of_turn>`` (Gemma)."""
+    return tokenizer.convert_tokens_to_ids(chat_family(tokenizer).end_of_turn)
 
 
 def answer_reserve(tokenizer, category: list[str]) -> int:

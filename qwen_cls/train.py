@@ -20,11 +20,23 @@ LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 MODEL_INPUT_COLUMNS = ["input_ids", "attention_mask", "labels"]
 
 
-def recipe_lora_config(**overrides):
-    """The recipe's LoRA: r=8, alpha=32, dropout 0.1 on all attention and MLP projections."""
+def lora_target_modules(model) -> list[str]:
+    """Names of the model's ``nn.Linear`` layers except the LM head: its attention and MLP projections.
+
+    For Qwen2 and Gemma 3 these are the recipe's seven, returned in :data:`LORA_TARGET_MODULES`' order.
+    """
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings()}
+    return [n for n in LORA_TARGET_MODULES if n in names] + sorted(names - set(LORA_TARGET_MODULES))
+
+
+def recipe_lora_config(model=None, **overrides):
+    """The recipe's LoRA: r=8, alpha=32, dropout 0.1 on all attention and MLP projections (those of
+    ``model`` when given, see :func:`lora_target_modules`; else :data:`LORA_TARGET_MODULES`)."""
     from peft import LoraConfig, TaskType
 
-    settings = dict(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGET_MODULES, inference_mode=False,
+    targets = lora_target_modules(model) if model is not None else LORA_TARGET_MODULES
+    settings = dict(task_type=TaskType.CAUSAL_LM, target_modules=targets, inference_mode=False,
                     r=8, lora_alpha=32, lora_dropout=0.1)
     settings.update(overrides)
     return LoraConfig(**settings)
@@ -90,7 +102,8 @@ class AnswerOnlyTrainer(Trainer):
 
 
 class ClassificationEvalCallback(TrainerCallback):
-    """After each epoch, classify ``rows`` with the model being trained and log accuracy and macro-F1.
+    """Before training and after each epoch, classify ``rows`` with the model being trained and log accuracy
+    and macro-F1 (the learning curve; the first point is the untrained model).
 
     ``rows`` are raw rows (dicts with ``text``, ``category``, ``output``), scored with
     :func:`qwen_cls.evaluate.score_candidates` in eval mode (no grad, on the model's device), then put
@@ -101,8 +114,10 @@ class ClassificationEvalCallback(TrainerCallback):
         ClassificationEvalCallback(rows, tokenizer).bind(trainer)
     """
 
-    def __init__(self, rows, tokenizer, *, max_length: int = 384, batch_size: int = 8, prefix: str = "eval"):
+    def __init__(self, rows, tokenizer, *, max_length: int = 384, batch_size: int = 8, prefix: str = "eval",
+                 before_training: bool = True):
         self.rows = list(rows)
+        self.before_training = before_training  # also score once before the first step (epoch 0)
         if not self.rows:
             raise ValueError("ClassificationEvalCallback needs at least one evaluation row")
         self.tokenizer, self.max_length, self.batch_size, self.prefix = tokenizer, max_length, batch_size, prefix
@@ -127,13 +142,20 @@ class ClassificationEvalCallback(TrainerCallback):
             model.train(was_training)
         return classification_metrics([row["output"] for row in self.rows], [s.prediction for s in scored])
 
-    def on_epoch_end(self, args, state, control, **kwargs):
+    def _log(self, state) -> None:
         if self.trainer is None:
             raise RuntimeError("ClassificationEvalCallback has no trainer: register it with .bind(trainer)")
         metrics = self.evaluate(self.trainer.model)
         logs = {f"{self.prefix}_accuracy": metrics["accuracy"], f"{self.prefix}_macro_f1": metrics["macro_f1"]}
-        self.history.append({"step": state.global_step, "epoch": state.epoch, **logs})
+        self.history.append({"step": state.global_step, "epoch": state.epoch or 0.0, **logs})
         self.trainer.log(dict(logs))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.before_training and state.global_step == 0:  # not when resuming from a checkpoint
+            self._log(state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._log(state)
 
 
 def answer_loss_history(log_history: list[dict]) -> list[tuple[int, float]]:

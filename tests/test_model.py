@@ -1,4 +1,5 @@
 import json
+import shutil
 import time
 
 import pytest
@@ -61,3 +62,21 @@ def test_unreachable_host_is_detected_quickly(monkeypatch):
     start = time.monotonic()
     assert is_online("qwen-cls-test.invalid", timeout=2) is False  # .invalid never resolves (RFC 2606)
     assert time.monotonic() - start < 5
+
+
+def test_a_tokenizer_without_chat_template_gets_its_model_familys(tiny_dir, tmp_path):
+    from qwen_cls.prompt import QWEN2_CHAT_TEMPLATE
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dir, bare)
+    (bare / "chat_template.jinja").unlink()
+    assert M.load_tokenizer(bare).chat_template is None
+    _, tok = M.load_model(bare, device="cpu")
+    assert tok.chat_template == QWEN2_CHAT_TEMPLATE
+
+
+def test_gemma_name_is_resolved_not_taken_for_a_folder_or_hub_id(tmp_path, monkeypatch):
+    from qwen_cls import gemma
+
+    monkeypatch.setattr(gemma, "build_gemma_model", lambda: tmp_path)
+    assert M.resolve_model("gemma3-270m") == tmp_path

@@ -15,6 +15,21 @@ ROWS = {
 
 
 @pytest.fixture(scope="module")
+def gemma_tokenizer():
+    """The Gemma 3 270M tokenizer (the model folder is built once into the cache)."""
+    from qwen_cls.gemma import build_gemma_model
+    from qwen_cls.model import load_tokenizer
+
+    return load_tokenizer(build_gemma_model())
+
+
+@pytest.fixture(params=["qwen2", "gemma3"])
+def any_tokenizer(request):
+    """Each model family's tokenizer in turn: the tiny Qwen2's and Gemma 3's."""
+    return request.getfixturevalue("tokenizer" if request.param == "qwen2" else "gemma_tokenizer")
+
+
+@pytest.fixture(scope="module")
 def vocab():
     """The tokenizer's vocabulary file itself, to work token ids out by hand."""
     folder = qwen_tokenizer_dir()
@@ -43,7 +58,8 @@ def test_special_and_label_token_ids_by_hand(tokenizer, vocab):
     assert "".join(pieces) == "Enviornment" and len(pieces) > 1
 
 
-def test_training_prompt_tokens_equal_inference_prompt_tokens(tokenizer):
+def test_training_prompt_tokens_equal_inference_prompt_tokens(any_tokenizer):
+    tokenizer = any_tokenizer
     batch = T.process_batch(ROWS, tokenizer, max_length=512)
     inference = T.encode_prompts(tokenizer, ROWS["text"], ROWS["category"], 512)
     for i in range(2):
@@ -64,6 +80,19 @@ def test_training_prompt_tokens_equal_inference_prompt_tokens(tokenizer):
     messages = P.build_messages(kept, ROWS["category"][0])
     templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert templated["input_ids"] == train_prompt
+    # After the prompt come exactly the answer's tokens and the family's end-of-turn token.
+    for i, answer in enumerate(ROWS["output"]):
+        n_prompt = batch["labels"][i].count(T.IGNORE_INDEX)
+        assert batch["input_ids"][i][n_prompt:] == T.label_ids(tokenizer, answer) + [T.end_id(tokenizer)]
+    assert tokenizer.convert_ids_to_tokens(T.end_id(tokenizer)) == P.chat_family(tokenizer).end_of_turn
+
+
+def test_chat_family_by_tokenizer_config_or_name(tokenizer, gemma_tokenizer):
+    assert P.chat_family(tokenizer) is P.QWEN2_FAMILY and P.END_OF_TURN == "<|im_end|>"
+    assert P.chat_family(gemma_tokenizer) is P.GEMMA_FAMILY
+    assert P.chat_family("qwen2") is P.QWEN2_FAMILY and P.chat_family("gemma3_text") is P.GEMMA_FAMILY
+    with pytest.raises(ValueError, match="no chat family for model type 'llama'"):
+        P.chat_family("llama")
 
 
 def test_truncation_shortens_the_text_only(tokenizer):
