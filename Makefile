@@ -18,10 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/qwen-cls run --profile tiny --out runs/demo
+	$(VENV)/bin/qwen-cls run --profile tiny --out runs/demo --overwrite
 
 train: setup
-	$(VENV)/bin/qwen-cls run --profile qwen2-0.5b --out runs/qwen2-0.5b
+	$(VENV)/bin/qwen-cls run --profile qwen2-0.5b --out runs/qwen2-0.5b --overwrite
 
 # The tests, then every notebook in the tiny profile under nbval (run in notebooks/, writing runs/notebooks).
 test: setup

@@ -103,6 +103,19 @@ COMMAND_MODULES = [
 ]
 
 
+def _describe_os_error(exc: OSError) -> str:
+    """``path: what is wrong`` for an error the OS raised (``[Errno 17] File exists: 'x'`` says neither clearly)."""
+    import errno
+    import os
+
+    if not (exc.strerror and exc.filename):
+        return str(exc)  # our own messages (a single argument) are already clear
+    text = f"{exc.filename}: {exc.strerror}"
+    if exc.errno == errno.ENOTDIR or exc.errno == errno.EEXIST and os.path.isfile(exc.filename):
+        text += " (a file stands where a folder is needed; choose another path or move the file)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -111,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(exc, file=sys.stderr)  # path:line: what is wrong
         return 2
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ConnectionError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, ConnectionError,
+            ValueError) as exc:
+        print(f"error: {_describe_os_error(exc) if isinstance(exc, OSError) else exc}", file=sys.stderr)
         return 2
     except (RuntimeError, OSError) as exc:  # the machine's faults: out of memory, disk full
         message = describe_fault(exc)
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         if isinstance(exc, OSError):  # permission denied, a file where a folder should be, ...
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_describe_os_error(exc)}", file=sys.stderr)
             return 2
         raise
     except KeyboardInterrupt:

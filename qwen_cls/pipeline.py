@@ -1,19 +1,36 @@
 """Run the notebook chain (00 -> 05, see :data:`NOTEBOOKS`) with papermill into one run directory (``qwen-cls run``).
 
 Each notebook receives the parameters its ``parameters`` cell declares, taken from a profile
-(:mod:`qwen_cls.profiles`) and ``-p KEY VALUE`` overrides. The executed notebooks land in
-``OUT/notebooks/``, the resolved parameters in ``OUT/params.json``, every artifact beside them.
+(:mod:`qwen_cls.profiles`) and ``-p KEY VALUE`` overrides, checked against :data:`~qwen_cls.profiles.SCHEMA`
+before anything is created. The executed notebooks land in ``OUT/notebooks/``, the resolved parameters in
+``OUT/params.json``, every artifact beside them.
+
+A run folder always holds one run (:func:`run_folder`). While a run writes it, ``OUT/RUN_INCOMPLETE`` marks it
+unfinished and a lock (``.OUT.lock`` beside it, ``fcntl.flock``, released by the kernel even after ``kill -9``)
+turns a second run away. A finished run is replaced only with ``--overwrite``, and only when the new run
+succeeds: until then it waits in ``OUT.previous``; a failed or interrupted attempt puts it back and keeps its
+own files, marked incomplete, in ``OUT.failed``. A run killed outright is repaired by the next run into ``OUT``.
+
+Why a marker and not a staging folder renamed at the end: the notebooks receive ``out_dir`` as a parameter
+and record it (``params.json``, the injected parameter cell and printed paths of every executed notebook, the
+SwanLab logs), so a run built in a staging folder would point at a path that no longer exists.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from .data import read_raw_rows, write_json_atomic
-from .profiles import DEFAULT_PROFILE, PROFILES, is_path_key, profile_parameters
+from .profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter, is_path_key, profile_parameters
 
 NOTEBOOKS = (
     "00_check_environment.ipynb",
@@ -23,10 +40,38 @@ NOTEBOOKS = (
     "04_evaluation.ipynb",
     "05_rag.ipynb",
 )
+PARAMS = "params.json"
+RUN_INCOMPLETE = "RUN_INCOMPLETE"  # written first, removed last: present = this folder is not a finished run
+# What the chain and `qwen-cls train` write (a folder holding only these is a run, even without params.json).
+RUN_LAYOUT = frozenset({
+    PARAMS, RUN_INCOMPLETE, "notebooks", "data", "tokenized", "truncation_report.json", "adapter", "checkpoints",
+    "run_config.json", "train_log.json", "loss_curve.png", "learning_curve.png", "predictions.jsonl",
+    "metrics.json", "confusion_matrix.png", "swanlog", "retriever", "rag_metrics.json", "ranks",
+})
 
 
 class NotebookFailed(RuntimeError):
     """A notebook of the chain raised; the message names the notebook, the error and the saved copy."""
+
+    def __init__(self, notebook: str, what: str, run_dir: Path):
+        super().__init__(notebook, what)
+        self.notebook, self.what, self.run_dir, self.note = notebook, what, run_dir, ""
+
+    def __str__(self) -> str:
+        text = f"{self.notebook} failed {self.what}\n  executed copy: {self.run_dir / 'notebooks' / self.notebook}"
+        return text + (f"\n  {self.note}" if self.note else "")
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot take this run: busy, a finished run without ``--overwrite``, or not a run folder."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl+C (or SIGTERM) during a run; ``note`` says what became of the run folder."""
+
+    def __init__(self, note: str = ""):
+        super().__init__(note)
+        self.note = note
 
 
 def notebooks_dir() -> Path:
@@ -57,7 +102,8 @@ def parse_value(text: str):
 
 def resolve_parameters(profile: str, overrides: dict | None = None, out: str | os.PathLike | None = None, *,
                        valid_keys: set[str] | None = None) -> dict:
-    """Profile values, then ``overrides``, then ``out``; paths made absolute; unknown keys rejected.
+    """Profile values, then ``overrides``, then ``out``; paths made absolute; unknown keys and values of the
+    wrong type or range (:data:`~qwen_cls.profiles.SCHEMA`) rejected with a :class:`ValueError` naming the key.
 
     Profile paths are relative to the notebooks folder, override paths to the current directory.
     """
@@ -69,6 +115,16 @@ def resolve_parameters(profile: str, overrides: dict | None = None, out: str | o
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
     if "profile" in overrides and overrides["profile"] != profile:
         raise ValueError("choose the profile with --profile, not -p profile")
+    for key, value in params.items():  # a profile's own values (a new profile's typo shows up here)
+        try:
+            check_parameter(key, value)
+        except ParameterError as exc:
+            raise ParameterError(f"profile {profile}: {exc}") from None
+    for key, value in overrides.items():
+        try:
+            check_parameter(key, value)
+        except ParameterError as exc:
+            raise ParameterError(f"-p {exc}") from None
     base = notebooks_dir()
     for key, value in params.items():
         if is_path_key(key) and isinstance(value, str) and value:
@@ -89,6 +145,7 @@ def preflight(params: dict) -> None:
     from .model import TINY
     from .network import require_host
 
+    check_folder_path(Path(params["out_dir"]), "--out")
     for key in ("train_path", "test_path"):
         path = Path(params[key])
         if path.is_dir():
@@ -103,39 +160,300 @@ def preflight(params: dict) -> None:
     model = str(params["base_model"])
     if model != TINY and not Path(model).expanduser().exists():
         require_host("www.modelscope.cn", what=f"the model {model}")
+    if "swanlab_mode" in params:  # 'local' without the dashboard package, 'cloud' without a key: now, not in 03
+        from .tracking import check_mode
+
+        check_mode(params["swanlab_mode"])
+
+
+def check_folder_path(folder: Path, option: str) -> None:
+    """A clear error when ``folder`` (or a folder above it) is a file, instead of a later ``File exists``."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == folder else f" ({path} is a file)"
+                raise NotADirectoryError(f"{option} {folder}: not a folder{where}; choose another {option}")
+            return
+
+
+# --- the run folder: one run, locked, replaced only whole ------------------------------------------------------
+
+def lock_path(run_dir: str | os.PathLike) -> Path:
+    """The lock file of a run folder (beside it, so it survives the folder being moved aside)."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def previous_path(run_dir: Path) -> Path:
+    """Where a finished run waits while ``--overwrite`` replaces it."""
+    return run_dir.with_name(run_dir.name + ".previous")
+
+
+def failed_path(run_dir: Path) -> Path:
+    """Where a failed attempt to replace a finished run is kept (marked incomplete)."""
+    return run_dir.with_name(run_dir.name + ".failed")
+
+
+@contextlib.contextmanager
+def hold_lock(run_dir: Path):
+    """Hold the run folder's lock for the block; :class:`RunFolderError` at once when another run holds it.
+
+    ``flock`` belongs to the open file, so the kernel releases it when the process dies, however it dies: a
+    lock file left behind by a killed run blocks nothing. The file is removed on the way out.
+    """
+    import fcntl
+
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip()
+            finally:
+                os.close(fd)
+            raise RunFolderError(
+                f"{run_dir} is being written by another `qwen-cls run`{f' ({holder})' if holder else ''}; "
+                "wait for it to finish or choose another --out"
+            ) from None
+        try:  # the previous holder may have removed the file between our open and our lock: lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+def folder_state(folder: Path) -> str:
+    """``absent``, ``empty``, ``incomplete`` (marked :data:`RUN_INCOMPLETE`), ``finished`` (a run: its
+    ``params.json``, or nothing but run files) or ``foreign`` (files this tool did not write)."""
+    if not folder.exists():
+        return "absent"
+    if not folder.is_dir():
+        raise RunFolderError(f"--out {folder}: not a folder; choose another --out")
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    if RUN_INCOMPLETE in names:
+        return "incomplete"
+    if not names:
+        return "empty"
+    if names <= RUN_LAYOUT:
+        return "finished"
+    try:
+        params = json.loads((folder / PARAMS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        params = None
+    if isinstance(params, dict) and {"profile", "out_dir"} <= set(params):
+        return "finished"
+    return "foreign"
+
+
+def _foreign(folder: Path) -> RunFolderError:
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name not in RUN_LAYOUT)
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return RunFolderError(f"{folder} is not a run folder (it holds {shown}, which `qwen-cls run` did not write); "
+                          "choose a new or empty folder for --out")
+
+
+def _clear_failed(run_dir: Path) -> Path:
+    """``OUT.failed`` made free: an older failed attempt there (marked incomplete) is removed."""
+    failed = failed_path(run_dir)
+    if failed.exists():
+        if folder_state(failed) not in ("incomplete", "empty"):
+            raise RunFolderError(f"{failed} exists and is not a failed run attempt; move it away")
+        shutil.rmtree(failed)
+    return failed
+
+
+def recover(run_dir: Path) -> str | None:
+    """Repair what a killed run left (call with the lock held); return a note when something was done.
+
+    ``OUT.previous`` beside an unfinished ``OUT`` means a replacement died: the previous run goes back into
+    ``OUT`` and the dead attempt into ``OUT.failed``. Beside a finished ``OUT`` it is a leftover: removed.
+    """
+    previous = previous_path(run_dir)
+    if not previous.exists():
+        return None
+    state = folder_state(run_dir)
+    if state == "finished":
+        shutil.rmtree(previous)
+        return None
+    if folder_state(previous) != "finished":
+        raise RunFolderError(f"{previous} exists but holds no finished run; move it away and rerun")
+    if state == "foreign":
+        raise _foreign(run_dir)
+    note = f"restored the previous run into {run_dir} (the run that was replacing it did not finish"
+    if state in ("incomplete", "empty"):
+        failed = _clear_failed(run_dir)
+        os.replace(run_dir, failed)
+        note += f"; its files are in {failed}"
+    os.replace(previous, run_dir)
+    return note + ")"
+
+
+def _marker_text(run_dir: Path, previous: Path | None) -> str:
+    text = (f"This run folder is incomplete: `qwen-cls run` (pid {os.getpid()}) started writing it at "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} and has not finished (it is still running, failed, or was "
+            f"interrupted). Its files are partial; do not use them.\n"
+            f"Rerun `qwen-cls run --out {run_dir}` to replace it.\n")
+    if previous is not None:
+        text += (f"The finished run it replaces waits in {previous}; the next `qwen-cls run --out {run_dir}` "
+                 "puts it back if this run did not finish.\n")
+    return text
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: str | os.PathLike, *, overwrite: bool = False):
+    """Lock ``run_dir``, mark it :data:`RUN_INCOMPLETE` and yield it; the marker goes when the block succeeds.
+
+    An existing finished run is refused (:class:`RunFolderError`) unless ``overwrite``; then it waits in
+    ``OUT.previous`` and is removed only on success. On failure or Ctrl+C it comes back into ``OUT`` and the
+    attempt, still marked incomplete, goes to ``OUT.failed``; with nothing to restore the attempt stays in
+    ``OUT``, marked. An unfinished earlier attempt (marked) is simply replaced. A folder holding other files
+    is never touched.
+    """
+    run_dir = Path(run_dir)
+    with hold_lock(run_dir):
+        note = recover(run_dir)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        state = folder_state(run_dir)
+        if state == "foreign":
+            raise _foreign(run_dir)
+        if state == "finished" and not overwrite:
+            raise RunFolderError(f"{run_dir} already holds a finished run; add --overwrite to replace it (the old "
+                                 "run is kept until the new one succeeds) or choose another --out")
+        previous = None
+        if state == "finished":
+            previous = previous_path(run_dir)
+            os.replace(run_dir, previous)
+        elif state == "incomplete":
+            shutil.rmtree(run_dir)
+            print(f"note: replacing the unfinished run in {run_dir}", file=sys.stderr)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_INCOMPLETE).write_text(_marker_text(run_dir, previous), encoding="utf-8")
+        try:
+            yield run_dir
+        except BaseException as exc:
+            where = run_dir
+            if previous is not None:
+                where = _clear_failed(run_dir)
+                os.replace(run_dir, where)
+                os.replace(previous, run_dir)
+                note = (f"{run_dir} still holds the previous run, unchanged; this attempt's files "
+                        f"(marked {RUN_INCOMPLETE}) are in {where}")
+            else:
+                note = f"{run_dir} is marked incomplete ({RUN_INCOMPLETE}); rerun to replace it"
+            if isinstance(exc, NotebookFailed):
+                exc.run_dir, exc.note = where, note
+            elif isinstance(exc, Interrupted):
+                exc.note = note
+            elif isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(note) from None
+            else:
+                print(f"note: {note}", file=sys.stderr)
+            raise
+        (run_dir / RUN_INCOMPLETE).unlink()
+        if previous is not None:
+            shutil.rmtree(previous)
+        failed = failed_path(run_dir)
+        if failed.exists() and folder_state(failed) == "incomplete":
+            shutil.rmtree(failed)  # an older failed attempt at this run: superseded
+
+
+# --- the chain ----------------------------------------------------------------------------------------------------
+
+def _kernel_manager_class(stderr):
+    """A kernel manager whose kernels write their own stderr (log lines, shutdown noise) into ``stderr``."""
+    from jupyter_client import AsyncKernelManager
+
+    class KernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):
+            kw.setdefault("stderr", stderr)
+            return await super().start_kernel(**kw)
+
+    return KernelManager
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM behaves like Ctrl+C while the chain runs, so the run folder is left in order."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def run_chain(profile: str = DEFAULT_PROFILE, out: str | os.PathLike | None = None, overrides: dict | None = None,
-              *, notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True, log_output: bool = True) -> Path:
-    """Execute ``notebooks`` in order into the run directory; return its path."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
+              *, notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True, log_output: bool = True,
+              overwrite: bool = False) -> Path:
+    """Execute ``notebooks`` in order into the run directory (see :func:`run_folder`); return its path."""
     folder = notebooks_dir()
     declared = {name: notebook_parameters(folder / name) for name in notebooks}
     valid = set().union(*declared.values())
     params = resolve_parameters(profile, overrides, out, valid_keys=valid | set(PROFILES[profile]))
     preflight(params)
-    run_dir = Path(params["out_dir"])
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(params, run_dir / "params.json")
-    if log_output:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-        logging.getLogger("papermill").setLevel(logging.INFO)
-    for k, name in enumerate(notebooks, 1):
-        target = run_dir / "notebooks" / name
-        print(f"[{k}/{len(notebooks)}] {name} -> {target}", flush=True)
+    with _sigterm_interrupts(), run_folder(params["out_dir"], overwrite=overwrite) as run_dir:
+        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(params, run_dir / PARAMS)
+        if log_output:
+            logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+            logging.getLogger("papermill").setLevel(logging.INFO)
+        for k, name in enumerate(notebooks, 1):
+            target = run_dir / "notebooks" / name
+            print(f"[{k}/{len(notebooks)}] {name} -> {target}", flush=True)
+            _execute(folder / name, target, {key: params[key] for key in declared[name] if key in params},
+                     cwd=folder, progress=progress, log_output=log_output, run_dir=run_dir)
+    return run_dir
+
+
+def _execute(notebook: Path, target: Path, parameters: dict, *, cwd: Path, progress: bool, log_output: bool,
+             run_dir: Path) -> None:
+    """One notebook through papermill; the kernel's own stderr is passed on afterwards, except after Ctrl+C
+    (then it holds only the noise of a kernel shut down mid-cell)."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    with tempfile.TemporaryFile() as kernel_stderr:
+        interrupted = False
         try:
             papermill.execute_notebook(
-                str(folder / name), str(target),
-                parameters={key: params[key] for key in declared[name] if key in params},
-                cwd=str(folder), progress_bar=progress, log_output=log_output,
+                str(notebook), str(target), parameters=parameters, cwd=str(cwd), progress_bar=progress,
+                log_output=log_output, kernel_manager_class=_kernel_manager_class(kernel_stderr),
             )
         except PapermillExecutionError as exc:
-            raise NotebookFailed(
-                f"{name} failed at cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n  executed copy: {target}"
-            ) from None
-    return run_dir
+            raise NotebookFailed(notebook.name, f"at cell {exc.exec_count}: {exc.ename}: {exc.evalue}",
+                                 run_dir) from None
+        except DeadKernelError as exc:
+            raise NotebookFailed(notebook.name, f"because its kernel died ({exc}; out of memory?)", run_dir) from None
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            if not interrupted:
+                kernel_stderr.seek(0)
+                text = kernel_stderr.read().decode("utf-8", "replace")
+                if text:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
 
 
 def cmd_run(args) -> int:
@@ -143,10 +461,13 @@ def cmd_run(args) -> int:
     for key, value in args.param or []:
         overrides[key] = parse_value(value)
     try:
-        run_dir = run_chain(args.profile, args.out, overrides, log_output=not args.quiet)
+        run_dir = run_chain(args.profile, args.out, overrides, log_output=not args.quiet, overwrite=args.overwrite)
     except NotebookFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"interrupted; {exc.note}" if exc.note else "interrupted", file=sys.stderr)
+        return 130
     print(f"\nDone. Outputs are in {run_dir}")
     for name in ("metrics.json", "confusion_matrix.png", "loss_curve.png", "predictions.jsonl",
                  "rag_metrics.json", "adapter", "swanlog", "notebooks"):
@@ -163,5 +484,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="run folder (default: the profile's out_dir)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a notebook parameter (values parsed like papermill: int, float, True, ...)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in --out (the old run is kept until the new one succeeds)")
     p.add_argument("--quiet", action="store_true", help="progress bars only, no cell output")
     p.set_defaults(func=cmd_run)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .data import DataError, read_jsonl, read_raw_rows, write_jsonl_atomic
 
 RUN_CONFIG = "run_config.json"
+RUN_INCOMPLETE = "RUN_INCOMPLETE"  # = qwen_cls.pipeline.RUN_INCOMPLETE: `qwen-cls run` has not finished this folder
 TINY = "tiny"  # = qwen_cls.model.TINY
 DEFAULT_MAX_LENGTH = 384
 
@@ -102,11 +103,61 @@ def predict_rows(model, tokenizer, rows, *, max_length: int = DEFAULT_MAX_LENGTH
     return [{"prediction": s.prediction, "scores": s.scores} for s in scored]
 
 
+def check_device(device) -> None:
+    """``ValueError`` naming ``--device`` when it is not a device this machine's torch can use."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this torch build has no CUDA support (torch {torch.__version__})" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise ValueError(f"--device {device}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
+
+
+def check_predict_options(*, run=None, model=None, output=None, batch_size: int = 8,
+                          max_length: int | None = None, device=None) -> None:
+    """Every option of ``qwen-cls predict`` checked before a row is read or a model loads (exit 2, naming it)."""
+    from .data import write_target
+    from .profiles import MIN_MAX_LENGTH
+
+    if (run is None) == (model is None):
+        raise ValueError("give exactly one of --run RUN_DIR or --model MODEL_DIR")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be an integer >= 1 (rows scored together), got {batch_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < MIN_MAX_LENGTH):
+        raise ValueError(f"--max-length must be an integer >= {MIN_MAX_LENGTH} (tokens per row; the prompt alone "
+                         f"takes about 50), got {max_length!r}")
+    for option, folder in (("--run", run), ("--model", model)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise NotADirectoryError(f"{option} {folder}: is a file, not a folder")
+    if run is not None and (Path(run) / RUN_INCOMPLETE).is_file():
+        raise ValueError(f"--run {run}: marked incomplete ({RUN_INCOMPLETE}): its `qwen-cls run` did not finish, so "
+                         "its files are partial; rerun it first")
+    if output is not None:
+        write_target(output)  # a folder, a device, or a file where a folder should be: refused now, not after
+    check_device(device)
+
+
 def predict_file(input_path, output_path, *, run=None, model=None, batch_size: int = 8,
                  max_length: int | None = None, device=None, progress: bool = True) -> dict:
     """Validate ``input_path``, predict every row, write ``output_path`` atomically; return a summary."""
-    if (run is None) == (model is None):
-        raise ValueError("give exactly one of --run RUN_DIR or --model MODEL_DIR")
+    check_predict_options(run=run, model=model, output=output_path, batch_size=batch_size, max_length=max_length,
+                          device=device)
     rows = read_raw_rows(input_path, require_output=False)  # path:line errors before any model loads
     originals = read_jsonl(input_path)  # same non-blank lines: keeps extra fields such as ids
     if output_path is not None and Path(output_path).resolve() == Path(input_path).resolve():

@@ -2,10 +2,16 @@
 
 Keys are the notebooks' ``parameters`` cells; each notebook receives the keys it declares. Paths are
 relative to the ``notebooks/`` folder (the notebooks' working directory); ``qwen-cls run`` makes them
-absolute.
+absolute. :data:`SCHEMA` gives each key its type and range, shared by every profile; ``qwen-cls run`` checks
+the resolved values against it before any notebook starts.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .tracking import MODES
 
 # The recipe from the blog: LoRA r=8/alpha=32/dropout 0.1, lr 1e-4, batch 4 x accumulation 4, 2 epochs.
 RECIPE = dict(
@@ -80,3 +86,125 @@ def profile_parameters(name: str) -> dict:
 def is_path_key(key: str) -> bool:
     """Parameters holding a file or folder path (made absolute by ``qwen-cls run``)."""
     return key.endswith(("_path", "_dir"))
+
+
+# --- what each parameter may hold --------------------------------------------------------------------------------
+# Keyed by parameter name, not by profile: every profile (and every ``-p KEY VALUE`` of ``qwen-cls run``) is
+# checked against the same rules, so a new profile needs no schema of its own, only new keys need an entry.
+
+class ParameterError(ValueError):
+    """A parameter value of the wrong type or out of range; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """The type and range of one notebook parameter.
+
+    ``kind``: ``int`` (not bool, not float), ``number`` (int or float, finite), ``bool`` (``True``/``False``),
+    ``text`` (non-empty string), ``path`` (non-empty string; a file or folder) or ``choice`` (one of ``choices``).
+    ``low``/``high`` bound numbers (``low_open``/``high_open``: the bound itself is excluded).
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    note: str = ""
+
+    def describe(self) -> str:
+        """What a valid value looks like, e.g. ``an integer >= 0 (0: all rows)``."""
+        if self.kind == "choice":
+            text = "one of " + ", ".join(map(str, self.choices))
+        else:
+            text = {"int": "an integer", "number": "a number", "bool": "True or False",
+                    "text": "a non-empty text", "path": "a non-empty path"}[self.kind]
+            bounds = []
+            if self.low is not None:
+                bounds.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
+            if self.high is not None:
+                bounds.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
+            if bounds:
+                text += " " + " and ".join(bounds)
+        return f"{text} ({self.note})" if self.note else text
+
+    def accepts(self, value) -> bool:
+        """True when ``value`` has this parameter's type and lies in its range."""
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind in ("text", "path"):
+            return isinstance(value, str) and value.strip() != ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# The ChatML template, system message, candidate list and answer alone take about 50 tokens.
+MIN_MAX_LENGTH = 64
+
+SCHEMA: dict[str, Param] = {
+    "profile": Param("text"),
+    "base_model": Param("text", note="'tiny', a model folder or a ModelScope id"),
+    "train_path": Param("path", note="raw JSONL file"),
+    "test_path": Param("path", note="raw JSONL file"),
+    "out_dir": Param("path", note="the run folder"),
+    "download_data": Param("bool"),
+    "max_train_samples": Param("int", low=0, note="0: all rows"),
+    "max_test_samples": Param("int", low=0, note="0: all rows"),
+    "seed": Param("int", low=0, high=2**32 - 1),
+    "max_length": Param("int", low=MIN_MAX_LENGTH, note="tokens per row; the prompt alone takes about 50"),
+    "lora_r": Param("int", low=1),
+    "lora_alpha": Param("number", low=0, low_open=True),
+    "lora_dropout": Param("number", low=0, high=1, high_open=True),
+    "learning_rate": Param("number", low=0, high=1, low_open=True),
+    "num_train_epochs": Param("number", low=0, low_open=True),
+    "per_device_train_batch_size": Param("int", low=1),
+    "gradient_accumulation_steps": Param("int", low=1),
+    "gradient_checkpointing": Param("bool"),
+    "logging_steps": Param("int", low=1),
+    "swanlab_mode": Param("choice", choices=MODES),
+    "eval_rows": Param("int", low=0, note="0: all test rows"),
+    "eval_batch_size": Param("int", low=1),
+    "max_new_tokens": Param("int", low=1),
+    "rag_k": Param("int", low=1),
+    "rag_max_length": Param("int", low=0, note=f"0: the training max_length; else >= {MIN_MAX_LENGTH}"),
+    "show_rows": Param("int", low=0),
+}
+
+
+def check_parameter(key: str, value) -> None:
+    """Raise :class:`ParameterError` naming ``key`` when ``value`` breaks :data:`SCHEMA` (unknown keys pass)."""
+    rule = SCHEMA.get(key)
+    if rule is None:
+        return
+    ok = rule.accepts(value)
+    if ok and key == "rag_max_length" and 0 < value < MIN_MAX_LENGTH:
+        ok = False
+    if not ok:
+        hint = ""
+        if rule.kind == "bool" and isinstance(value, (str, int)):
+            hint = " (write True or False)"
+        elif rule.kind == "int" and isinstance(value, float) and math.isfinite(value) and value == int(value):
+            hint = f" (a float; write {int(value)})"
+        raise ParameterError(f"{key} must be {rule.describe()}, got {value!r}{hint}")
+
+
+def check_parameters(params: dict) -> None:
+    """Check every value of ``params`` against :data:`SCHEMA` (see :func:`check_parameter`)."""
+    for key, value in params.items():
+        check_parameter(key, value)

@@ -1,8 +1,11 @@
 """``qwen-cls train``: the one training entry point, for one process, a resumed run, or many processes.
 
-The same command resumes an interrupted run (even one killed with ``kill -9``) from its last *complete*
-checkpoint, and runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP; DeepSpeed ZeRO-2 with
-``--deepspeed configs/deepspeed_zero2.json``). Checkpoints are atomic and rotated (``qwen_cls.checkpointing``).
+The same command resumes an interrupted run (even one killed with ``kill -9``) from its last *complete and
+loadable* checkpoint (a damaged newer one is removed with a warning naming the file), and runs unchanged under
+``torchrun`` / ``accelerate launch`` (DDP; DeepSpeed ZeRO-2 with ``--deepspeed configs/deepspeed_zero2.json``).
+Checkpoints are atomic and rotated (``qwen_cls.checkpointing``) and record the settings they were trained with
+(the training file's SHA-256 among them): resuming with other data or hyperparameters is refused, naming what
+differs, unless ``--resume-anyway``; ``--no-resume`` starts over. Options are checked before anything loads.
 
 Run dir: ``checkpoints/checkpoint-N``, ``adapter/``, ``run_config.json``, ``train_log.json`` (written by
 rank 0 only) and ``ranks/rank{N}.json`` (every rank: batches and rows it trained on).
@@ -11,13 +14,30 @@ rank 0 only) and ``ranks/rank{N}.json`` (every rank: batches and rows it trained
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
 
 TINY = "tiny"  # = qwen_cls.model.TINY (not imported here: keeps `qwen-cls --help` fast)
 ADAPTER = "adapter"
+
+
+def remove_checkpoints(run_dir: str | os.PathLike) -> int:
+    """Delete every checkpoint of a run dir (``--no-resume``: an earlier run's checkpoints would otherwise mix
+    with the new run's, in rotation and on the next resume); return how many there were."""
+    from .checkpointing import CHECKPOINT_RE, CHECKPOINTS, STAGING
+
+    folder = Path(run_dir) / CHECKPOINTS
+    count = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if CHECKPOINT_RE.match(path.name) or path.name == STAGING:
+                shutil.rmtree(path, ignore_errors=True)
+                count += path.name != STAGING
+    return count
 
 
 def tokenized_rows(rows, tokenizer, max_length: int):
@@ -31,33 +51,131 @@ def tokenized_rows(rows, tokenizer, max_length: int):
     return model_inputs(tokenize_dataset(raw, tokenizer, max_length))
 
 
+def check_train_options(*, out, max_length: int, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
+                        learning_rate: float, seed: int, save_steps: int, save_total_limit: int,
+                        logging_steps: int, limit: int, deepspeed: str | None = None,
+                        step_sleep: float = 0.0) -> None:
+    """``ValueError`` naming the option when a value is out of range (before anything loads or is created)."""
+    from .profiles import MIN_MAX_LENGTH, Param
+
+    rules = {
+        "--max-length": (max_length, Param("int", low=MIN_MAX_LENGTH, note="tokens per row; the prompt alone "
+                                                                          "takes about 50")),
+        "--epochs": (epochs, Param("number", low=0, low_open=True)),
+        "--batch-size": (batch_size, Param("int", low=1)),
+        "--grad-accum": (grad_accum, Param("int", low=1)),
+        "--lr": (learning_rate, Param("number", low=0, high=1, low_open=True)),
+        "--seed": (seed, Param("int", low=0, high=2**32 - 1)),
+        "--save-steps": (save_steps, Param("int", low=1, note="optimizer steps between checkpoints")),
+        "--save-total-limit": (save_total_limit, Param("int", low=1, note="checkpoints kept")),
+        "--logging-steps": (logging_steps, Param("int", low=1)),
+        "--limit": (limit, Param("int", low=0, note="0: all rows")),
+        "--step-sleep": (step_sleep, Param("number", low=0)),
+    }
+    for option, (value, rule) in rules.items():
+        if not rule.accepts(value):
+            raise ValueError(f"{option} must be {rule.describe()}, got {value!r}")
+    if max_steps != -1 and not Param("int", low=1).accepts(max_steps):
+        raise ValueError(f"--max-steps must be an integer >= 1, or -1 to train --epochs epochs; got {max_steps!r}")
+    if deepspeed is not None and not Path(deepspeed).is_file():
+        raise FileNotFoundError(f"--deepspeed {deepspeed}: no such file (e.g. configs/deepspeed_zero2.json)")
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out else f" ({path} is a file)"
+                raise NotADirectoryError(f"--out {out}: not a folder{where}; choose another --out")
+            break
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (the training data's fingerprint)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ResumeMismatch(ValueError):
+    """The checkpoint to resume was trained with other data or hyperparameters (exit 2)."""
+
+
+def check_resume_settings(checkpoint: Path, settings: dict, *, resume_anyway: bool = False) -> list[str]:
+    """Compare ``settings`` with what ``checkpoint`` recorded; :class:`ResumeMismatch` naming the keys that
+    differ, unless ``resume_anyway`` (then the differences are returned for a warning)."""
+    from .checkpointing import read_train_config, settings_differences
+
+    recorded = read_train_config(checkpoint)
+    if recorded is None:
+        return []
+    recorded, current = dict(recorded), dict(settings)
+    if recorded.get("max_steps", -1) > 0 and current["max_steps"] > 0:
+        recorded.pop("epochs", None), current.pop("epochs", None)  # --max-steps decides; --epochs is unused
+    for key in ("train_sha256",):  # 64 hex digits say no more than their first 12 here
+        for side in (recorded, current):
+            if isinstance(side.get(key), str):
+                side[key] = side[key][:12]
+    differences = settings_differences(recorded, current)
+    if differences and not resume_anyway:
+        raise ResumeMismatch(
+            f"cannot resume from {checkpoint}: it was trained with other settings: {'; '.join(differences)}. "
+            "Rerun with the checkpoint's settings, start over with --no-resume, or continue with the new "
+            "settings with --resume-anyway"
+        )
+    return differences
+
+
 def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = TINY, max_length: int = 384,
               epochs: float = 2.0, max_steps: int = -1, batch_size: int = 4, grad_accum: int = 4,
               learning_rate: float = 1e-4, seed: int = 42, save_steps: int = 50, save_total_limit: int = 2,
               logging_steps: int = 10, gradient_checkpointing: bool = True, limit: int = 0,
               deepspeed: str | None = None, swanlab_mode: str = "disabled", resume: bool = True,
-              step_sleep: float = 0.0) -> dict:
-    """Train a LoRA adapter into the run dir ``out``, resuming from its last complete checkpoint.
+              step_sleep: float = 0.0, resume_anyway: bool = False) -> dict:
+    """Train a LoRA adapter into the run dir ``out``, resuming from its last complete, loadable checkpoint
+    (refused when it was trained with other settings, unless ``resume_anyway``).
 
     Works as one process or as every rank of ``torchrun`` / ``accelerate launch``; returns this rank's
     summary (also written to ``ranks/rank{N}.json``).
     """
     from .data import read_raw_rows
 
+    check_train_options(out=out, max_length=max_length, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                        grad_accum=grad_accum, learning_rate=learning_rate, seed=seed, save_steps=save_steps,
+                        save_total_limit=save_total_limit, logging_steps=logging_steps, limit=limit,
+                        deepspeed=deepspeed, step_sleep=step_sleep)
     rows = read_raw_rows(train, limit=limit)  # path:line errors before anything heavy loads
 
     import torch
     from transformers import set_seed
 
-    from .checkpointing import (CHECKPOINTS, ResumableTrainer, SleepAfterStep, last_complete_checkpoint,
-                                remove_incomplete_checkpoints)
+    from .checkpointing import (CHECKPOINTS, ResumableTrainer, SleepAfterStep, remove_incomplete_checkpoints,
+                                resume_checkpoint)
     from .data import atomic_dir, write_json_atomic
     from .model import load_model, pick_device, pick_dtype
     from .train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
 
     out = Path(out)
     rank = int(os.environ.get("RANK", "0"))
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world_size > 1
+    lora = recipe_lora_config()
+    model_path = Path(model).expanduser()
+    settings = {  # what decides the adapter: recorded in every checkpoint, compared on resume
+        "train": str(Path(train).resolve()), "train_sha256": file_sha256(train), "limit": limit,
+        "model": str(model_path.resolve()) if model != TINY and model_path.exists() else str(model),
+        "max_length": max_length, "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+        "grad_accum": grad_accum, "lr": learning_rate, "seed": seed, "world_size": world_size,
+        "deepspeed": str(Path(deepspeed).resolve()) if deepspeed else None,
+        "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
+                 "target_modules": sorted(lora.target_modules)},
+    }
+    checkpoint, damaged = resume_checkpoint(out) if resume else (None, [])
+    if checkpoint is not None:  # before the model loads: a refused resume costs seconds
+        changed = check_resume_settings(checkpoint, settings, resume_anyway=resume_anyway)
+        if changed and rank == 0:
+            print(f"warning: resuming from {checkpoint.name} with other settings (--resume-anyway): "
+                  f"{'; '.join(changed)}", file=sys.stderr)
     args = training_arguments(  # length-grouped batches, as in the notebooks
         out / CHECKPOINTS,
         per_device_train_batch_size=batch_size,
@@ -84,7 +202,6 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     set_seed(seed)
     base, tokenizer = load_model(model, device="cpu")  # Trainer (or DeepSpeed) places it on the device
     dataset = tokenized_rows(rows, tokenizer, max_length)
-    lora = recipe_lora_config()
     peft_model = prepare_lora_model(base.train(), lora, gradient_checkpointing=gradient_checkpointing)
 
     callbacks = []
@@ -100,18 +217,26 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     if step_sleep:
         callbacks.append(SleepAfterStep(step_sleep))
     trainer = ResumableTrainer(model=peft_model, args=args, train_dataset=dataset,
-                               data_collator=padding_collator(tokenizer), callbacks=callbacks)
+                               data_collator=padding_collator(tokenizer), callbacks=callbacks,
+                               train_config=settings)
 
-    checkpoint = None
-    if resume:
-        if trainer.is_world_process_zero():
-            removed = remove_incomplete_checkpoints(out)
-            for path in removed:
+    if trainer.is_world_process_zero():
+        if resume:
+            for path in remove_incomplete_checkpoints(out):
                 print(f"removed incomplete checkpoint {path}", file=sys.stderr)
-        trainer.accelerator.wait_for_everyone()
-        checkpoint = last_complete_checkpoint(out)
-        if checkpoint is not None and rank == 0:
-            print(f"resuming from {checkpoint}", file=sys.stderr)
+            for path, problem in damaged:  # newer than the one resumed: the run saves those steps again
+                shutil.rmtree(path, ignore_errors=True)
+                print(f"warning: skipped and removed damaged checkpoint {path.name} ({problem})", file=sys.stderr)
+            if damaged and checkpoint is None:
+                print("warning: no loadable checkpoint left; training starts from step 0", file=sys.stderr)
+        else:
+            old = remove_checkpoints(out)
+            if old:
+                print(f"--no-resume: removed {old} checkpoint(s) of the earlier run from {out / CHECKPOINTS}",
+                      file=sys.stderr)
+    trainer.accelerator.wait_for_everyone()
+    if checkpoint is not None and rank == 0:
+        print(f"resuming from {checkpoint}", file=sys.stderr)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     wrote = []
@@ -130,7 +255,8 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
                          "world_size": trainer.accelerator.num_processes,
                          "global_step": trainer.state.global_step,
                          "resumed_from": checkpoint.name if checkpoint else None,
-                         "train_file": str(train), "train_rows": len(dataset)},
+                         "train_file": str(train), "train_rows": len(dataset),
+                         "train_sha256": settings["train_sha256"]},
             "seed": seed,
         }
         write_json_atomic(run_config, out / "run_config.json")
@@ -157,6 +283,7 @@ def cmd_train(args) -> int:
         save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
         gradient_checkpointing=args.gradient_checkpointing, limit=args.limit, deepspeed=args.deepspeed,
         swanlab_mode=args.swanlab_mode, resume=not args.no_resume, step_sleep=args.step_sleep,
+        resume_anyway=args.resume_anyway,
     )
     if summary["rank"] == 0:
         print(f"adapter: {Path(args.out) / ADAPTER}  ({summary['global_step']} optimizer steps, "
@@ -182,7 +309,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. configs/deepspeed_zero2.json")
     p.add_argument("--swanlab-mode", default="disabled", choices=("local", "offline", "disabled", "cloud"))
-    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--no-resume", action="store_true",
+                        help="start over: remove the run dir's checkpoints instead of resuming from them")
+    resume.add_argument("--resume-anyway", action="store_true",
+                        help="resume even when the checkpoint was trained with other data or hyperparameters")
     p.add_argument("--step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # tests stage a kill
 
 

@@ -98,3 +98,148 @@ def test_train_reports_a_bad_row_before_loading_anything(tmp_path, capsys):
     assert main(["train", "--train", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.startswith(f"{bad}:2: missing field(s) output")
     assert not (tmp_path / "run").exists()
+
+
+# --- damaged checkpoints, and resuming with other settings -------------------------------------------------------
+
+RESUME_ARGS = ["--max-steps", "4", "--save-steps", "2", "--save-total-limit", "2", "--seed", "7", *FAST]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 4-step run with checkpoint-2 and checkpoint-4 (trained in this process, seconds)."""
+    from qwen_cls.cli import main
+
+    folder = tmp_path_factory.mktemp("trained")
+    train = train_rows_file(folder)
+    out = folder / "run"
+    assert main(["train", "--train", str(train), "--out", str(out), *RESUME_ARGS]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    return train, out
+
+
+@pytest.fixture()
+def run_copy(trained, tmp_path):
+    import shutil
+
+    train, out = trained
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return train, copy
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_run_config_records_the_training_data_fingerprint(trained):
+    import hashlib
+
+    train, out = trained
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["training"]["train_sha256"] == hashlib.sha256(train.read_bytes()).hexdigest()
+    recorded = json.loads((out / "checkpoints" / "checkpoint-2" / "train_config.json").read_text())
+    assert recorded["train_sha256"] == config["training"]["train_sha256"] and recorded["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json",
+                                     "scheduler.pt", "rng_state.pth"])
+def test_damaged_newest_checkpoint_is_skipped_with_one_warning_naming_the_file(run_copy, trained, capsys, damaged):
+    from qwen_cls.checkpointing import checkpoint_problem, resume_checkpoint
+    from qwen_cls.cli import main
+
+    train, out = run_copy
+    newest = out / "checkpoints" / "checkpoint-4"
+    _truncate(newest / damaged)
+    assert checkpoint_problem(newest).startswith(f"{newest / damaged}: ")
+    assert resume_checkpoint(out) == (out / "checkpoints" / "checkpoint-2", [(newest, checkpoint_problem(newest))])
+    capsys.readouterr()
+    assert main(["train", "--train", str(train), "--out", str(out), *RESUME_ARGS]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(newest / damaged) in warnings[0], err
+    assert "Traceback" not in err and f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in err
+    rank0 = json.loads((out / "ranks" / "rank0.json").read_text())
+    assert rank0["resumed_from"] == "checkpoint-2" and rank0["global_step"] == 4 and rank0["batches"] == 2
+    # the same adapter as the uninterrupted run, and checkpoint-4 written anew
+    a = load_file(trained[1] / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
+    assert checkpoint_problem(newest) is None
+
+
+def test_no_loadable_checkpoint_starts_over_with_a_warning(run_copy, capsys):
+    from qwen_cls.checkpointing import resume_checkpoint
+
+    _, out = run_copy
+    for name in ("checkpoint-2", "checkpoint-4"):
+        _truncate(out / "checkpoints" / name / "trainer_state.json", keep=0.3)
+    checkpoint, damaged = resume_checkpoint(out)
+    assert checkpoint is None and [p.name for p, _ in damaged] == ["checkpoint-4", "checkpoint-2"]
+    assert all("trainer_state.json: invalid JSON" in problem for _, problem in damaged)
+
+
+@pytest.mark.parametrize("change, keys", [
+    (["--lr", "0.002"], ["lr"]),
+    (["--batch-size", "4"], ["batch_size"]),
+    (["--grad-accum", "2"], ["grad_accum"]),
+    (["--max-length", "96"], ["max_length"]),
+    (["--seed", "8"], ["seed"]),
+    (["--limit", "20"], ["limit"]),
+    (["--max-steps", "6"], ["max_steps"]),
+    ("other-data", ["train", "train_sha256"]),
+    ("same-path-new-contents", ["train_sha256"]),
+])
+def test_resume_with_other_settings_is_refused_naming_them(run_copy, tmp_path, capsys, change, keys):
+    from qwen_cls.cli import main
+
+    train, out = run_copy
+    args = ["train", "--train", str(train), "--out", str(out), *RESUME_ARGS]
+    if change == "other-data":
+        other = tmp_path / "other.jsonl"
+        other.write_bytes(train.read_bytes().replace("。".encode(), "！".encode(), 1))
+        args[2] = str(other)
+    elif change == "same-path-new-contents":
+        moved = tmp_path / "data.jsonl"
+        moved.write_bytes(train.read_bytes())
+        args[2] = str(moved)
+        assert main(["train", "--train", str(moved), "--out", str(tmp_path / "r2"), *RESUME_ARGS]) == 0
+        out = tmp_path / "r2"
+        args[4] = str(out)
+        moved.write_bytes(train.read_bytes().replace("。".encode(), "！".encode(), 1))
+    else:
+        # the last value of a repeated option wins with argparse
+        args += change
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot resume from {out / 'checkpoints' / 'checkpoint-4'}: it was trained with "
+                          "other settings: "), err
+    named = [part.split(" (")[0] for part in err.split("settings: ", 1)[1].split(". Rerun")[0].split("; ")]
+    assert named == keys
+    assert "--no-resume" in err and "--resume-anyway" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched
+
+
+def test_resume_anyway_continues_with_a_warning(run_copy, capsys):
+    from qwen_cls.cli import main
+
+    train, out = run_copy
+    assert main(["train", "--train", str(train), "--out", str(out), *RESUME_ARGS, "--lr", "0.002",
+                 "--resume-anyway"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: resuming from checkpoint-4 with other settings (--resume-anyway): lr (checkpoint 0.0001, " \
+           "now 0.002)" in err
+
+
+def test_no_resume_starts_over_without_the_old_checkpoints(run_copy, capsys):
+    from qwen_cls.cli import main
+
+    train, out = run_copy
+    assert main(["train", "--train", str(train), "--out", str(out), *RESUME_ARGS[2:], "--max-steps", "2",
+                 "--lr", "0.002", "--no-resume"]) == 0
+    assert "--no-resume: removed 2 checkpoint(s) of the earlier run" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert json.loads((out / "checkpoints" / "checkpoint-2" / "train_config.json").read_text())["lr"] == 0.002

@@ -163,6 +163,43 @@ def test_run_writes_png_figures(run_dir):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
+@pytest.mark.slow
+def test_rerun_over_the_finished_run_is_refused_byte_identical(run_dir, capsys):
+    out, _, _ = run_dir
+    before = {p: (p.read_bytes() if p.is_file() else None) for p in sorted(out.parent.rglob("*"))}
+    assert main(["run", "--out", str(out)]) == 2
+    assert f"{out} already holds a finished run; add --overwrite" in capsys.readouterr().err
+    assert {p: (p.read_bytes() if p.is_file() else None) for p in sorted(out.parent.rglob("*"))} == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_notebook_is_one_line_exit_130(tmp_path):
+    """SIGINT to the process group while notebook 03 runs a cell: no kernel traceback, the folder marked."""
+    import os
+    import signal
+    import time
+
+    from qwen_cls.pipeline import RUN_INCOMPLETE
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_cls.cli", "run", "--out", str(out), "--quiet", "-p", "swanlab_mode", "disabled",
+         "-p", "max_train_samples", "8", "-p", "max_test_samples", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not (out / "notebooks" / "03_lora_training.ipynb").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(3)  # inside a cell of 03
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "ZMQError" not in err, err[-3000:]
+    assert err.rstrip().splitlines()[-1] == f"interrupted; {out} is marked incomplete ({RUN_INCOMPLETE}); rerun to replace it"
+    assert (out / RUN_INCOMPLETE).is_file() and not (out.parent / f".{out.name}.lock").exists()
+
+
 def test_bad_parameter_key_exits_2_naming_valid_keys(tmp_path, capsys):
     assert main(["run", "--profile", "tiny", "--out", str(tmp_path / "x"), "-p", "learning_rat", "0.1"]) == 2
     err = capsys.readouterr().err
@@ -183,6 +220,59 @@ def test_real_profile_offline_fails_fast_with_a_clear_message(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "cannot reach www.modelscope.cn" in err and "tiny" in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("key, text, expected", [
+    ("learning_rate", "fast", "learning_rate must be a number > 0 and <= 1, got 'fast'"),
+    ("learning_rate", "0", "learning_rate must be a number > 0"),
+    ("learning_rate", "nan", "learning_rate must be a number"),
+    ("num_train_epochs", "0", "num_train_epochs must be a number > 0, got 0"),
+    ("max_train_samples", "1e1", "max_train_samples must be an integer >= 0 (0: all rows), got 10.0 (a float; write 10)"),
+    ("max_train_samples", "-5", "max_train_samples must be an integer >= 0 (0: all rows), got -5"),
+    ("max_test_samples", "2.5", "max_test_samples must be an integer >= 0"),
+    ("lora_r", "0", "lora_r must be an integer >= 1, got 0"),
+    ("lora_dropout", "1.5", "lora_dropout must be a number >= 0 and < 1, got 1.5"),
+    ("lora_alpha", "-1", "lora_alpha must be a number > 0"),
+    ("swanlab_mode", "foo", "swanlab_mode must be one of local, offline, disabled, cloud, got 'foo'"),
+    ("swanlab_mode", "None", "swanlab_mode must be one of"),
+    ("download_data", "true", "download_data must be True or False, got 'true' (write True or False)"),
+    ("gradient_checkpointing", "1", "gradient_checkpointing must be True or False, got 1"),
+    ("seed", "True", "seed must be an integer >= 0"),
+    ("seed", "-1", "seed must be an integer >= 0"),
+    ("per_device_train_batch_size", "0", "per_device_train_batch_size must be an integer >= 1"),
+    ("gradient_accumulation_steps", "0", "gradient_accumulation_steps must be an integer >= 1"),
+    ("max_length", "20", "max_length must be an integer >= 64"),
+    ("logging_steps", "0", "logging_steps must be an integer >= 1"),
+    ("eval_rows", "-1", "eval_rows must be an integer >= 0"),
+    ("eval_batch_size", "0", "eval_batch_size must be an integer >= 1"),
+    ("max_new_tokens", "0", "max_new_tokens must be an integer >= 1"),
+    ("rag_k", "0", "rag_k must be an integer >= 1"),
+    ("rag_max_length", "10", "rag_max_length must be an integer >= 0 (0: the training max_length; else >= 64)"),
+    ("base_model", "12", "base_model must be a non-empty text"),
+    ("train_path", "", "train_path must be a non-empty path"),
+])
+def test_bad_parameter_value_exits_2_before_anything_naming_it(tmp_path, capsys, monkeypatch, key, text, expected):
+    import papermill
+
+    def no_notebook(*args, **kwargs):
+        raise AssertionError("a notebook ran")
+
+    monkeypatch.setattr(papermill, "execute_notebook", no_notebook)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--out", str(tmp_path / "x"), "-p", key, text]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -p {key} must be") and expected in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # not even the run folder or its lock
+
+
+def test_every_notebook_and_profile_parameter_has_a_schema_entry():
+    from qwen_cls.pipeline import notebook_parameters, notebooks_dir
+    from qwen_cls.profiles import PROFILES, SCHEMA, check_parameters, profile_parameters
+
+    declared = set().union(*(notebook_parameters(notebooks_dir() / name) for name in NOTEBOOKS))
+    assert declared | set().union(*map(set, PROFILES.values())) <= set(SCHEMA)
+    for name in PROFILES:
+        check_parameters(profile_parameters(name))  # every profile passes its own schema
 
 
 @pytest.mark.parametrize("text, value", [("16", 16), ("0.5", 0.5), ("5e-3", 0.005), ("True", True),
