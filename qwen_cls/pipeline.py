@@ -142,7 +142,7 @@ def resolve_parameters(profile: str, overrides: dict | None = None, out: str | o
 
 def preflight(params: dict) -> None:
     """Fail before any notebook starts: missing local inputs, or a hub download while offline."""
-    from .model import TINY
+    from .model import GEMMA, TINY
     from .network import require_host
 
     check_folder_path(Path(params["out_dir"]), "--out")
@@ -152,13 +152,18 @@ def preflight(params: dict) -> None:
             raise IsADirectoryError(f"{key}={path} is a directory; give a raw JSONL file")
         if not path.exists() and not params.get("download_data"):
             raise FileNotFoundError(f"{key}={path} does not exist (raw JSONL rows: text, category, output)")
-    if any(not Path(params[k]).exists() for k in ("train_path", "test_path")):
+    if any(not Path(params[k]).exists() for k in ("train_path", "test_path")) \
+            and params.get("dataset", "fudan-news") == "fudan-news":  # thucnews comes through pip (fails fast)
         require_host("www.modelscope.cn", what="the Fudan news dataset")
     for key in ("train_path", "test_path"):  # bad rows: path:line now, not a failed notebook later
         if Path(params[key]).exists():
             read_raw_rows(params[key])
     model = str(params["base_model"])
-    if model != TINY and not Path(model).expanduser().exists():
+    if model == GEMMA:
+        from .gemma import chunk_files
+
+        chunk_files()  # the chunk packages are installed (else: ModelNotFound naming `make setup`)
+    elif model != TINY and not Path(model).expanduser().exists():
         require_host("www.modelscope.cn", what=f"the model {model}")
     if "swanlab_mode" in params:  # 'local' without the dashboard package, 'cloud' without a key: now, not in 03
         from .tracking import check_mode
@@ -372,6 +377,10 @@ def run_folder(run_dir: str | os.PathLike, *, overwrite: bool = False):
 
 # --- the chain ----------------------------------------------------------------------------------------------------
 
+# What every kernel says that tells a learner nothing: jupyter's local-TCP notice, and its own shutdown.
+KERNEL_NOISE = ("Kernel is running over TCP without encryption", "KeyboardInterrupt caught in kernel")
+
+
 def _kernel_manager_class(stderr):
     """A kernel manager whose kernels write their own stderr (log lines, shutdown noise) into ``stderr``."""
     from jupyter_client import AsyncKernelManager
@@ -450,8 +459,9 @@ def _execute(notebook: Path, target: Path, parameters: dict, *, cwd: Path, progr
         finally:
             if not interrupted:
                 kernel_stderr.seek(0)
-                text = kernel_stderr.read().decode("utf-8", "replace")
-                if text:
+                text = "".join(line for line in kernel_stderr.read().decode("utf-8", "replace").splitlines(True)
+                               if not any(noise in line for noise in KERNEL_NOISE))
+                if text.strip():
                     sys.stderr.write(text)
                     sys.stderr.flush()
 
@@ -480,7 +490,8 @@ def register(subparsers) -> None:
     """Add ``qwen-cls run`` to the CLI."""
     p = subparsers.add_parser("run", help="execute the notebook chain 00-05 with papermill into a run folder")
     p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
-                   help="parameter set: tiny (offline, minutes on CPU) or qwen2-0.5b (the real recipe)")
+                   help="parameter set: tiny (offline mechanics, 1 min), gemma3-270m (a real model learning on CPU, offline "
+                        "after make setup, about 15 min) or qwen2-0.5b (the real recipe; network + GPU advisable)")
     p.add_argument("--out", default=None, help="run folder (default: the profile's out_dir)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a notebook parameter (values parsed like papermill: int, float, True, ...)")

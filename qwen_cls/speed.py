@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from .evaluate import score_candidates
-from .prompt import build_messages
+from .prompt import build_messages, chat_family
 from .tokenize import fit_prompts, process_batch
 from .train import answer_only_loss, padding_collator
 
@@ -94,12 +94,15 @@ def per_row_generate(model, tokenizer, texts, categories, *, max_new_tokens: int
 
     ``generated_counts``, when given, receives the number of tokens generated for each row."""
     device = next(model.parameters()).device
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in chat_family(tokenizer).stop_tokens]
     answers = []
     for text, category in zip(texts, categories):
         prompt = tokenizer.apply_chat_template(build_messages(text, category), tokenize=False,
                                                add_generation_prompt=True)
-        model_inputs = tokenizer([prompt], return_tensors="pt").to(device)
-        generated = model.generate(model_inputs.input_ids, max_new_tokens=max_new_tokens)
+        # the template already holds any BOS; stop where the family's turn ends (Qwen2 <|im_end|>, Gemma <end_of_turn>)
+        model_inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(device)
+        generated = model.generate(model_inputs.input_ids, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                   pad_token_id=tokenizer.pad_token_id)
         generated = [out[len(inp):] for inp, out in zip(model_inputs.input_ids, generated)]
         if generated_counts is not None:
             generated_counts.append(len(generated[0]))

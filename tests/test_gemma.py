@@ -5,6 +5,7 @@ import math
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from qwen_cls import gemma as G
 from qwen_cls import model as M
 from qwen_cls import prompt as P
 from qwen_cls import tokenize as T
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 
 # Easy headlines: a model that read Chinese news tells sport from money without any fine-tuning.
 HEADLINES = [
@@ -188,3 +191,30 @@ def test_lora_targets_and_answer_only_loss_on_gemma(gemma):
         fast = answer_only_loss(model, inputs)
         full = model(**inputs).loss  # the LM head at every position, the standard shifted loss
     assert fast.item() == pytest.approx(full.item(), rel=1e-4)
+
+
+# ------------------------------------------------------------------ the gemma3-270m profile
+
+
+def test_gemma_profile_starts_offline_and_checks_the_chunks_first(tmp_path, monkeypatch):
+    from qwen_cls.pipeline import preflight, resolve_parameters
+    from qwen_cls.profiles import PROFILES, check_parameter
+
+    monkeypatch.setenv("QWEN_CLS_OFFLINE", "1")  # no hub may be asked for: model and data are local
+    sample = SAMPLE_DIR
+    params = resolve_parameters("gemma3-270m", {"train_path": str(sample / "train.jsonl"),
+                                                "test_path": str(sample / "test.jsonl")}, out=tmp_path / "run")
+    assert params["base_model"] == "gemma3-270m" and params["dataset"] == "thucnews"
+    for key, value in PROFILES["gemma3-270m"].items():
+        check_parameter(key, value)  # the profile's own values obey the schema
+    preflight(params)  # passes offline
+    monkeypatch.setattr(G, "CHUNK_PACKAGES", ("no-such-chunk-part1",))
+    with pytest.raises(M.ModelNotFound, match="make setup"):
+        preflight(params)
+    assert not (tmp_path / "run").exists()
+
+
+def test_numbers_are_labelled_by_what_made_them():
+    assert "learns nothing" in M.describe_model("tiny") and "mechanics" in M.describe_model("tiny")
+    assert "pretrained" in M.describe_model("gemma3-270m") and "real numbers" in M.describe_model("gemma3-270m")
+    assert M.describe_model("qwen/Qwen2-0.5B").startswith("qwen/Qwen2-0.5B")
