@@ -152,6 +152,9 @@ def preflight(params: dict) -> None:
             raise IsADirectoryError(f"{key}={path} is a directory; give a raw JSONL file")
         if not path.exists() and not params.get("download_data"):
             raise FileNotFoundError(f"{key}={path} does not exist (raw JSONL rows: text, category, output)")
+        if not path.exists() and path.name != f"{key.split('_')[0]}.jsonl":  # a download writes train/test.jsonl
+            raise FileNotFoundError(f"{key}={path} does not exist, and a download (download_data) would only make "
+                                    f"{path.parent / (key.split('_')[0] + '.jsonl')}: check the path")
     if any(not Path(params[k]).exists() for k in ("train_path", "test_path")) \
             and params.get("dataset", "fudan-news") == "fudan-news":  # thucnews comes through pip (fails fast)
         require_host("www.modelscope.cn", what="the Fudan news dataset")
@@ -239,20 +242,28 @@ def hold_lock(run_dir: Path):
         os.close(fd)
 
 
+def _run_owned(name: str) -> bool:
+    """A name a run writes: the run layout, or a temp file/folder of an atomic write of one (``.adapter.x9``)."""
+    if name in RUN_LAYOUT:
+        return True
+    return name.startswith(".") and any(name.startswith(f".{owned}.") for owned in RUN_LAYOUT)
+
+
 def folder_state(folder: Path) -> str:
-    """``absent``, ``empty``, ``incomplete`` (marked :data:`RUN_INCOMPLETE`), ``finished`` (a run: its
-    ``params.json``, or nothing but run files) or ``foreign`` (files this tool did not write)."""
+    """``absent``, ``empty``, ``incomplete`` (marked :data:`RUN_INCOMPLETE`), ``finished`` (a run's
+    ``params.json`` and nothing but run files) or ``foreign`` (anything else: files this tool did not write,
+    dotfiles such as ``.git`` included, are never replaced)."""
     if not folder.exists():
         return "absent"
     if not folder.is_dir():
         raise RunFolderError(f"--out {folder}: not a folder; choose another --out")
-    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
-    if RUN_INCOMPLETE in names:
+    names = {p.name for p in folder.iterdir()}
+    if RUN_INCOMPLETE in names and all(_run_owned(n) for n in names):
         return "incomplete"
     if not names:
         return "empty"
-    if names <= RUN_LAYOUT:
-        return "finished"
+    if not all(_run_owned(n) for n in names):
+        return "foreign"
     try:
         params = json.loads((folder / PARAMS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -263,7 +274,10 @@ def folder_state(folder: Path) -> str:
 
 
 def _foreign(folder: Path) -> RunFolderError:
-    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name not in RUN_LAYOUT)
+    names = sorted(p.name for p in folder.iterdir() if not _run_owned(p.name))
+    if not names:
+        return RunFolderError(f"{folder} is not a run folder (it has no {PARAMS} written by `qwen-cls run`); "
+                              "choose a new or empty folder for --out")
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     return RunFolderError(f"{folder} is not a run folder (it holds {shown}, which `qwen-cls run` did not write); "
                           "choose a new or empty folder for --out")
@@ -455,6 +469,8 @@ def _execute(notebook: Path, target: Path, parameters: dict, *, cwd: Path, progr
             raise NotebookFailed(notebook.name, f"because its kernel died ({exc}; out of memory?)", run_dir) from None
         except KeyboardInterrupt:
             interrupted = True
+            for name in ("asyncio", "papermill", "nbclient"):  # echoes of the interrupt (see cmd_run)
+                logging.getLogger(name).disabled = True
             raise
         finally:
             if not interrupted:
@@ -476,10 +492,14 @@ def cmd_run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Interrupted as exc:
+        # the executor's abandoned cell task ("Task exception was never retrieved ... DeadKernelError") and
+        # nbclient's "Kernel died" lines are echoes of the interrupt itself: one line says it all
+        for name in ("asyncio", "papermill", "nbclient"):
+            logging.getLogger(name).disabled = True
         print(f"interrupted; {exc.note}" if exc.note else "interrupted", file=sys.stderr)
         return 130
     print(f"\nDone. Outputs are in {run_dir}")
-    for name in ("metrics.json", "confusion_matrix.png", "loss_curve.png", "predictions.jsonl",
+    for name in ("metrics.json", "confusion_matrix.png", "loss_curve.png", "learning_curve.png", "predictions.jsonl",
                  "rag_metrics.json", "adapter", "swanlog", "notebooks"):
         if (run_dir / name).exists():
             print(f"  {run_dir / name}")

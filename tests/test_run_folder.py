@@ -43,7 +43,7 @@ def fake_execute(fail_at: str | None = None, error: type[BaseException] = Paperm
             (out / "data").mkdir(exist_ok=True)
             (out / "data" / "train.jsonl").write_text(f'{{"seed": {seed}}}\n', encoding="utf-8")
         if sleep_at and name.startswith(sleep_at):
-            (out / "ready").write_text("x")  # tells the test that the run is half way
+            (out / "notebooks" / "ready").write_text("x")  # tells the test that the run is half way
             time.sleep(600)
         if fail_at and name.startswith(fail_at):
             if name.startswith("03"):
@@ -216,7 +216,7 @@ def test_kill_9_half_way_then_next_run_restores_the_previous_run(finished, capsy
     victim = subprocess.Popen([sys.executable, "-c", KILLABLE.format(here=str(HERE), out=str(finished))],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (finished / "ready").exists():
+    while not (finished / "notebooks" / "ready").exists():
         assert victim.poll() is None, victim.stderr.read()
         assert time.monotonic() < deadline, "the run never reached notebook 03"
         time.sleep(0.05)
@@ -242,7 +242,7 @@ def test_sigterm_is_handled_like_ctrl_c(finished):
     proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(here=str(HERE), out=str(finished))],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (finished / "ready").exists():
+    while not (finished / "notebooks" / "ready").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -257,3 +257,22 @@ def test_predict_knows_the_marker_by_the_same_name():
     from qwen_cls import pipeline, predict
 
     assert predict.RUN_INCOMPLETE == pipeline.RUN_INCOMPLETE
+
+
+def test_a_project_folder_with_git_and_run_like_names_is_never_replaced(tmp_path, capsys):
+    """``.git`` + ``data/`` + ``notebooks/`` look like run files by name: still not a run, even with --overwrite."""
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (project / "data").mkdir()
+    (project / "data" / "train.jsonl").write_text('{"x": 1}\n')
+    (project / "notebooks").mkdir()
+    before = {str(p.relative_to(project)): p.read_bytes() if p.is_file() else None for p in sorted(project.rglob("*"))}
+    assert main(["run", "--out", str(project), "--overwrite"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    after = {str(p.relative_to(project)): p.read_bytes() if p.is_file() else None for p in sorted(project.rglob("*"))}
+    assert after == before
+    bare = tmp_path / "bare"  # run-like names but no params.json
+    (bare / "data").mkdir(parents=True)
+    assert main(["run", "--out", str(bare), "--overwrite"]) == 2
+    assert "no params.json" in capsys.readouterr().err and (bare / "data").is_dir()

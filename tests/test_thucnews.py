@@ -156,3 +156,17 @@ def test_real_sdist_gives_ten_balanced_classes(real_sdist, tmp_path):
     assert Counter(r.output for r in test) == {e: 200 for e in ENGLISH}
     assert not {r.text for r in train} & {r.text for r in test}
     assert "15 headlines appeared with two different labels" in paths["card"].read_text(encoding="utf-8")
+
+
+def test_files_it_did_not_write_are_never_replaced(tmp_path):
+    from qwen_cls.data import DataError
+    from qwen_cls.thucnews import write_dataset
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("# my project\n")
+    (folder / "train.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(DataError, match="not written by `download-data --dataset thucnews`"):
+        write_dataset(folder, source=tmp_path / "never-read.txt")
+    assert (folder / "README.md").read_text() == "# my project\n"
+    assert (folder / "train.jsonl").read_text() == '{"mine": 1}\n' and not (folder / "test.jsonl").exists()
