@@ -6,7 +6,8 @@ It runs swanboard's own web app (what ``swanlab watch`` runs) inside :class:`Gua
 gives a 500 that names the full path; and any ``Host`` header is accepted, so a web page using DNS
 rebinding could read files through a learner's open dashboard. The guard answers media requests itself,
 confined to regular files inside the run's ``swanlog/``; refuses requests whose ``Host`` is not the bound
-address, and changes (PATCH, DELETE, ...) from another ``Origin``; and never echoes paths or exceptions.
+address, changes (PATCH, DELETE, ...) from another ``Origin`` and API calls a browser marks as
+cross-site (``Sec-Fetch-Site``: swanboard's ``GET .../stop`` changes state); and never echoes paths or exceptions.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class Guard:
         origin = headers.get("origin")
         if scope.get("method", "GET") not in SAFE_METHODS and origin is not None and origin not in self.origins:
             return await _plain(send, 403, "changes are accepted only from the dashboard's own page")
+        if scope["path"].startswith("/api/") and headers.get("sec-fetch-site") == "cross-site":
+            # another site's page (an <img>, a fetch) calling the API, e.g. swanboard's GET .../stop
+            return await _plain(send, 403, "the dashboard's API answers only its own page")
         if scope["type"] == "http" and scope["path"].startswith(MEDIA_PREFIX):
             return await self.media(scope, receive, send)
         return await self.app(scope, receive, send)

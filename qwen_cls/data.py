@@ -173,7 +173,11 @@ def write_target(path: str | os.PathLike) -> Path:
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     if target.is_dir():
         raise DataError(path, None, "is a directory; give the path of an output file")
-    if target.exists() and not target.is_file():
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode)  # follows links: /dev/stdout -> a pipe or terminal
+    except (FileNotFoundError, NotADirectoryError):
+        special = path.is_symlink() and target.parts[:2] == ("/", "proc")  # e.g. /proc/self/fd/1 -> pipe:[..]
+    if special:
         raise DataError(path, None, "is not a regular file (a device, pipe or socket); give a file path")
     if target.parent.exists() and not target.parent.is_dir():
         raise DataError(path, None, f"{target.parent} is a file, not a folder; choose another output path")
@@ -234,11 +238,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     moved aside first and removed only once the new one is in), on error it is removed. The folder gets
     the umask's mode (0777 & ~umask). Callers decide whether an existing ``path`` may be replaced."""
     path = Path(path)
+    if path.is_symlink() and path.is_dir():  # a link to a folder (e.g. on another disk): replace its target
+        path = Path(os.path.realpath(path))
     if path.exists() and not path.is_dir():
         raise DataError(path, None, "is a file, not a folder; choose another output folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     old = None
+    keep_old = False
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~current_umask())
@@ -247,12 +254,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, old / path.name)
         os.replace(tmp, path)
     except BaseException:
-        if old is not None and not path.exists():  # put the previous folder back
-            os.replace(old / path.name, path)
+        if old is not None and (old / path.name).exists():  # put the previous folder back
+            try:
+                os.replace(old / path.name, path)
+            except OSError:
+                keep_old = True  # the only copy of the previous folder: never removed
+                raise DataError(path, None, f"could not be restored; the previous folder is in {old}") from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
+        if old is not None and not keep_old:
             shutil.rmtree(old, ignore_errors=True)
 
 

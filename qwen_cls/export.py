@@ -60,7 +60,8 @@ def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -
     lines = [
         "# qwen-cls merged classifier", "",
         f"Base model `{config['base_model']}` with the LoRA adapter of run `{run_dir}` merged in "
-        "(`merge_and_unload`). It answers the ChatML classification prompt of `qwen_cls.prompt` with one of "
+        "(`merge_and_unload`). It answers the classification prompt of `qwen_cls.prompt` (in its model family's "
+        "chat format) with one of "
         "the candidate labels.", "",
         f"- max_length: {config['max_length']}",
         f"- LoRA: {json.dumps(config.get('lora', {}), ensure_ascii=False)}",

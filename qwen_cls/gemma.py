@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .data import atomic_dir
-from .model import GEMMA, ModelNotFound, cache_dir
+from .model import GEMMA, ModelNotFound, cache_dir, refuse_non_empty
 from .prompt import GEMMA_FAMILY
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -92,6 +92,7 @@ def build_gemma_model(out_dir: str | os.PathLike | None = None) -> Path:
     out = Path(out_dir) if out_dir else gemma_dir()
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
+    refuse_non_empty(out)
     chunks = chunk_files()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf.", dir=out.parent) as scratch:

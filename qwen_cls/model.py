@@ -53,6 +53,13 @@ def describe_model(name: str) -> str:
     return f"{name}: a pretrained model; real numbers"
 
 
+def refuse_non_empty(out: Path) -> None:
+    """A model is built only into a new or empty folder: never over files it did not write."""
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: not empty and not a built model; nothing was changed: choose a new or "
+                              "empty folder for --out")
+
+
 class ModelNotFound(FileNotFoundError):
     """A model folder is missing or incomplete; the message says what to do."""
 
@@ -95,6 +102,7 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
     out = Path(out_dir) if out_dir else cache_dir() / f"tiny-qwen2-v{TINY_VERSION}-seed{seed}"
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
+    refuse_non_empty(out)
     with atomic_dir(out) as tmp:  # a half-built model never sits at ``out``
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))

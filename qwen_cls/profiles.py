@@ -83,6 +83,7 @@ PROFILES: dict[str, dict] = {
         "eval_batch_size": 16,
         "max_new_tokens": 5,
         "rag_test_rows": 200,  # 05 compares its four model methods on the first 200 test rows
+        "rag_max_length": 256,  # room for k=3 retrieved headlines beside the query (128 would cut them)
         "speed_rows": 1,  # 04's per-row generate(512) without the adapter never stops: ~35 s a row on CPU
         "out_dir": "../runs/gemma3-270m",
     },
@@ -197,7 +198,7 @@ MIN_MAX_LENGTH = 64
 
 SCHEMA: dict[str, Param] = {
     "profile": Param("text"),
-    "base_model": Param("text", note="'tiny', a model folder or a ModelScope id"),
+    "base_model": Param("text", note="'tiny', 'gemma3-270m', a model folder or a ModelScope id"),
     "train_path": Param("path", note="raw JSONL file"),
     "test_path": Param("path", note="raw JSONL file"),
     "out_dir": Param("path", note="the run folder"),

@@ -159,7 +159,7 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
-    lora = recipe_lora_config()
+    lora = recipe_lora_config()  # the recipe's seven projections (Qwen2, Gemma 3); from the model once loaded
     model_path = Path(model).expanduser()
     settings = {  # what decides the adapter: recorded in every checkpoint, compared on resume
         "train": str(Path(train).resolve()), "train_sha256": file_sha256(train), "limit": limit,
@@ -201,6 +201,8 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     # reaches the same adapter as an uninterrupted one.
     set_seed(seed)
     base, tokenizer = load_model(model, device="cpu")  # Trainer (or DeepSpeed) places it on the device
+    lora = recipe_lora_config(base)  # the recipe's r/alpha/dropout on this architecture's projections
+    settings["lora"]["target_modules"] = sorted(lora.target_modules)
     dataset = tokenized_rows(rows, tokenizer, max_length)
     peft_model = prepare_lora_model(base.train(), lora, gradient_checkpointing=gradient_checkpointing)
 

@@ -305,5 +305,8 @@ def test_changes_from_a_foreign_origin_are_refused_and_errors_name_no_path(dashb
                         headers={"Origin": "http://attacker.example"})
     assert status == 403
     assert experiment_id(url) == eid  # still there
+    status, _ = raw_get(url, f"/api/v1/experiment/{eid}/stop", headers={"Sec-Fetch-Site": "cross-site"})
+    assert status == 403  # an <img> on another site cannot stop an experiment
+    assert raw_get(url, "/api/v1/project", headers={"Sec-Fetch-Site": "same-origin"})[0] == 200
     status, body = raw_get(url, "/api/v1/experiment/999999/tag/train%2Floss")  # swanboard raises inside
     assert status >= 400 and str(run_dir).encode() not in body and b"swanlog" not in body, body[:300]

@@ -185,3 +185,27 @@ def test_special_files_and_file_parents_are_refused(tmp_path):
     with pytest.raises(DataError, match="is a file, not a folder"):
         write_json_atomic({}, tmp_path / "afile" / "out.json")
     assert list(tmp_path.iterdir()) and not fifo.is_file()
+
+
+def test_dev_stdout_is_refused_whatever_stdout_is(tmp_path):
+    """/dev/stdout is a link into /proc: a pipe, a terminal or a file; as an output path it is refused unless
+    it names a regular file."""
+    import subprocess
+    import sys
+
+    code = ("from qwen_cls.data import write_json_atomic, DataError\n"
+            "try:\n    write_json_atomic({}, '/dev/stdout')\nexcept DataError as e:\n    print('refused', e)\n")
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert piped.stdout.startswith("refused /dev/stdout: is not a regular file"), piped.stdout + piped.stderr
+
+
+def test_a_symlinked_output_folder_is_written_through(tmp_path):
+    from qwen_cls.data import atomic_dir
+
+    real = tmp_path / "big-disk" / "exports"
+    real.mkdir(parents=True)
+    link = tmp_path / "exports"
+    link.symlink_to(real)
+    with atomic_dir(link) as tmp:
+        (tmp / "model.txt").write_text("weights")
+    assert link.is_symlink() and (real / "model.txt").read_text() == "weights"
