@@ -391,6 +391,8 @@ def run_folder(run_dir: str | os.PathLike, *, overwrite: bool = False):
 
 # --- the chain ----------------------------------------------------------------------------------------------------
 
+HEADLESS_ENV = "QWEN_CLS_HEADLESS"  # set in the kernels of `qwen-cls run`: notebooks skip interactive widgets
+
 # What every kernel says that tells a learner nothing: jupyter's local-TCP notice, and its own shutdown.
 KERNEL_NOISE = ("Kernel is running over TCP without encryption", "KeyboardInterrupt caught in kernel")
 
@@ -402,6 +404,7 @@ def _kernel_manager_class(stderr):
     class KernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
             kw.setdefault("stderr", stderr)
+            kw["env"] = {**(kw.get("env") or os.environ), HEADLESS_ENV: "1"}  # nobody can click a widget here
             return await super().start_kernel(**kw)
 
     return KernelManager

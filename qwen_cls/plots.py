@@ -1,19 +1,59 @@
 """Matplotlib figures of the notebooks: label distribution, token lengths, loss and learning curves,
-confusion matrix.
+confusion matrix, and two explanatory pictures: one training row as a strip of tokens coloured by role
+(:func:`token_strip`) and the LoRA idea with a model's real shapes (:func:`lora_picture`).
 
 Each function returns the ``Figure``; with ``path`` it is also saved as PNG (temp file + rename).
+Importing this module registers a Simplified-Chinese font (Noto Sans SC, from the PyPI package
+``pylopdf-fonts-zh-cn``) so that Chinese titles and token text render instead of empty boxes.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
+import unicodedata
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import font_manager
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from .data import atomic_file
+
+CJK_FONT_PACKAGE = "pylopdf_fonts_zh_cn"  # PyPI: pylopdf-fonts-zh-cn (Noto Sans SC, SIL OFL 1.1)
+CJK_FONT_FILE = "NotoSansSC-Regular.otf"
+
+
+def cjk_font_path() -> Path | None:
+    """The installed Noto Sans SC file, found through the package's resources; ``None`` if not installed."""
+    try:
+        resource = importlib.resources.files(CJK_FONT_PACKAGE) / CJK_FONT_FILE
+    except ModuleNotFoundError:
+        return None
+    with importlib.resources.as_file(resource) as path:  # a wheel installs plain files: no copy is made
+        return Path(path) if Path(path).is_file() else None
+
+
+def use_cjk_font() -> str | None:
+    """Register the CJK font with matplotlib and put its family first in ``font.sans-serif`` (DejaVu Sans
+    right after it, for glyphs it lacks); returns the family name, or ``None`` when the font is missing."""
+    path = cjk_font_path()
+    if path is None:
+        return None
+    font_manager.fontManager.addfont(str(path))
+    family = font_manager.FontProperties(fname=str(path)).get_name()  # "Noto Sans SC"
+    rest = [f for f in plt.rcParams["font.sans-serif"] if f not in (family, "DejaVu Sans")]
+    plt.rcParams["font.sans-serif"] = [family, "DejaVu Sans", *rest]
+    # Matplotlib falls back glyph by glyph along font.family (not along the sans-serif list): name both, so
+    # a character the CJK font lacks (e.g. "↵") comes from DejaVu Sans and italic text keeps its Chinese.
+    plt.rcParams["font.family"] = [family, "DejaVu Sans"]
+    return family
+
+
+CJK_FONT_FAMILY = use_cjk_font()
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
@@ -44,7 +84,7 @@ def label_distribution(counts_by_split: Mapping[str, Mapping[str, int]], *, path
     ax.invert_yaxis()
     ax.set_xlabel("rows")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never on them
     return _finish(fig, path)
 
 
@@ -61,7 +101,7 @@ def length_histogram(lengths: Sequence[int], max_length: int, *, recipe_lengths:
     ax.set_xlabel("tokens")
     ax.set_ylabel("rows")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)  # below the axes
     return _finish(fig, path)
 
 
@@ -92,12 +132,13 @@ def learning_curve(history: Sequence[dict], *, chance: float | None = None,
             ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", label=f"chance = {chance:.2f}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch (0 = before training)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.08)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)  # below the axes
     return _finish(fig, path)
 
 
@@ -112,4 +153,171 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], *, 
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45
     )
     ax.set_title(title)
+    return _finish(fig, path)
+
+
+# --- pictures that explain -------------------------------------------------------------------------------
+
+ROLE_COLORS = {"prompt": "#d9d9d9", "answer": "#f4a261", "padding": "#ffffff"}  # face colour per token role
+ROLE_NAMES = {"prompt": "prompt: labels = -100, 不算 loss",
+              "answer": "answer + 结束符: 算 loss (supervised)",
+              "padding": "padding: attention_mask = 0, labels = -100"}
+
+
+def _as_list(values) -> list[int] | None:
+    if values is None:
+        return None
+    return [int(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+
+
+def token_roles(input_ids, labels, *, attention_mask=None, pad_token_id: int | None = None) -> list[str]:
+    """Role of each position: ``"padding"`` (attention_mask 0; without a mask, the pad id with label -100),
+    ``"answer"`` (a label other than -100: the answer and the end-of-turn token), else ``"prompt"``."""
+    ids, labels, mask = _as_list(input_ids), _as_list(labels), _as_list(attention_mask)
+    if len(labels) != len(ids) or (mask is not None and len(mask) != len(ids)):
+        raise ValueError("input_ids, labels and attention_mask must have the same length")
+    roles = []
+    for k, (token, label) in enumerate(zip(ids, labels)):
+        if (mask is not None and mask[k] == 0) or (mask is None and token == pad_token_id and label == -100):
+            roles.append("padding")
+        else:
+            roles.append("answer" if label != -100 else "prompt")
+    return roles
+
+
+def _text_width(text: str) -> int:
+    """Display width in half-width cells (a Chinese character takes two)."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _token_text(tokenizer, token: int, max_width: int) -> str:
+    text = tokenizer.decode([token])
+    if "\ufffd" in text:  # part of a multi-byte character: one token is not a whole character
+        return "<字节>"
+    text = text.replace("\n", "↵").replace(" ", "␣") or "∅"
+    if _text_width(text) > max_width:
+        while _text_width(text) > max_width - 1:
+            text = text[:-1]
+        text += "…"
+    return text
+
+
+def _shown_positions(roles: list[str], head: int, tail: int, pads: int) -> list[int | tuple[int, int]]:
+    """Positions to draw: all of a short row; else the first ``head`` tokens, the last ``tail`` tokens before
+    the padding and the first ``pads`` and the last padding tokens, each gap as ``(start, stop)``."""
+    n = len(roles)
+    if n <= head + tail:
+        return list(range(n))
+    real = [k for k, role in enumerate(roles) if role != "padding"]
+    padding = [k for k, role in enumerate(roles) if role == "padding"]
+    last = real[-1] if real else n - 1
+    keep = set(range(head)) | set(range(max(0, last - tail + 1), last + 1)) | set(padding[:pads] + padding[-1:])
+    shown, previous = [], -1
+    for k in sorted(keep):
+        if k > previous + 1:
+            shown.append((previous + 1, k))  # an ellipsis box for the hidden tokens previous+1 .. k-1
+        shown.append(k)
+        previous = k
+    return shown
+
+
+def token_strip(input_ids, labels, tokenizer, *, attention_mask=None, head: int = 24, tail: int = 24,
+                pads: int = 3, max_token_width: int = 16, line_width: int = 110, path=None,
+                title="一行训练数据 (one training row)"):
+    """One training row as a strip of token boxes coloured by role (prompt masked with -100, supervised
+    answer incl. the end-of-turn token, padding), the decoded text in each box and its label below it.
+
+    Rows longer than ``head + tail`` tokens show the first ``head`` tokens, the last ``tail`` tokens before
+    the padding (so the answer is always seen) and a few padding tokens, with an ellipsis box for each gap;
+    the counts per role in the legend are over the whole row.
+    """
+    ids, label_list = _as_list(input_ids), _as_list(labels)
+    roles = token_roles(ids, label_list, attention_mask=attention_mask, pad_token_id=tokenizer.pad_token_id)
+    counts = {role: roles.count(role) for role in ROLE_COLORS}
+    boxes, x, line = [], 0.0, 0  # (x, line, width, text, role, label text)
+    for k in _shown_positions(roles, head, tail, pads):
+        if isinstance(k, tuple):
+            text, role, below = f"… 省略 {k[1] - k[0]} 个 token …", "ellipsis", ""
+        else:
+            role = roles[k]
+            text = "pad" if role == "padding" else _token_text(tokenizer, ids[k], max_token_width)
+            below = str(label_list[k])
+        width = max(_text_width(text), 3) + 1.5
+        if x + width > line_width and x > 0:
+            x, line = 0.0, line + 1
+        boxes.append((x, line, width, text, role, below))
+        x += width + 0.4
+    n_lines = line + 1
+    fig, ax = plt.subplots(figsize=(10, 0.62 * n_lines + 1.3))
+    for x, line, width, text, role, below in boxes:
+        y = -line * 2.0
+        if role == "ellipsis":
+            ax.add_patch(Rectangle((x, y), width, 1.0, facecolor="none", edgecolor="grey", linestyle=":",
+                                   gid="ellipsis"))
+            ax.text(x + width / 2, y + 0.5, text, ha="center", va="center", fontsize=8, color="dimgrey")
+            continue
+        ax.add_patch(Rectangle((x, y), width, 1.0, facecolor=ROLE_COLORS[role], gid=role,
+                               edgecolor="grey" if role != "padding" else "darkgrey",
+                               linestyle="--" if role == "padding" else "-", linewidth=0.8))
+        ax.text(x + width / 2, y + 0.5, text, ha="center", va="center", fontsize=8,
+                color="darkgrey" if role == "padding" else "black")
+        ax.text(x + width / 2, y - 0.12, below, ha="center", va="top", fontsize=5.5,
+                color="#c0392b" if role == "answer" else "grey")
+    ax.set_xlim(-0.5, line_width + 0.5)
+    ax.set_ylim(-2.0 * line - 0.9, 1.2)
+    ax.axis("off")
+    handles = [Patch(facecolor=ROLE_COLORS[r], edgecolor="grey", linestyle="--" if r == "padding" else "-",
+                     label=f"{ROLE_NAMES[r]} ({counts[r]} 个)") for r in ROLE_COLORS]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False, fontsize=8)
+    ax.set_title(f"{title}: {len(ids)} 个 token, 框下的小字是 labels", fontsize=10)
+    return _finish(fig, path)
+
+
+def lora_parameter_counts(d_in: int, d_out: int, r: int) -> dict:
+    """Parameters of a frozen ``W`` (d_out × d_in) and of LoRA's ``A`` (r × d_in) and ``B`` (d_out × r)."""
+    counts = {"W": d_out * d_in, "A": r * d_in, "B": d_out * r}
+    counts["lora"] = counts["A"] + counts["B"]
+    counts["ratio"] = counts["lora"] / counts["W"]
+    return counts
+
+
+def lora_picture(d_in: int, d_out: int, r: int, alpha: float, *, name: str = "q_proj", path=None, title=None):
+    """The LoRA idea with real shapes: ``h = W x + (alpha / r) · B A x``, ``W`` frozen (d_out × d_in),
+    ``B`` (d_out × r) and ``A`` (r × d_in) trained, with the parameter counts of ``W`` and of ``A + B``.
+
+    Sizes are to scale except the rank direction, drawn wider so that a rank of 8 stays visible.
+    """
+    counts = lora_parameter_counts(d_in, d_out, r)
+    side = 4.0
+    w_w, w_h = side * d_in / max(d_in, d_out), side * d_out / max(d_in, d_out)
+    thin = max(side * r / max(d_in, d_out), 0.35)  # the rank direction, widened for the eye
+    fig, ax = plt.subplots(figsize=(10, 4.6))
+    top = w_h
+    x = 0.0
+    ax.add_patch(Rectangle((x, 0), w_w, w_h, facecolor="#cfd8dc", edgecolor="#455a64", hatch="//", gid="W"))
+    ax.text(x + w_w / 2, w_h / 2, f"W  (冻结 frozen)\n{d_out} × {d_in}\n{counts['W']:,} 参数",
+            ha="center", va="center", fontsize=10, bbox=dict(facecolor="white", edgecolor="none", alpha=0.85))
+    x += w_w + 0.35
+    ax.text(x + 0.25, top / 2, "+", ha="center", va="center", fontsize=22)
+    x += 0.8
+    ax.text(x + 0.7, top / 2, f"α / r\n= {alpha:g} / {r}\n= {alpha / r:g}", ha="center", va="center", fontsize=10)
+    x += 1.6
+    ax.add_patch(Rectangle((x, 0), thin, w_h, facecolor="#f4a261", edgecolor="#9c4a12", gid="B"))
+    ax.text(x + thin / 2, -0.15, f"B (训练)\n{d_out} × {r}\n{counts['B']:,} 参数", ha="center", va="top", fontsize=9)
+    x += thin + 0.3
+    ax.text(x + 0.1, top / 2, "·", ha="center", va="center", fontsize=22)
+    x += 0.45
+    ax.add_patch(Rectangle((x, top - thin), w_w, thin, facecolor="#f4a261", edgecolor="#9c4a12", gid="A"))
+    ax.text(x + w_w / 2, top - thin - 0.15, f"A (训练)  {r} × {d_in}\n{counts['A']:,} 参数", ha="center", va="top",
+            fontsize=9)
+    x += w_w
+    ax.text(x / 2, -1.35,
+            f"可训练 (trainable) A + B = {r} × ({d_in} + {d_out}) = {counts['lora']:,} 参数"
+            f" = W 的 {counts['ratio']:.2%}\nB 初始为 0, 所以训练开始时 B·A = 0, 模型就是基座本身",
+            ha="center", va="top", fontsize=9.5)
+    ax.set_xlim(-0.3, x + 0.3)
+    ax.set_ylim(-2.0, top + 0.3)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title or f"LoRA on {name}:  h = W x + (α / r) · B A x   (r 方向放大画出, 其余按比例)", fontsize=11)
     return _finish(fig, path)

@@ -118,6 +118,29 @@ def description(config: dict | None) -> str | None:
     return None
 
 
+_hinted: set[str] = set()
+
+
+def _dashboard_hint(ctx) -> None:
+    """swanlab's local-mode tip, once per log folder and naming this project's safe dashboard command
+    (upstream prints ``swanlab watch DIR`` at the start and again at the end of every run)."""
+    log_dir = Path(str(ctx.config.settings.log_dir))
+    if str(log_dir) in _hinted:
+        return
+    _hinted.add(str(log_dir))
+    run_dir = log_dir.parent if log_dir.name == LOG_SUBDIR else log_dir
+    print(f"SwanLab: view this run with `qwen-cls dashboard {run_dir}` (http://127.0.0.1, Ctrl+C stops it)",
+          flush=True)
+
+
+def _use_project_hint() -> None:
+    try:
+        from swanlab.sdk.internal.run import greeting
+    except ImportError:  # another swanlab layout: its own tip stays
+        return
+    greeting._print_local_tip = _dashboard_hint
+
+
 def log_dir_of(out_dir: str | os.PathLike) -> Path:
     """Where a run directory's SwanLab logs live: ``OUT/swanlog``."""
     return Path(out_dir) / LOG_SUBDIR
@@ -136,6 +159,7 @@ def swanlab_callbacks(mode: str | None, out_dir: str | os.PathLike, config: dict
     from swanlab.integration.transformers import SwanLabCallback
 
     finish()  # a run left open (e.g. a notebook cell run twice): a new training is a new run
+    _use_project_hint()
     log_dir = log_dir_of(out_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     callback = SwanLabCallback(project=project, experiment_name=experiment_name or Path(out_dir).resolve().name,
@@ -170,6 +194,7 @@ def log_evaluation(metrics: dict, *, confusion_png: str | os.PathLike | None = N
     if not swanlab.has_run():
         if out_dir is None or (mode := check_mode(mode)) == "disabled":
             return False
+        _use_project_hint()
         log_dir = log_dir_of(out_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         swanlab.init(project=project, name=experiment_name or f"{Path(out_dir).resolve().name}-eval",

@@ -191,3 +191,26 @@ def test_rag_notebook_opened_alone_names_the_notebooks_that_make_its_inputs(tmp_
         (tmp_path / "data" / name).write_text(row, encoding="utf-8")
     evalue = run_05()  # data present, no adapter yet
     assert "02_tokenization" in evalue and "03_lora_training" in evalue and "adapter" in evalue
+
+
+def test_lora_notebook_shows_peft_collator_and_answer_only_loss():
+    """03 builds the LoRA model, the collator and the answer-only loss in its own cells (checked against the
+    library there), draws the LoRA picture and a token strip, and prints no raw ``TrainOutput``."""
+    nb = read("03_lora_training.ipynb")
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    for needle in ("get_peft_model(", "print_trainable_parameters()", "enable_input_require_grads()",
+                   "activation_checkpointing_enable(", "prepare_lora_model(", "DataCollatorForSeq2Seq(",
+                   "padding_collator(", "def answer_only_loss", "library.answer_only_loss(", "lora_picture(",
+                   "token_strip(", "disable_tqdm=True"):
+        assert needle in code, f"03 lacks {needle}"
+    assert "TrainOutput" not in code and "print(result)" not in code
+    loss = _functions("03_lora_training.ipynb")["answer_only_loss"]
+    called = _called(loss)
+    assert {"model", "cross_entropy", "zeros_like"} <= called, sorted(called)
+    assert not called & {"answer_only_loss", "answer_positions"}, "answer_only_loss() delegates to the library"
+    assert "logits_to_keep" in ast.unparse(loss)
+
+
+def test_tokenization_notebook_draws_a_token_strip():
+    code = "\n".join(c.source for c in read("02_tokenization.ipynb").cells if c.cell_type == "code")
+    assert "token_strip(" in code and "length_histogram(" in code  # at least two pictures
