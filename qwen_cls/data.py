@@ -11,6 +11,7 @@ the right one. Every problem is reported as ``path:line: what is wrong`` through
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import shutil
@@ -151,6 +152,15 @@ def to_instruction_row(row: RawRow) -> dict:
     out = {"input": user_message(row.text, row.category), "output": row.output}
     out.update(text=row.text, category=list(row.category))
     return out
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def current_umask() -> int:

@@ -35,6 +35,14 @@ def earlier_export_of(folder: Path) -> str | None:
         return None
 
 
+def is_run_folder(folder: Path) -> bool:
+    """A run (or an export of one): ``run_config.json`` beside ``adapter/`` or merged weights, or the
+    ``params.json`` of `qwen-cls run` beside its ``notebooks/`` (a lone file of that name is not enough)."""
+    if (folder / RUN_CONFIG).is_file() and ((folder / "adapter").is_dir() or (folder / MARKER).is_file()):
+        return True
+    return (folder / "params.json").is_file() and (folder / "notebooks").is_dir()
+
+
 def check_out_dir(run_dir: Path, out: Path) -> None:
     """Refuse an ``--out`` whose contents the export would destroy (see the module docstring)."""
     run, target = run_dir.resolve(), out.resolve()
@@ -43,7 +51,7 @@ def check_out_dir(run_dir: Path, out: Path) -> None:
     if run.is_relative_to(target):
         raise ExportRefused(f"--out {out} holds the run folder {run_dir}; choose a new, empty folder")
     for parent in target.parents:
-        if any((parent / name).is_file() for name in RUN_FILES):
+        if is_run_folder(parent):
             raise ExportRefused(f"--out {out} lies inside the run folder {parent}; choose a folder outside it")
     if not out.exists():
         return

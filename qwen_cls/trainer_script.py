@@ -1,8 +1,8 @@
 """``qwen-cls train``: the one training entry point, for one process, a resumed run, or many processes.
 
 The same command resumes an interrupted run (even one killed with ``kill -9``) from its last *complete and
-loadable* checkpoint (a damaged newer one is removed with a warning naming the file), and runs unchanged under
-``torchrun`` / ``accelerate launch`` (DDP; DeepSpeed ZeRO-2 with ``--deepspeed configs/deepspeed_zero2.json``).
+loadable* checkpoint (a damaged newer one is moved to ``damaged-checkpoints/`` with a warning naming the
+file), and runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP; DeepSpeed ZeRO-2 with ``--deepspeed configs/deepspeed_zero2.json``).
 Checkpoints are atomic and rotated (``qwen_cls.checkpointing``) and record the settings they were trained with
 (the training file's SHA-256 among them): resuming with other data or hyperparameters is refused, naming what
 differs, unless ``--resume-anyway``; ``--no-resume`` starts over. Options are checked before anything loads.
@@ -14,7 +14,6 @@ rank 0 only) and ``ranks/rank{N}.json`` (every rank: batches and rows it trained
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -88,17 +87,24 @@ def check_train_options(*, out, max_length: int, epochs: float, max_steps: int, 
             break
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (the training data's fingerprint)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ResumeMismatch(ValueError):
     """The checkpoint to resume was trained with other data or hyperparameters (exit 2)."""
+
+
+DAMAGED = "damaged-checkpoints"  # where checkpoints that could not be loaded are kept (a disk error may pass)
+
+
+def move_aside(path: Path, folder: Path) -> Path:
+    """Move ``path`` into ``folder`` under a free name; return where it went."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target, n = folder / path.name, 1
+    while target.exists():
+        n += 1
+        target = folder / f"{path.name}-{n}"
+    os.replace(path, target)
+    return target
 
 
 def check_resume_settings(checkpoint: Path, settings: dict, *, resume_anyway: bool = False) -> list[str]:
@@ -151,7 +157,7 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
 
     from .checkpointing import (CHECKPOINTS, ResumableTrainer, SleepAfterStep, remove_incomplete_checkpoints,
                                 resume_checkpoint)
-    from .data import atomic_dir, write_json_atomic
+    from .data import atomic_dir, file_sha256, write_json_atomic
     from .model import load_model, pick_device, pick_dtype
     from .train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
 
@@ -227,8 +233,9 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
             for path in remove_incomplete_checkpoints(out):
                 print(f"removed incomplete checkpoint {path}", file=sys.stderr)
             for path, problem in damaged:  # newer than the one resumed: the run saves those steps again
-                shutil.rmtree(path, ignore_errors=True)
-                print(f"warning: skipped and removed damaged checkpoint {path.name} ({problem})", file=sys.stderr)
+                kept = move_aside(path, out / DAMAGED)  # out of the rotation's way, but never deleted
+                print(f"warning: skipped damaged checkpoint {path.name} ({problem}); moved to {kept}",
+                      file=sys.stderr)
             if damaged and checkpoint is None:
                 print("warning: no loadable checkpoint left; training starts from step 0", file=sys.stderr)
         else:

