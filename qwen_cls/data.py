@@ -176,6 +176,16 @@ def current_umask() -> int:
     return mask
 
 
+def check_folder_path(folder: Path, option: str) -> None:
+    """A clear error when ``folder`` (or a folder above it) is a file, instead of a later ``File exists``."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == folder else f" ({path} is a file)"
+                raise NotADirectoryError(f"{option} {folder}: not a folder{where}; choose another {option}")
+            return
+
+
 def write_target(path: str | os.PathLike) -> Path:
     """Where a write to ``path`` lands: through symlinks to the file they name; folders and special files
     (devices, pipes, sockets) are refused with :class:`DataError`."""

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import read_raw_rows, write_json_atomic
+from .data import check_folder_path, read_raw_rows, write_json_atomic
 from .profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter, is_path_key, profile_parameters
 
 NOTEBOOKS = (
@@ -172,16 +172,6 @@ def preflight(params: dict) -> None:
         from .tracking import check_mode
 
         check_mode(params["swanlab_mode"])
-
-
-def check_folder_path(folder: Path, option: str) -> None:
-    """A clear error when ``folder`` (or a folder above it) is a file, instead of a later ``File exists``."""
-    for path in (folder, *folder.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "" if path == folder else f" ({path} is a file)"
-                raise NotADirectoryError(f"{option} {folder}: not a folder{where}; choose another {option}")
-            return
 
 
 # --- the run folder: one run, locked, replaced only whole ------------------------------------------------------

@@ -55,6 +55,7 @@ def check_train_options(*, out, max_length: int, epochs: float, max_steps: int, 
                         logging_steps: int, limit: int, deepspeed: str | None = None,
                         step_sleep: float = 0.0) -> None:
     """``ValueError`` naming the option when a value is out of range (before anything loads or is created)."""
+    from .data import check_folder_path
     from .profiles import MIN_MAX_LENGTH, Param
 
     rules = {
@@ -78,13 +79,7 @@ def check_train_options(*, out, max_length: int, epochs: float, max_steps: int, 
         raise ValueError(f"--max-steps must be an integer >= 1, or -1 to train --epochs epochs; got {max_steps!r}")
     if deepspeed is not None and not Path(deepspeed).is_file():
         raise FileNotFoundError(f"--deepspeed {deepspeed}: no such file (e.g. configs/deepspeed_zero2.json)")
-    out = Path(out)
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                where = "" if path == out else f" ({path} is a file)"
-                raise NotADirectoryError(f"--out {out}: not a folder{where}; choose another --out")
-            break
+    check_folder_path(Path(out), "--out")
 
 
 
