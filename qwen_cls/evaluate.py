@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .prompt import chat_family
-from .tokenize import encode_prompts, end_id, label_ids
+from .tokenize import encode_prompts, end_id, label_ids, stop_ids
 
 
 @dataclass
@@ -129,7 +129,7 @@ def generate_answers(model, tokenizer, rows, *, max_length: int = 384, batch_siz
     texts, cats = _rows_fields(rows)
     device = next(model.parameters()).device
     stop_tokens = chat_family(tokenizer).stop_tokens
-    stop = tokenizer.convert_tokens_to_ids(list(stop_tokens))
+    stop = stop_ids(tokenizer)
     answers = []
     for start in tqdm(range(0, len(rows), batch_size), desc="generate", disable=not progress):
         b_examples = examples[start:start + batch_size] if examples is not None else None

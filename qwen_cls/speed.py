@@ -20,8 +20,8 @@ from contextlib import contextmanager
 import torch
 
 from .evaluate import score_candidates
-from .prompt import build_messages, chat_family
-from .tokenize import fit_prompts, process_batch
+from .prompt import build_messages
+from .tokenize import fit_prompts, process_batch, stop_ids
 from .train import answer_only_loss, padding_collator
 
 
@@ -94,7 +94,7 @@ def per_row_generate(model, tokenizer, texts, categories, *, max_new_tokens: int
 
     ``generated_counts``, when given, receives the number of tokens generated for each row."""
     device = next(model.parameters()).device
-    stop = [tokenizer.convert_tokens_to_ids(t) for t in chat_family(tokenizer).stop_tokens]
+    stop = stop_ids(tokenizer)
     answers = []
     for text, category in zip(texts, categories):
         prompt = tokenizer.apply_chat_template(build_messages(text, category), tokenize=False,

@@ -38,6 +38,11 @@ def end_id(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(chat_family(tokenizer).end_of_turn)
 
 
+def stop_ids(tokenizer) -> list[int]:
+    """Ids where free generation stops: the family's end of turn, then its end of text."""
+    return tokenizer.convert_tokens_to_ids(list(chat_family(tokenizer).stop_tokens))
+
+
 def answer_reserve(tokenizer, category: list[str]) -> int:
     """Room kept after the prompt: the longest candidate's tokens plus the end token."""
     return max(len(label_ids(tokenizer, c)) for c in category) + 1
