@@ -209,17 +209,23 @@ sys.exit(t.run(__import__("pathlib").Path({out!r}), "--overwrite", seed=2))
 """
 
 
+def start_half_way(finished: Path) -> subprocess.Popen:
+    """A real ``qwen-cls run --overwrite`` process over ``finished``, returned once it sleeps in notebook 03."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(here=str(HERE), out=str(finished))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (finished / "notebooks" / "ready").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the run never reached notebook 03"
+        time.sleep(0.05)
+    return proc
+
+
 def test_kill_9_half_way_then_next_run_restores_the_previous_run(finished, capsys):
     """A real ``qwen-cls run`` process, killed with SIGKILL in notebook 03 while replacing a finished run."""
     before = snapshot(finished)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    victim = subprocess.Popen([sys.executable, "-c", KILLABLE.format(here=str(HERE), out=str(finished))],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (finished / "notebooks" / "ready").exists():
-        assert victim.poll() is None, victim.stderr.read()
-        assert time.monotonic() < deadline, "the run never reached notebook 03"
-        time.sleep(0.05)
+    victim = start_half_way(finished)
     # half way: the folder is marked, the previous run waits aside, a second run is turned away
     assert (finished / RUN_INCOMPLETE).is_file() and previous_path(finished).is_dir()
     assert run(finished, "--overwrite", seed=3) == 2
@@ -238,13 +244,7 @@ def test_kill_9_half_way_then_next_run_restores_the_previous_run(finished, capsy
 
 def test_sigterm_is_handled_like_ctrl_c(finished):
     before = snapshot(finished)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE.format(here=str(HERE), out=str(finished))],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (finished / "notebooks" / "ready").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.05)
+    proc = start_half_way(finished)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
