@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.rows import synth_rows  # noqa: E402
-from benchmarks.seed_recipe import SlowQwen2Tokenizer, seed_lora_model, seed_tokenize, seed_trainer  # noqa: E402
-from qwen_cls.speed import PeakMemory, limit_malloc_caching, per_row_generate, stopwatch  # noqa: E402
+from qwen_cls.blog_recipe import SlowQwen2Tokenizer, seed_lora_model, seed_tokenize, seed_trainer  # noqa: E402
+from qwen_cls.blog_recipe import per_row_generate  # noqa: E402
+from qwen_cls.measure import PeakMemory, limit_malloc_caching, stopwatch  # noqa: E402
 
 
 def _dataset(rows):
@@ -38,7 +39,7 @@ def _dataset(rows):
 def bench_tokenize(folder, rows, repeats, max_length):
     """rows/s of the recipe's per-row slow tokenizer vs the project's batched fast one (fresh tokenizers)."""
     from qwen_cls.model import load_tokenizer
-    from qwen_cls.tokenize import tokenize_dataset
+    from qwen_cls.tokenization import tokenize_dataset
 
     times = {"seed": [], "project": []}
     outputs = {}
@@ -105,7 +106,7 @@ def bench_eval(folder, rows, repeats, max_length, max_new_tokens):
     """rows/s: the recipe's per-row generate vs batched greedy generation vs batched candidate scoring."""
     from qwen_cls.evaluate import generate_answers, score_candidates
     from qwen_cls.model import load_model
-    from qwen_cls.tokenize import fit_prompts
+    from qwen_cls.tokenization import fit_prompts
 
     model, tokenizer = load_model(folder, device="cpu")
     _, cut_texts, _ = fit_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], max_length)
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from qwen_cls.model import resolve_model
-    from qwen_cls.tokenize import truncation_report
+    from qwen_cls.tokenization import truncation_report
 
     malloc_fixed = limit_malloc_caching()
     started = time.perf_counter()

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.rows import synth_rows  # noqa: E402
-from benchmarks.seed_recipe import seed_tokenize  # noqa: E402
-from qwen_cls.speed import PeakMemory, limit_malloc_caching, per_row_generate, stopwatch  # noqa: E402
+from qwen_cls.blog_recipe import seed_tokenize  # noqa: E402
+from qwen_cls.blog_recipe import per_row_generate  # noqa: E402
+from qwen_cls.measure import PeakMemory, limit_malloc_caching, stopwatch  # noqa: E402
 
 QWEN2_05B_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
@@ -115,7 +116,7 @@ def bench_train(name, model, shape, data, device, warmup):
 
 def bench_eval(model, tokenizer, rows, seed_rows, max_length, max_new_tokens, device):
     from qwen_cls.evaluate import generate_answers, score_candidates
-    from qwen_cls.tokenize import fit_prompts
+    from qwen_cls.tokenization import fit_prompts
 
     model.eval()
     _, cut, _ = fit_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], max_length)
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
 
     from qwen_cls.model import load_tokenizer, pick_dtype, qwen_tokenizer_dir
     from qwen_cls.prompt import QWEN2_CHAT_TEMPLATE
-    from qwen_cls.tokenize import tokenize_dataset
+    from qwen_cls.tokenization import tokenize_dataset
 
     disable_progress_bars()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, dashboard, export, pipeline, predict, trainer_script
+from . import __version__, dashboard, export, pipeline, predict, training_run
 from .data import DataError
 from .faults import describe_fault
 
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES = [
     pipeline.register,  # run: the notebook chain
     dashboard.register,  # dashboard: SwanLab logs on 127.0.0.1
-    trainer_script.register,  # train
+    training_run.register,  # train
     predict.register,  # predict
     export.register,  # export
 ]

@@ -14,7 +14,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
 from .evaluate import score_candidates
 from .metrics import classification_metrics
-from .tokenize import IGNORE_INDEX
+from .tokenization import IGNORE_INDEX
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_INPUT_COLUMNS = ["input_ids", "attention_mask", "labels"]
@@ -156,11 +156,6 @@ class ClassificationEvalCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._log(state)
-
-
-def answer_loss_history(log_history: list[dict]) -> list[tuple[int, float]]:
-    """(step, loss) pairs of the training log (``trainer.state.log_history``)."""
-    return [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
 
 
 def training_arguments(output_dir, **overrides):

@@ -30,7 +30,7 @@ FAST = ["--max-length", "128", "--batch-size", "2", "--grad-accum", "1", "--logg
 
 def train_command(*args: str) -> list[str]:
     """``qwen-cls train ARGS`` as a subprocess command line (this interpreter, so the venv's packages)."""
-    return [sys.executable, "-m", "qwen_cls.trainer_script", *args]
+    return [sys.executable, "-m", "qwen_cls", "train", *args]
 
 
 def subprocess_env() -> dict:

@@ -19,7 +19,7 @@ def test_torchrun_two_processes_share_the_work_and_rank0_writes(tmp_path):
     build_tiny_model()
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "qwen_cls.trainer_script", "--train", str(train_rows_file(tmp_path)), "--out", str(out),
+           "-m", "qwen_cls", "train", "--train", str(train_rows_file(tmp_path)), "--out", str(out),
            "--max-steps", "3", "--save-steps", "2", *FAST]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from qwen_cls.data import read_raw_rows
-from qwen_cls.evaluate import score_candidates, score_candidates_reference
+from qwen_cls.evaluate import score_candidates
 from qwen_cls.model import load_model, resolve_model
-from qwen_cls.tokenize import CHARS_PER_TOKEN_BOUND, IGNORE_INDEX, encode_prompts, fit_prompts, process_batch, tokenize_dataset
+from qwen_cls.tokenization import CHARS_PER_TOKEN_BOUND, IGNORE_INDEX, encode_prompts, fit_prompts, process_batch, tokenize_dataset
 from qwen_cls.train import answer_only_loss, padding_collator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.seed_recipe import SlowQwen2Tokenizer, make_process_func  # noqa: E402
+from qwen_cls.blog_recipe import SlowQwen2Tokenizer, make_process_func  # noqa: E402
+from _reference import score_candidates_reference  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "test.jsonl"
 
@@ -144,7 +145,7 @@ def test_tokenize_dataset_matches_process_batch(tiny, rows):
 
 
 def test_peak_memory_sees_a_large_allocation():
-    from qwen_cls.speed import PeakMemory, limit_malloc_caching
+    from qwen_cls.measure import PeakMemory, limit_malloc_caching
 
     limit_malloc_caching()
     with PeakMemory() as mem:
@@ -165,7 +166,7 @@ def test_loss_speed_times_both_paths_and_answer_only_projects_only_answer_rows(t
     import math
     import time
 
-    from qwen_cls.speed import compare_loss_speed
+    from qwen_cls.speed_comparison import compare_loss_speed
 
     model, tokenizer = tiny
     fields = {k: [r[k] for r in rows[:4]] for k in ("text", "category", "output")}
@@ -200,7 +201,7 @@ def test_eval_speed_times_both_paths_on_every_row(tiny, rows):
     import math
     import time
 
-    from qwen_cls.speed import compare_eval_speed
+    from qwen_cls.speed_comparison import compare_eval_speed
 
     model, tokenizer = tiny
     start = time.perf_counter()
@@ -225,7 +226,7 @@ def test_gpu_benchmark_runs_on_cpu_with_tiny_shape(tmp_path, monkeypatch):
     """gpu.py --tiny in-process with a made-up peak of 1 TFLOP/s: its FLOPs/MFU match the README formula by hand."""
     from benchmarks import gpu
     from benchmarks.rows import synth_rows
-    from benchmarks.seed_recipe import seed_tokenize
+    from qwen_cls.blog_recipe import seed_tokenize
     from datasets import Dataset
 
     from qwen_cls.model import load_tokenizer, qwen_tokenizer_dir

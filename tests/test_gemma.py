@@ -159,7 +159,9 @@ def test_pretrained_gemma_reads_chinese(gemma):
 
 
 def test_candidate_scoring_tells_sports_from_finance_zero_shot(gemma):
-    from qwen_cls.evaluate import score_candidates, score_candidates_reference
+    from _reference import score_candidates_reference
+
+    from qwen_cls.evaluate import score_candidates
 
     model, tokenizer = gemma
     correct = 0

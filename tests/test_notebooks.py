@@ -146,7 +146,7 @@ def _called(function) -> set[str]:
      {"encode_prompts", "fit_prompts", "process_batch", "tokenize_dataset"}, "process_func"),
     # 04: the scoring rule written out (one forward pass per candidate, sum of log-probs, argmax)
     ("04_evaluation.ipynb", "score_row", {"model", "log_softmax", "label_ids", "end_id", "max"},
-     {"score_candidates", "score_candidates_reference"}, None),
+     {"score_candidates"}, None),
 ])
 def test_rule_functions_are_written_out_in_the_notebook(name, rule, must_call, library_versions, user):
     functions = _functions(name)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run dir made by the library: 3 LoRA steps of the tiny model, plus a hand-written metrics.json."""
-    from qwen_cls.trainer_script import train_run
+    from qwen_cls.training_run import train_run
 
     folder = tmp_path_factory.mktemp("runs")
     out = folder / "run"
@@ -50,7 +50,7 @@ def _read(path):
 
 @pytest.mark.slow
 def test_predict_run_and_export_agree(run_dir, raw_file, tmp_path, capsys):
-    from qwen_cls.evaluate import score_candidates_reference
+    from _reference import score_candidates_reference
     from qwen_cls.model import load_model
 
     raw, rows = raw_file

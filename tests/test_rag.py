@@ -11,7 +11,7 @@ import pytest
 from qwen_cls.prompt import (EXAMPLE_CHARS, SYSTEM_PROMPT, build_messages, build_rag_messages, render_prompt,
                              render_rag_prompt, user_message)
 from qwen_cls.rag import Neighbour, Retriever, as_examples, retrieval_vote, segment, vote_weights
-from qwen_cls.tokenize import answer_reserve, encode_prompts, end_id, label_ids, process_batch
+from qwen_cls.tokenization import answer_reserve, encode_prompts, end_id, label_ids, process_batch
 
 FRUIT = [
     {"text": "apple banana", "output": "Pome"},
@@ -160,7 +160,9 @@ def test_short_rag_prompt_is_not_cut_and_no_examples_means_the_plain_prompt(toke
 
 
 def test_scoring_passes_examples_through(tiny_dir):
-    from qwen_cls.evaluate import score_candidates, score_candidates_reference
+    from _reference import score_candidates_reference
+
+    from qwen_cls.evaluate import score_candidates
     from qwen_cls.model import load_model
 
     model, tok = load_model(tiny_dir, device="cpu")

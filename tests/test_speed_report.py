@@ -8,7 +8,7 @@ from conftest import SAMPLE
 from qwen_cls import data
 from qwen_cls.model import load_model
 from qwen_cls.train import padding_collator, prepare_lora_model, recipe_lora_config
-from qwen_cls.tokenize import process_batch
+from qwen_cls.tokenization import process_batch
 
 MAX_LENGTH = 96
 VOCAB = 151_936  # Qwen2's LM head width, the tiny model's too
@@ -20,7 +20,7 @@ def rows():
 
 
 def test_loss_speed_reports_peak_memory_of_each_loss(tiny_dir, rows):
-    from qwen_cls.speed import compare_loss_speed
+    from qwen_cls.speed_comparison import compare_loss_speed
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
     model = prepare_lora_model(model, recipe_lora_config(), gradient_checkpointing=False)  # as in notebook 03
@@ -43,7 +43,7 @@ def test_loss_speed_reports_peak_memory_of_each_loss(tiny_dir, rows):
 
 
 def test_eval_speed_reports_generated_token_counts(tiny_dir, rows):
-    from qwen_cls.speed import compare_eval_speed
+    from qwen_cls.speed_comparison import compare_eval_speed
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
     result = compare_eval_speed(model, tokenizer, rows[:2], max_length=MAX_LENGTH, max_new_tokens=5)

@@ -172,7 +172,7 @@ def test_trainer_run_is_logged_locally(tmp_path, tiny_dir):
     from transformers import TrainingArguments
 
     from qwen_cls.model import load_model
-    from qwen_cls.tokenize import tokenize_dataset
+    from qwen_cls.tokenization import tokenize_dataset
     from qwen_cls.train import AnswerOnlyTrainer, model_inputs, padding_collator, prepare_lora_model, recipe_lora_config
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
@@ -339,7 +339,7 @@ def test_epoch_evaluation_is_logged_in_the_training_run(tmp_path, tiny_dir):
 
     from qwen_cls.evaluate import score_candidates
     from qwen_cls.model import load_model
-    from qwen_cls.tokenize import tokenize_dataset
+    from qwen_cls.tokenization import tokenize_dataset
     from qwen_cls.train import (AnswerOnlyTrainer, ClassificationEvalCallback, model_inputs, padding_collator,
                                 prepare_lora_model, recipe_lora_config)
 

@@ -1,4 +1,4 @@
-"""Measure what the fast paths save: timers, peak memory, and two one-cell comparisons for the notebooks.
+"""One-cell comparisons for the notebooks: the blog's recipe against this project's path, on the same rows.
 
 * :func:`compare_loss_speed`: the recipe's loss (full-vocabulary logits at every position, the model's
   built-in loss) against :func:`qwen_cls.train.answer_only_loss`, forward + backward on the same batches.
@@ -7,107 +7,18 @@
 
 With the tiny random model the ratios show mechanics only: it has learned nothing, never stops early
 when generating, and its body is so small that the 151,936-way LM head dominates every step.
+``benchmarks/`` holds the full benchmarks.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import threading
-import time
-from contextlib import contextmanager
-
 import torch
 
+from .blog_recipe import full_logits_loss, per_row_generate
 from .evaluate import score_candidates
-from .prompt import build_messages
-from .tokenize import fit_prompts, process_batch, stop_ids
+from .measure import PeakMemory, limit_malloc_caching, stopwatch
+from .tokenization import fit_prompts, process_batch
 from .train import answer_only_loss, padding_collator
-
-
-def limit_malloc_caching() -> bool:
-    """Make glibc hand large freed blocks back to the OS at once, so RSS tracks live CPU tensors."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD = 64 KiB, fixed (no dynamic raise)
-    except (OSError, AttributeError):
-        return False
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator stats, or RSS sampled every ~0.5 ms on CPU."""
-
-    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.0005):
-        self.device, self.interval, self.peak_bytes = torch.device(device), interval, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        self._start = self._peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = max(self._peak, _rss_bytes()) - self._start
-        return False
-
-
-@contextmanager
-def stopwatch(device: torch.device | str = "cpu"):
-    """``with stopwatch() as t: ...`` then ``t["s"]`` holds the wall seconds (CUDA synchronised)."""
-    cuda = torch.device(device).type == "cuda"
-    result = {}
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    yield result
-    if cuda:
-        torch.cuda.synchronize()
-    result["s"] = time.perf_counter() - start
-
-
-@torch.inference_mode()
-def per_row_generate(model, tokenizer, texts, categories, *, max_new_tokens: int = 512,
-                     generated_counts: list | None = None) -> list[str]:
-    """The recipe's prediction: chat template, ``model.generate(input_ids, max_new_tokens)`` per row, decode.
-
-    ``generated_counts``, when given, receives the number of tokens generated for each row."""
-    device = next(model.parameters()).device
-    stop = stop_ids(tokenizer)
-    answers = []
-    for text, category in zip(texts, categories):
-        prompt = tokenizer.apply_chat_template(build_messages(text, category), tokenize=False,
-                                               add_generation_prompt=True)
-        # the template already holds any BOS; stop where the family's turn ends (Qwen2 <|im_end|>, Gemma <end_of_turn>)
-        model_inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(device)
-        generated = model.generate(model_inputs.input_ids, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                                   pad_token_id=tokenizer.pad_token_id)
-        generated = [out[len(inp):] for inp, out in zip(model_inputs.input_ids, generated)]
-        if generated_counts is not None:
-            generated_counts.append(len(generated[0]))
-        answers.append(tokenizer.batch_decode(generated, skip_special_tokens=True)[0])
-    return answers
 
 
 def _batches(model, tokenizer, rows, max_length, batch_size, count):
@@ -122,10 +33,6 @@ def _batches(model, tokenizer, rows, max_length, batch_size, count):
                  for i in range(start, min(start + batch_size, len(rows)))]
         out.append({k: v.to(device) for k, v in collate(feats).items()})
     return out
-
-
-def _full_logits_loss(model, batch, num_items_in_batch=None):
-    return model(**batch, use_cache=False).loss  # the recipe: logits at every position, built-in loss
 
 
 def compare_loss_speed(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 4,
@@ -153,7 +60,7 @@ def compare_loss_speed(model, tokenizer, rows, *, max_length: int = 384, batch_s
 
     times = {"full_logits": [], "answer_only": []}
     peak_mib = {"full_logits": None, "answer_only": None}
-    methods = (("full_logits", _full_logits_loss), ("answer_only", answer_only_loss))
+    methods = (("full_logits", full_logits_loss), ("answer_only", answer_only_loss))
     try:
         for r in range(repeats + 1):
             for name, fn in methods:
@@ -204,4 +111,3 @@ def compare_eval_speed(model, tokenizer, rows, *, max_length: int = 384, max_new
     return {"per_row_generate_s_per_row": slow["s"] / n, "batched_scoring_s_per_row": fast["s"] / n,
             "speedup": slow["s"] / fast["s"], "rows": n, "max_new_tokens": max_new_tokens,
             "generated_tokens": counts}
-

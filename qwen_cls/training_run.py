@@ -9,6 +9,9 @@ differs, unless ``--resume-anyway``; ``--no-resume`` starts over. Options are ch
 
 Run dir: ``checkpoints/checkpoint-N``, ``adapter/``, ``run_config.json``, ``train_log.json`` (written by
 rank 0 only) and ``ranks/rank{N}.json`` (every rank: batches and rows it trained on).
+
+Launched processes run ``python -m qwen_cls train ...`` (``torchrun ... -m qwen_cls train``), the same entry
+point as the console script.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def tokenized_rows(rows, tokenizer, max_length: int):
     """Validated raw rows -> tokenized ``datasets.Dataset`` holding the model's columns only."""
     from datasets import Dataset
 
-    from .tokenize import tokenize_dataset
+    from .tokenization import tokenize_dataset
     from .train import model_inputs
 
     raw = Dataset.from_list([{"text": r.text, "category": r.category, "output": r.output} for r in rows])
@@ -325,14 +328,3 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a LoRA adapter into a run dir (resumes; torchrun-ready)")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qwen_cls.trainer_script ...`` (what ``accelerate launch -m`` runs): same as ``qwen-cls train``."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

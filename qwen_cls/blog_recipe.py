@@ -1,4 +1,4 @@
-"""A faithful re-implementation of the seed recipe (the blog's LoRA classifier), used as the baseline.
+"""The blog's recipe, re-implemented faithfully: the baseline that notebooks 02-04 and ``benchmarks/`` measure against.
 
 What it keeps from the recipe, on purpose, because it is what the benchmark measures:
 
@@ -11,7 +11,8 @@ What it keeps from the recipe, on purpose, because it is what the benchmark meas
   first. It yields the same ids as the fast tokenizer (checked in ``tests/test_fast_paths.py``);
 * ``enable_input_require_grads`` + ``get_peft_model`` + ``Trainer`` with
   ``DataCollatorForSeq2Seq(padding=True)``, the model's built-in loss over full-vocabulary logits;
-* prediction by ``apply_chat_template`` + ``model.generate(input_ids, max_new_tokens=512)`` per row.
+* prediction by ``apply_chat_template`` + ``model.generate(input_ids, max_new_tokens=512)`` per row
+  (:func:`per_row_generate`), and the loss over full-vocabulary logits (:func:`full_logits_loss`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import regex
+import torch
 
-from qwen_cls.prompt import SYSTEM_PROMPT, user_message
+from .prompt import SYSTEM_PROMPT, build_messages, user_message
+from .tokenization import stop_ids
 
 MAX_LENGTH = 384
 PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -148,7 +151,7 @@ def seed_lora_model(model):
     """``enable_input_require_grads`` then ``get_peft_model`` with the recipe's LoraConfig."""
     from peft import get_peft_model
 
-    from qwen_cls.train import recipe_lora_config
+    from .train import recipe_lora_config
 
     model.enable_input_require_grads()
     return get_peft_model(model, recipe_lora_config())
@@ -167,7 +170,33 @@ def seed_predict(model, tokenizer, rows, *, max_new_tokens: int = 512, prompt_te
 
     ``prompt_texts`` (optional) replaces each row's text, e.g. with the shortened text the project sees.
     """
-    from qwen_cls.speed import per_row_generate
-
     texts = prompt_texts if prompt_texts is not None else [r["text"] for r in rows]
     return per_row_generate(model, tokenizer, texts, [r["category"] for r in rows], max_new_tokens=max_new_tokens)
+
+
+@torch.inference_mode()
+def per_row_generate(model, tokenizer, texts, categories, *, max_new_tokens: int = 512,
+                     generated_counts: list | None = None) -> list[str]:
+    """The recipe's prediction: chat template, ``model.generate(input_ids, max_new_tokens)`` per row, decode.
+
+    ``generated_counts``, when given, receives the number of tokens generated for each row."""
+    device = next(model.parameters()).device
+    stop = stop_ids(tokenizer)
+    answers = []
+    for text, category in zip(texts, categories):
+        prompt = tokenizer.apply_chat_template(build_messages(text, category), tokenize=False,
+                                               add_generation_prompt=True)
+        # the template already holds any BOS; stop where the family's turn ends (Qwen2 <|im_end|>, Gemma <end_of_turn>)
+        model_inputs = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(device)
+        generated = model.generate(model_inputs.input_ids, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                   pad_token_id=tokenizer.pad_token_id)
+        generated = [out[len(inp):] for inp, out in zip(model_inputs.input_ids, generated)]
+        if generated_counts is not None:
+            generated_counts.append(len(generated[0]))
+        answers.append(tokenizer.batch_decode(generated, skip_special_tokens=True)[0])
+    return answers
+
+
+def full_logits_loss(model, batch, num_items_in_batch=None):
+    """The recipe's loss: logits at every position over the whole vocabulary, the model's built-in loss."""
+    return model(**batch, use_cache=False).loss
