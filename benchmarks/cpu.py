@@ -24,8 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.rows import synth_rows  # noqa: E402
-from qwen_cls.blog_recipe import SlowQwen2Tokenizer, seed_lora_model, seed_tokenize, seed_trainer  # noqa: E402
-from qwen_cls.blog_recipe import per_row_generate  # noqa: E402
+from benchmarks.shapes import run_shape, supervised_tokens  # noqa: E402
+from qwen_cls.blog_recipe import (  # noqa: E402
+    SlowQwen2Tokenizer,
+    per_row_generate,  # noqa: E402
+    seed_lora_model,
+    seed_tokenize,
+    seed_trainer,
+)
 from qwen_cls.measure import PeakMemory, limit_malloc_caching, stopwatch  # noqa: E402
 
 
@@ -68,21 +74,29 @@ def bench_train(folder, tokenized, steps, batch_size, repeats, workdir):
     from transformers import AutoModelForCausalLM
 
     from qwen_cls.model import load_tokenizer
-    from qwen_cls.train import (AnswerOnlyTrainer, model_inputs, padding_collator, prepare_lora_model,
-                                recipe_lora_config, training_arguments)
+    from qwen_cls.train import (
+        MODEL_INPUT_COLUMNS,
+        AnswerOnlyTrainer,
+        model_inputs,
+        padding_collator,
+        prepare_lora_model,
+        recipe_lora_config,
+        training_arguments,
+    )
 
     tokenizer = load_tokenizer(folder)
     models = {}
-    for name in ("seed", "project"):
+    for name in ("seed", "fair_baseline", "project"):  # fair baseline: the recipe on the project's rows
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
-        models[name] = (seed_lora_model(base) if name == "seed"
-                        else prepare_lora_model(base, recipe_lora_config(), gradient_checkpointing=True))
+        models[name] = (prepare_lora_model(base, recipe_lora_config(), gradient_checkpointing=True)
+                        if name == "project" else seed_lora_model(base))
 
     def trainer_for(name, n_steps):
-        if name == "seed":  # the recipe: gradient checkpointing via TrainingArguments, full logits
+        if name != "project":  # the recipe: gradient checkpointing via TrainingArguments, full logits
             args = _training_args(workdir, n_steps, batch_size, gradient_checkpointing=True)
-            return seed_trainer(models[name], tokenizer, tokenized["seed"], args)
+            rows = tokenized["seed" if name == "seed" else "project"]
+            return seed_trainer(models[name], tokenizer, rows.select_columns(MODEL_INPUT_COLUMNS), args)
         args = training_arguments(workdir, per_device_train_batch_size=batch_size, max_steps=n_steps,
                                   learning_rate=1e-4, save_strategy="no", report_to="none",
                                   logging_steps=10_000, disable_tqdm=True, seed=0, use_cpu=True)
@@ -148,6 +162,12 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-rows", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", default="qwen2-0.5b,gemma3-270m",
+                        help="real shapes to add after the tiny model, comma-separated ('' for none)")
+    parser.add_argument("--shape-max-length", type=int, default=128)
+    parser.add_argument("--shape-steps", type=int, default=3, help="optimizer steps per variant (first untimed)")
+    parser.add_argument("--shape-eval-rows", type=int, default=8)
+    parser.add_argument("--shape-tokenize-rows", type=int, default=48)
     args = parser.parse_args(argv)
 
     from qwen_cls.model import resolve_model
@@ -191,14 +211,64 @@ def main(argv=None) -> int:
                   "repeats": args.repeats, "max_new_tokens": args.max_new_tokens, "malloc_trim": malloc_fixed,
                   "wall_s": time.perf_counter() - started},
     }
+    sps = {k: med(v["samples_per_s"]) for k, v in train.items()}
+    mem = {k: med(v["peak_mem_mb"]) for k, v in train.items()}
+    result["train_speedup_vs_fair_baseline"] = sps["project"] / sps["fair_baseline"]
+    result["train_peak_mem_ratio_vs_fair_baseline"] = mem["project"] / mem["fair_baseline"]
+    supervised = {"seed": supervised_tokens(train_sets["seed"]["labels"]),
+                  "fair_baseline": supervised_tokens(train_sets["project"]["labels"]),
+                  "project": supervised_tokens(train_sets["project"]["labels"])}
+    result["supervised_tokens"] = supervised
+    result["shapes"] = {"tiny": {k: result[k] for k in SHAPE_KEYS}}
+    result["shapes"]["tiny"]["supervised_tokens"] = supervised
+    result["shapes"]["tiny"]["setup"] = {"model": result["setup"]["model"], "max_length": args.max_length,
+                                         "batch_size": args.batch_size, "train_steps": args.train_steps}
     out = Path(args.out)
+    _write(out, result)
+    print(table(result), flush=True)
+    for name in [s for s in args.shapes.split(",") if s]:
+        print(f"shape {name} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+        with tempfile.TemporaryDirectory() as workdir:
+            result["shapes"][name] = run_shape(
+                name, rows=rows, max_length=args.shape_max_length, batch_size=args.batch_size,
+                steps=args.shape_steps, eval_rows=args.shape_eval_rows, tokenize_rows=args.shape_tokenize_rows,
+                repeats=2, workdir=workdir)
+        result["setup"]["wall_s"] = time.perf_counter() - started
+        _write(out, result)
+    print(shapes_table(result))
+    print(f"total {result['setup']['wall_s']:.0f} s; wrote {out / 'bench.json'}")
+    return 0
+
+
+SHAPE_KEYS = ("train_speedup", "train_peak_mem_ratio", "eval_speedup_vs_batched_generate", "tokenize_speedup",
+              "train_speedup_vs_fair_baseline", "train_peak_mem_ratio_vs_fair_baseline")
+
+
+def _write(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".bench.json.tmp"
     tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
     os.replace(tmp, out / "bench.json")
-    print(table(result))
-    print(f"wrote {out / 'bench.json'}")
-    return 0
+
+
+def shapes_table(result) -> str:
+    """One line per shape: project / seed and project / fair baseline, and what each side trained on."""
+    lines = [f"{'shape':<13}{'train x':>9}{'mem x':>8}{'vs fair x':>11}{'mem vs fair':>13}{'eval x':>9}"
+             f"{'tok x':>8}   supervised tokens (rows) seed / project"]
+    for name, s in result["shapes"].items():
+        sup = s["supervised_tokens"]
+        lines.append(f"{name:<13}{s['train_speedup']:>9.2f}{s['train_peak_mem_ratio']:>8.2f}"
+                     f"{s['train_speedup_vs_fair_baseline']:>11.2f}{s['train_peak_mem_ratio_vs_fair_baseline']:>13.2f}"
+                     f"{s['eval_speedup_vs_batched_generate']:>9.2f}{s['tokenize_speedup']:>8.1f}   "
+                     f"{sup['seed']['tokens']} ({sup['seed']['rows']}/{sup['seed']['of_rows']}) / "
+                     f"{sup['project']['tokens']} ({sup['project']['rows']}/{sup['project']['of_rows']})")
+        for k, v in s.get("variants", {}).items():
+            if k not in ("seed", "fair_baseline", "project"):
+                lines.append(f"  {k}: {v['speedup_vs_seed']:.2f}x the seed's speed, "
+                             f"{v['peak_mem_ratio_vs_seed']:.2f}x its peak memory")
+    lines.append("x = project / seed (vs fair: / the recipe with the truncation fixed, full LM head); eval: scoring "
+                 "vs batched greedy generate(8); tokenize: batched fast vs per-row (Qwen: slow tokenizer)")
+    return "\n".join(lines)
 
 
 def _mean_full_tokens(folder, rows):
@@ -214,18 +284,22 @@ def table(result) -> str:
     s = result["setup"]
     lines = [
         f"{'measure':<38}{'seed recipe':>14}{'project':>14}{'project/seed':>14}",
-        f"{'train samples/s':<38}{med(tr['seed']['samples_per_s']):>14.2f}{med(tr['project']['samples_per_s']):>14.2f}"
+        f"{'train samples/s':<38}{med(tr['seed']['samples_per_s']):>14.2f}"
+        f"{med(tr['project']['samples_per_s']):>14.2f}"
         f"{result['train_speedup']:>13.1f}x",
-        f"{'train peak memory (MiB)':<38}{med(tr['seed']['peak_mem_mb']):>14.0f}{med(tr['project']['peak_mem_mb']):>14.0f}"
+        f"{'train peak memory (MiB)':<38}{med(tr['seed']['peak_mem_mb']):>14.0f}"
+        f"{med(tr['project']['peak_mem_mb']):>14.0f}"
         f"{result['train_peak_mem_ratio']:>13.2f}x",
         f"{'eval rows/s (vs per-row generate)':<38}{med(ev['seed_generate']):>14.2f}{med(ev['project_scoring']):>14.2f}"
         f"{result['eval_speedup']:>13.1f}x",
         f"{'eval rows/s (vs batched greedy, ' + str(s['max_new_tokens']) + ')':<38}"
         f"{med(ev['batched_generate_seed_budget']):>14.2f}{med(ev['project_scoring']):>14.2f}"
         f"{result['eval_speedup_vs_batched_generate_seed_budget']:>13.1f}x",
-        f"{'eval rows/s (vs batched greedy, 8)':<38}{med(ev['batched_generate']):>14.2f}{med(ev['project_scoring']):>14.2f}"
+        f"{'eval rows/s (vs batched greedy, 8)':<38}{med(ev['batched_generate']):>14.2f}"
+        f"{med(ev['project_scoring']):>14.2f}"
         f"{result['eval_speedup_vs_batched_generate']:>13.1f}x",
-        f"{'tokenize rows/s':<38}{med(tk['seed']):>14.1f}{med(tk['project']):>14.1f}{result['tokenize_speedup']:>13.1f}x",
+        f"{'tokenize rows/s':<38}{med(tk['seed']):>14.1f}{med(tk['project']):>14.1f}"
+        f"{result['tokenize_speedup']:>13.1f}x",
         "",
         f"How: {s['model']}; {s['machine']}. One process, same rows and model, seed and project alternating,",
         f"one warm-up each, median of {s['repeats']} repeats (the 512-token per-row generate: 1 round).",

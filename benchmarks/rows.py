@@ -30,7 +30,7 @@ FALLBACK_TEXTS = [
 
 def sample_texts(root: str | Path = ".") -> list[str]:
     """Texts of the bundled sample data (``data/sample``), or the fallback paragraphs."""
-    from qwen_cls.data import read_jsonl
+    from qwen_cls.files import read_jsonl
 
     texts = []
     for name in SAMPLE_FILES:

@@ -26,9 +26,9 @@ import regex
 import torch
 
 from .prompt import SYSTEM_PROMPT, build_messages, user_message
+from .recipe import MAX_LENGTH
 from .tokenization import stop_ids
 
-MAX_LENGTH = 384
 PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                      r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 

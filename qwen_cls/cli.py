@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, dashboard, export, pipeline, predict, training_run
-from .data import DataError
+from . import __version__, dashboard, export, pipeline, predict, sweep, training_run
 from .faults import describe_fault
+from .files import DataError
 
 
 def cmd_convert(args) -> int:
-    from .data import convert_file, label_inventory, read_jsonl
+    from .data import convert_file, label_inventory
+    from .files import read_jsonl
 
     count = convert_file(args.raw, args.out, limit=args.limit)
     print(f"wrote {count} instruction rows to {args.out}")
@@ -52,7 +53,7 @@ def cmd_gemma_model(args) -> int:
 
 
 def cmd_download_data(args) -> int:
-    from .data import download_dataset
+    from .downloads import download_dataset
 
     out = args.out or f"data/{args.dataset}"
     if args.dataset == "thucnews":
@@ -112,6 +113,7 @@ COMMAND_MODULES = [
     training_run.register,  # train
     predict.register,  # predict
     export.register,  # export
+    sweep.register,  # sweep: a parameter grid over the chain, one comparison table
 ]
 
 

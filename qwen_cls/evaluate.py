@@ -3,25 +3,55 @@
 Scoring: the prediction is the candidate whose tokens (every token, plus the end-of-turn token) have the
 highest total log-probability after the prompt, so every prediction is one of the row's candidates.
 The prompt is run once per row; its KV cache is then shared by all of that row's candidates.
+Each candidate also gets a probability: the softmax of the total log-probabilities over the row's candidates
+(:func:`candidate_softmax`), i.e. how the model splits its belief among these answers only.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .prompt import chat_family
+from .recipe import MAX_LENGTH
 from .tokenization import encode_prompts, end_id, label_ids, stop_ids
+
+
+def candidate_softmax(scores: dict[str, float]) -> dict[str, float]:
+    """``{candidate: probability}``: the softmax of the scores over the candidates (sums to 1).
+
+    ``-inf`` scores get probability 0; when every score is ``-inf`` the candidates share it equally.
+    """
+    if not scores:
+        return {}
+    top = max(scores.values())
+    if top == float("-inf"):
+        return {label: 1 / len(scores) for label in scores}
+    weights = {label: math.exp(value - top) for label, value in scores.items()}  # shifted: no overflow
+    total = sum(weights.values())
+    return {label: w / total for label, w in weights.items()}
 
 
 @dataclass
 class Scored:
-    """A scored row: the winning candidate and each candidate's total log-probability."""
+    """A scored row: the winning candidate, each candidate's total log-probability, and their softmax over
+    the row's candidates (``probabilities``, filled from ``scores`` when not given)."""
 
     prediction: str
     scores: dict[str, float] = field(default_factory=dict)
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.probabilities and self.scores:
+            self.probabilities = candidate_softmax(self.scores)
+
+    @property
+    def confidence(self) -> float:
+        """The winning candidate's probability."""
+        return self.probabilities[self.prediction]
 
 
 def _rows_fields(rows):
@@ -41,7 +71,7 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 
 @torch.inference_mode()
-def score_candidates(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 8,
+def score_candidates(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, batch_size: int = 8,
                      progress: bool = False, examples=None) -> list[Scored]:
     """Score each row's candidates in batches, reusing the prompt's KV cache across candidates.
 
@@ -102,7 +132,7 @@ def score_candidates(model, tokenizer, rows, *, max_length: int = 384, batch_siz
 
 
 @torch.inference_mode()
-def generate_answers(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 8,
+def generate_answers(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, batch_size: int = 8,
                      max_new_tokens: int = 8, progress: bool = False, examples=None) -> list[str]:
     """Free generation (greedy, left padding, stops at the end of the turn or of the text, e.g. ``<|im_end|>``
     or ``<|endoftext|>`` for Qwen2): what the model actually writes, cut at the first stop token."""

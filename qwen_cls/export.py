@@ -15,12 +15,14 @@ import json
 import os
 from pathlib import Path
 
-from .data import atomic_dir
-from .predict import RUN_CONFIG, load_run
+from .files import atomic_dir
+from .hub import TINY
+from .predict import load_run
+from .run_record import ADAPTER, PARAMS, RUN_CONFIG
 
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
 MARKER = "qwen_cls_export.json"  # {"exported_from": <run folder>}: this folder is an export, safe to redo
-RUN_FILES = (RUN_CONFIG, "params.json")  # a folder holding one of these is a run (or an export of one)
+RUN_FILES = (RUN_CONFIG, PARAMS)  # a folder holding one of these is a run (or an export of one)
 
 
 class ExportRefused(ValueError):
@@ -38,9 +40,9 @@ def earlier_export_of(folder: Path) -> str | None:
 def is_run_folder(folder: Path) -> bool:
     """A run (or an export of one): ``run_config.json`` beside ``adapter/`` or merged weights, or the
     ``params.json`` of `qwen-cls run` beside its ``notebooks/`` (a lone file of that name is not enough)."""
-    if (folder / RUN_CONFIG).is_file() and ((folder / "adapter").is_dir() or (folder / MARKER).is_file()):
+    if (folder / RUN_CONFIG).is_file() and ((folder / ADAPTER).is_dir() or (folder / MARKER).is_file()):
         return True
-    return (folder / "params.json").is_file() and (folder / "notebooks").is_dir()
+    return (folder / PARAMS).is_file() and (folder / "notebooks").is_dir()
 
 
 def check_out_dir(run_dir: Path, out: Path) -> None:
@@ -83,7 +85,7 @@ def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -
                   for k in METRIC_KEYS if k in metrics]
     else:
         lines.append("The run has no metrics.json (not evaluated).")
-    if config.get("base_model") == "tiny" or (metrics or {}).get("tiny_model"):
+    if config.get("base_model") == TINY or (metrics or {}).get("tiny_model"):
         lines += ["", "**Tiny random model**: it learned nothing; these numbers show the mechanics only."]
     return "\n".join(lines) + "\n"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .data import atomic_dir
-from .model import GEMMA, ModelNotFound, cache_dir, refuse_non_empty
+from .files import atomic_dir, refuse_non_empty
+from .hub import GEMMA, ModelNotFound, cache_dir
 from .prompt import GEMMA_FAMILY
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"

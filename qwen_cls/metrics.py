@@ -1,7 +1,9 @@
-"""Classification metrics from scikit-learn, plus the invalid-output rate of free generation."""
+"""Classification metrics from scikit-learn, the invalid-output rate of free generation, and calibration
+(expected calibration error, reliability bins) and accuracy vs coverage for abstention (numpy)."""
 
 from __future__ import annotations
 
+import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
 
@@ -39,3 +41,52 @@ def chance_accuracy(candidates: list[list[str]]) -> float:
     if not candidates:
         raise ValueError("no rows to score")
     return sum(1 / len(c) for c in candidates) / len(candidates)
+
+
+def reliability_bins(confidences, correct, n_bins: int = 10) -> list[dict]:
+    """Equal-width confidence bins ``((k-1)/n, k/n]`` (the first also takes 0): per bin its edges, ``count``,
+    mean ``confidence`` and ``accuracy`` (``None`` for both when the bin is empty)."""
+    conf = np.asarray(confidences, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    if conf.shape != hit.shape:
+        raise ValueError(f"{conf.size} confidences but {hit.size} correctness flags")
+    if conf.size and (conf.min() < 0 or conf.max() > 1):
+        raise ValueError("confidences must lie in [0, 1]")
+    index = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    bins = []
+    for k in range(n_bins):
+        members = index == k
+        count = int(members.sum())
+        bins.append({"low": k / n_bins, "high": (k + 1) / n_bins, "count": count,
+                     "confidence": float(conf[members].mean()) if count else None,
+                     "accuracy": float(hit[members].mean()) if count else None})
+    return bins
+
+
+def expected_calibration_error(confidences, correct, n_bins: int = 10) -> float:
+    """ECE: ``sum over bins of (rows in bin / rows) * |accuracy in bin - mean confidence in bin|``.
+
+    ``confidences``: the probability of each row's prediction; ``correct``: whether it was right. 0 means that
+    among rows predicted with confidence p, a share p was right, for every p (see :func:`reliability_bins`).
+    """
+    bins = reliability_bins(confidences, correct, n_bins)
+    total = sum(b["count"] for b in bins)
+    if not total:
+        raise ValueError("no rows to score")
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))
+
+
+def accuracy_coverage(confidences, correct, thresholds) -> list[dict]:
+    """Abstention: for each threshold, the rows answered (confidence >= threshold) as ``coverage`` (their share)
+    and their ``accuracy`` (``None`` when no row is answered)."""
+    conf = np.asarray(confidences, dtype=float)
+    hit = np.asarray(correct, dtype=float)
+    if conf.shape != hit.shape or not conf.size:
+        raise ValueError(f"{conf.size} confidences and {hit.size} correctness flags: need the same, at least one")
+    curve = []
+    for t in thresholds:
+        kept = conf >= t
+        n = int(kept.sum())
+        curve.append({"threshold": float(t), "coverage": n / conf.size, "answered": n,
+                      "accuracy": float(hit[kept].mean()) if n else None})
+    return curve

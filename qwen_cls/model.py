@@ -15,15 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .data import atomic_dir
+from .files import atomic_dir, refuse_non_empty
+from .gemma import build_gemma_model
+from .hub import GEMMA, MODELSCOPE_HOST, QWEN2_MODEL_ID, TINY, ModelNotFound, cache_dir, require_host
 from .prompt import QWEN2_CHAT_TEMPLATE, chat_family
 
 # peft 0.21 still calls transformers' deprecated ``is_gradient_checkpointing``: not the learner's concern.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-TINY = "tiny"
-GEMMA = "gemma3-270m"  # Gemma 3 270M, pretrained, built offline by qwen_cls.gemma
-REAL_MODEL_ID = "qwen/Qwen2-0.5B"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 # Small but shaped like Qwen2 (GQA, tied embeddings, the full 151,936-token vocabulary).
 TINY_CONFIG = dict(
@@ -51,22 +50,6 @@ def describe_model(name: str) -> str:
     if name == GEMMA:
         return "Gemma 3 270M, pretrained by Google (4-bit GGUF made dense): real numbers from a small model"
     return f"{name}: a pretrained model; real numbers"
-
-
-def refuse_non_empty(out: Path) -> None:
-    """A model is built only into a new or empty folder: never over files it did not write."""
-    if out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: not empty and not a built model; nothing was changed: choose a new or "
-                              "empty folder for --out")
-
-
-class ModelNotFound(FileNotFoundError):
-    """A model folder is missing or incomplete; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Where built/downloaded models live: ``$QWEN_CLS_CACHE`` or ``~/.cache/qwen-cls``."""
-    return Path(os.environ.get("QWEN_CLS_CACHE", Path.home() / ".cache" / "qwen-cls"))
 
 
 def qwen_tokenizer_dir() -> Path:
@@ -119,11 +102,9 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
     return out
 
 
-def download_model(model_id: str = REAL_MODEL_ID, *, timeout: float = 10.0) -> Path:
+def download_model(model_id: str = QWEN2_MODEL_ID, *, timeout: float = 10.0) -> Path:
     """``modelscope.snapshot_download`` of a hub id (safetensors and tokenizer), failing fast offline."""
-    from .network import require_host
-
-    require_host("www.modelscope.cn", timeout=timeout, what=f"the model {model_id}")
+    require_host(MODELSCOPE_HOST, timeout=timeout, what=f"the model {model_id}")
     from modelscope import snapshot_download
 
     return Path(snapshot_download(model_id, cache_dir=str(cache_dir() / "modelscope")))
@@ -136,8 +117,6 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if name == TINY:
         return build_tiny_model()
     if name == GEMMA:
-        from .gemma import build_gemma_model  # gemma imports this module: import it only when asked for
-
         return build_gemma_model()
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
@@ -145,7 +124,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     if name.count("/") == 1:
         return check_model_dir(download_model(name))
     raise ModelNotFound(f"{name!r} is neither 'tiny', '{GEMMA}', an existing folder, nor a ModelScope id like "
-                        f"{REAL_MODEL_ID}")
+                        f"{QWEN2_MODEL_ID}")
 
 
 def check_model_dir(path: Path) -> Path:

@@ -29,8 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import check_folder_path, read_raw_rows, write_json_atomic
+from .data import read_raw_rows
+from .files import check_folder_path, write_json_atomic
 from .profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter, is_path_key, profile_parameters
+from .run_record import PARAMS, RUN_INCOMPLETE, RUN_LAYOUT
 
 NOTEBOOKS = (
     "00_check_environment.ipynb",
@@ -40,16 +42,6 @@ NOTEBOOKS = (
     "04_evaluation.ipynb",
     "05_rag.ipynb",
 )
-PARAMS = "params.json"
-RUN_INCOMPLETE = "RUN_INCOMPLETE"  # written first, removed last: present = this folder is not a finished run
-# What the chain and `qwen-cls train` write (a folder holding only these is a run, even without params.json).
-RUN_LAYOUT = frozenset({
-    PARAMS, RUN_INCOMPLETE, "notebooks", "data", "tokenized", "truncation_report.json", "adapter", "checkpoints",
-    "run_config.json", "train_log.json", "loss_curve.png", "learning_curve.png", "predictions.jsonl",
-    "metrics.json", "confusion_matrix.png", "swanlog", "retriever", "rag_metrics.json", "ranks",
-})
-
-
 class NotebookFailed(RuntimeError):
     """A notebook of the chain raised; the message names the notebook, the error and the saved copy."""
 
@@ -142,8 +134,7 @@ def resolve_parameters(profile: str, overrides: dict | None = None, out: str | o
 
 def preflight(params: dict) -> None:
     """Fail before any notebook starts: missing local inputs, or a hub download while offline."""
-    from .model import GEMMA, TINY
-    from .network import require_host
+    from .hub import GEMMA, MODELSCOPE_HOST, TINY, require_host
 
     check_folder_path(Path(params["out_dir"]), "--out")
     for key in ("train_path", "test_path"):
@@ -157,7 +148,7 @@ def preflight(params: dict) -> None:
                                     f"{path.parent / (key.split('_')[0] + '.jsonl')}: check the path")
     if any(not Path(params[k]).exists() for k in ("train_path", "test_path")) \
             and params.get("dataset", "fudan-news") == "fudan-news":  # thucnews comes through pip (fails fast)
-        require_host("www.modelscope.cn", what="the Fudan news dataset")
+        require_host(MODELSCOPE_HOST, what="the Fudan news dataset")
     for key in ("train_path", "test_path"):  # bad rows: path:line now, not a failed notebook later
         if Path(params[key]).exists():
             read_raw_rows(params[key])
@@ -167,7 +158,7 @@ def preflight(params: dict) -> None:
 
         chunk_files()  # the chunk packages are installed (else: ModelNotFound naming `make setup`)
     elif model != TINY and not Path(model).expanduser().exists():
-        require_host("www.modelscope.cn", what=f"the model {model}")
+        require_host(MODELSCOPE_HOST, what=f"the model {model}")
     if "swanlab_mode" in params:  # 'local' without the dashboard package, 'cloud' without a key: now, not in 03
         from .tracking import check_mode
 

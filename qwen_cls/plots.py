@@ -1,6 +1,8 @@
 """Matplotlib figures of the notebooks: label distribution, token lengths, loss and learning curves,
-confusion matrix, and two explanatory pictures: one training row as a strip of tokens coloured by role
-(:func:`token_strip`) and the LoRA idea with a model's real shapes (:func:`lora_picture`).
+confusion matrix, accuracy per sweep point (``qwen-cls sweep``), reliability diagram, accuracy vs coverage,
+accuracy against cost (notebook 06), and two explanatory pictures: one training
+row as a strip of tokens coloured by role (:func:`token_strip`) and the LoRA idea with a model's real shapes
+(:func:`lora_picture`).
 
 Each function returns the ``Figure``; with ``path`` it is also saved as PNG (temp file + rename).
 Importing this module registers a Simplified-Chinese font (Noto Sans SC, from the PyPI package
@@ -21,7 +23,7 @@ from matplotlib import font_manager
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from .data import atomic_file
+from .files import atomic_file
 
 CJK_FONT_PACKAGE = "pylopdf_fonts_zh_cn"  # PyPI: pylopdf-fonts-zh-cn (Noto Sans SC, SIL OFL 1.1)
 CJK_FONT_FILE = "NotoSansSC-Regular.otf"
@@ -142,6 +144,53 @@ def learning_curve(history: Sequence[dict], *, chance: float | None = None,
     return _finish(fig, path)
 
 
+
+def _value_label(value) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def sweep_plot(rows: Sequence[Mapping], keys: Sequence[str], *, path=None, title="Accuracy per sweep point"):
+    """Test accuracy per point of a ``qwen-cls sweep`` (``rows``: the grid values under ``keys``,
+    ``accuracy`` and optionally ``zero_shot``). One key: its values along x (in grid order), one line, and
+    the zero-shot accuracy dashed; two keys: the first along x, a line per value of the second; more: a bar
+    per point."""
+    keys = list(keys)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+
+    def along(key):  # the key's values in grid order, and each row's position among them
+        values = list(dict.fromkeys(row[key] for row in rows))
+        return values, [values.index(row[key]) for row in rows]
+
+    if len(keys) <= 2:
+        xs, positions = along(keys[0])
+        groups = list(dict.fromkeys(row[keys[1]] for row in rows)) if len(keys) == 2 else [None]
+        for group in groups:
+            chosen = [(x, row) for x, row in zip(positions, rows) if group is None or row[keys[1]] == group]
+            chosen = [(x, row) for x, row in sorted(chosen, key=lambda item: item[0]) if row["accuracy"] is not None]
+            if not chosen:
+                continue
+            label = "accuracy (LoRA)" if group is None else f"{keys[1]} = {_value_label(group)}"
+            ax.plot([x for x, _ in chosen], [row["accuracy"] for _, row in chosen], marker="o", label=label)
+            for x, row in chosen:
+                ax.annotate(f"{row['accuracy']:.2f}", (x, row["accuracy"]), textcoords="offset points",
+                            xytext=(0, 6), ha="center", fontsize=8)
+        zero = [(x, row["zero_shot"]) for x, row in zip(positions, rows) if row.get("zero_shot") is not None]
+        if len(keys) == 1 and zero:
+            ax.plot(*zip(*sorted(zero)), color="grey", linestyle="--", marker=".", label="zero-shot (adapter off)")
+        ax.set_xticks(range(len(xs)), [_value_label(x) for x in xs])
+        ax.set_xlabel(keys[0])
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(groups) + 1), frameon=False)
+    else:
+        names = [row.get("point") or ",".join(_value_label(row[k]) for k in keys) for row in rows]
+        ax.bar(range(len(rows)), [row["accuracy"] or 0 for row in rows])
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("point")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.08)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
 def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], *, path=None,
                      title="Confusion matrix"):
     """Confusion matrix heat map (rows = truth, columns = prediction) with counts in the cells."""
@@ -153,6 +202,81 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], *, 
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45
     )
     ax.set_title(title)
+    return _finish(fig, path)
+
+
+def reliability_diagram(bins: Sequence[Mapping], *, ece: float | None = None, path=None,
+                        title="Reliability diagram"):
+    """Calibration: per confidence bin (``metrics.reliability_bins``) the accuracy as a bar against the
+    diagonal (perfect calibration), the gap to the bin's mean confidence shaded, row counts above the bars."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    width = bins[0]["high"] - bins[0]["low"] if bins else 0.1
+    for b in bins:
+        if not b["count"]:
+            continue
+        ax.bar(b["low"], b["accuracy"], width=width, align="edge", color="#4c72b0", edgecolor="white",
+               label="accuracy in bin" if b is next(x for x in bins if x["count"]) else None)
+        low, high = sorted((b["accuracy"], b["confidence"]))
+        ax.bar(b["low"], high - low, bottom=low, width=width, align="edge", color="#dd8452", alpha=0.35,
+               edgecolor="#dd8452", hatch="//",
+               label="gap to mean confidence" if b is next(x for x in bins if x["count"]) else None)
+        ax.text(b["low"] + width / 2, max(b["accuracy"], b["confidence"]) + 0.02, str(b["count"]), ha="center",
+                fontsize=7, color="dimgrey")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("confidence (probability of the predicted label)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title + (f"\nECE = {ece:.3f} (numbers above bars: rows)" if ece is not None else ""), fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    return _finish(fig, path)
+
+
+def accuracy_coverage(curve: Sequence[Mapping], *, path=None, title="Accuracy vs coverage (abstention)"):
+    """Accuracy of the answered rows against the share answered, one point per confidence threshold
+    (``metrics.accuracy_coverage``), each labelled with its threshold."""
+    points = [(c["coverage"], c["accuracy"], c["threshold"]) for c in curve if c["accuracy"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if points:
+        xs, ys, ts = zip(*points)
+        ax.plot(xs, ys, marker="o")
+        for x, y, t in points:
+            ax.annotate(f"≥{t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 1.05)
+    ax.invert_xaxis()  # left to right: a stricter threshold, fewer rows answered
+    ax.set_xlabel("coverage (share of rows answered)")
+    ax.set_ylabel("accuracy on answered rows")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def approaches_cost(table: Mapping[str, Mapping], *, chance: float | None = None, path=None,
+                    title="Accuracy against cost"):
+    """Two panels, accuracy on the y axis of both: against training seconds (left) and against inference
+    milliseconds per row (right, log scale), one labelled point per method of ``approaches.json``."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (method, m) in enumerate(table.items()):
+        color = colors[k % len(colors)]
+        ms_per_row = 1000 / m["rows_per_second"] if m["rows_per_second"] else float("nan")
+        for ax, x in ((left, m["train_seconds"]), (right, ms_per_row)):
+            ax.scatter([x], [m["accuracy"]], color=color, s=40, zorder=3)
+            ax.annotate(method, (x, m["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    left.set_xscale("symlog", linthresh=1.0)  # 0 s (nothing to train) stays on the axis
+    right.set_xscale("log")
+    left.set_xlabel("training seconds (0: nothing to train)")
+    right.set_xlabel("inference milliseconds per test row")
+    left.set_ylabel("accuracy")
+    for ax in (left, right):
+        if chance is not None:
+            ax.axhline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    if chance is not None:
+        left.legend(loc="lower right", fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
     return _finish(fig, path)
 
 

@@ -1,57 +1,35 @@
 """``qwen-cls predict``: classify raw rows with a trained run (base + adapter) or an exported model.
 
-Every row gets ``prediction`` (always one of its candidates: candidate scoring, not free generation) and
-``scores`` (each candidate's total log-probability). Rows are validated like ``convert`` (``output`` is
+Every row gets ``prediction`` (always one of its candidates: candidate scoring, not free generation),
+``scores`` (each candidate's total log-probability) and ``probabilities`` (their softmax over the row's
+candidates). With ``--min-confidence P`` every row also gets ``confidence`` (the top probability) and ``abstain``
+(true when it is below P: the caller should not trust this prediction); ``prediction`` stays the top label. Rows are validated like ``convert`` (``output`` is
 optional) before any model loads, and the output file is written atomically.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .data import DataError, read_jsonl, read_raw_rows, write_jsonl_atomic
-
-RUN_CONFIG = "run_config.json"
-RUN_INCOMPLETE = "RUN_INCOMPLETE"  # = qwen_cls.pipeline.RUN_INCOMPLETE: `qwen-cls run` has not finished this folder
-TINY = "tiny"  # = qwen_cls.model.TINY
-DEFAULT_MAX_LENGTH = 384
+from .data import read_raw_rows
+from .files import read_jsonl, write_jsonl_atomic
+from .hub import TINY
+from .recipe import MAX_LENGTH
+from .run_record import ADAPTER, RUN_CONFIG, RUN_INCOMPLETE, adapter_dir, read_run_config
 
 
 class AdapterMismatch(ValueError):
     """The adapter's shapes do not fit the base model: it was trained on another base."""
 
 
-def read_run_config(folder: str | os.PathLike) -> dict:
-    """``run_config.json`` of a run dir (or an export), with a clear error when it is missing or broken."""
-    from .model import ModelNotFound
-
-    path = Path(folder) / RUN_CONFIG
-    if not Path(folder).is_dir():
-        raise ModelNotFound(f"{folder}: no such run dir")
-    if not path.is_file():
-        raise ModelNotFound(f"{folder}: not a run dir (no {RUN_CONFIG}); train one with `qwen-cls train` or `qwen-cls run`")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
-    for key in ("base_model", "max_length"):
-        if key not in config:
-            raise DataError(path, None, f"lacks {key!r}; the run-dir contract needs base_model and max_length")
-    return config
-
-
 def load_run(run_dir: str | os.PathLike, *, device=None):
     """(model, tokenizer, config) for a run dir: its ``base_model`` with the LoRA ``adapter/`` on top."""
-    from .model import ModelNotFound, load_model
+    from .model import load_model
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
-        raise ModelNotFound(f"{adapter}: missing or incomplete adapter (needs adapter_config.json and "
-                            "adapter_model.safetensors); did training finish?")
+    adapter = adapter_dir(run_dir)
     mismatch = AdapterMismatch(
         f"{adapter}: this adapter does not fit the base model {config['base_model']!r} (its layers or tensor "
         "shapes differ), so it was trained on a different base; point base_model in "
@@ -83,24 +61,41 @@ def _model_adapter_keys(model) -> list[str]:
 
 def load_exported(model_dir: str | os.PathLike, *, device=None):
     """(model, tokenizer, config) for a plain or exported (merged) model folder."""
-    from .model import ModelNotFound, load_model
+    from .hub import ModelNotFound
+    from .model import load_model
 
     folder = Path(model_dir)
-    if folder.is_dir() and (folder / "adapter").is_dir() and (folder / RUN_CONFIG).is_file():
+    if folder.is_dir() and (folder / ADAPTER).is_dir() and (folder / RUN_CONFIG).is_file():
         raise ModelNotFound(f"{folder} is a run dir, not a model folder; use --run {folder}")
     config = read_run_config(folder) if (folder / RUN_CONFIG).is_file() else {}
     model, tokenizer = load_model(str(model_dir), device=device)
     return model, tokenizer, config
 
 
-def predict_rows(model, tokenizer, rows, *, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 8,
-                 progress: bool = False) -> list[dict]:
-    """``{"prediction", "scores"}`` per row (dicts or :class:`~qwen_cls.data.RawRow`), batched."""
+def predict_rows(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, batch_size: int = 8,
+                 progress: bool = False, min_confidence: float | None = None) -> list[dict]:
+    """``{"prediction", "scores", "probabilities"}`` per row (dicts or :class:`~qwen_cls.data.RawRow`), batched;
+    with ``min_confidence`` also ``confidence`` and ``abstain`` (confidence below it)."""
     from .evaluate import score_candidates
 
     scored = score_candidates(model, tokenizer, rows, max_length=max_length, batch_size=batch_size,
                               progress=progress)
-    return [{"prediction": s.prediction, "scores": s.scores} for s in scored]
+    results = [{"prediction": s.prediction, "scores": s.scores, "probabilities": s.probabilities} for s in scored]
+    if min_confidence is not None:
+        for result, s in zip(results, scored):
+            result["confidence"] = s.confidence
+            result["abstain"] = s.confidence < min_confidence
+    return results
+
+
+def check_min_confidence(min_confidence) -> None:
+    """``ValueError`` naming ``--min-confidence`` unless it is a number in [0, 1] (or ``None``: no abstention)."""
+    if min_confidence is None:
+        return
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) \
+            or not 0 <= min_confidence <= 1:
+        raise ValueError(f"--min-confidence must be a probability between 0 and 1 (rows whose top candidate is "
+                         f"less likely are marked abstain), got {min_confidence!r}")
 
 
 def check_device(device) -> None:
@@ -129,9 +124,9 @@ def check_device(device) -> None:
 
 
 def check_predict_options(*, run=None, model=None, output=None, batch_size: int = 8,
-                          max_length: int | None = None, device=None) -> None:
+                          max_length: int | None = None, device=None, min_confidence=None) -> None:
     """Every option of ``qwen-cls predict`` checked before a row is read or a model loads (exit 2, naming it)."""
-    from .data import write_target
+    from .files import write_target
     from .profiles import MIN_MAX_LENGTH
 
     if (run is None) == (model is None):
@@ -150,36 +145,43 @@ def check_predict_options(*, run=None, model=None, output=None, batch_size: int 
                          "its files are partial; rerun it first")
     if output is not None:
         write_target(output)  # a folder, a device, or a file where a folder should be: refused now, not after
+    check_min_confidence(min_confidence)
     check_device(device)
 
 
 def predict_file(input_path, output_path, *, run=None, model=None, batch_size: int = 8,
-                 max_length: int | None = None, device=None, progress: bool = True) -> dict:
+                 max_length: int | None = None, device=None, progress: bool = True,
+                 min_confidence: float | None = None) -> dict:
     """Validate ``input_path``, predict every row, write ``output_path`` atomically; return a summary."""
     check_predict_options(run=run, model=model, output=output_path, batch_size=batch_size, max_length=max_length,
-                          device=device)
+                          device=device, min_confidence=min_confidence)
     rows = read_raw_rows(input_path, require_output=False)  # path:line errors before any model loads
     originals = read_jsonl(input_path)  # same non-blank lines: keeps extra fields such as ids
     if output_path is not None and Path(output_path).resolve() == Path(input_path).resolve():
         raise ValueError(f"{output_path}: the output would overwrite the input; choose another file")
     loaded = load_run(run, device=device) if run is not None else load_exported(model, device=device)
     net, tokenizer, config = loaded
-    max_length = max_length or config.get("max_length", DEFAULT_MAX_LENGTH)
-    results = predict_rows(net, tokenizer, rows, max_length=max_length, batch_size=batch_size, progress=progress)
+    max_length = max_length or config.get("max_length", MAX_LENGTH)
+    results = predict_rows(net, tokenizer, rows, max_length=max_length, batch_size=batch_size, progress=progress,
+                           min_confidence=min_confidence)
     out_rows = [{**orig, **row.to_dict(), **res} for orig, row, res in zip(originals, rows, results)]
     write_jsonl_atomic(out_rows, output_path)
     labelled = [r for r in out_rows if r.get("output") is not None]
     summary = {"rows": len(out_rows), "labelled": len(labelled),
                "accuracy": (sum(r["prediction"] == r["output"] for r in labelled) / len(labelled)
                             if labelled else None),
-               "tiny_model": config.get("base_model") == TINY}
+               "tiny_model": config.get("base_model") == TINY,
+               "abstained": sum(r["abstain"] for r in out_rows) if min_confidence is not None else None}
     return summary
 
 
 def cmd_predict(args) -> int:
     summary = predict_file(args.input, args.output, run=args.run, model=args.model, batch_size=args.batch_size,
-                           max_length=args.max_length, device=args.device, progress=not args.quiet)
+                           max_length=args.max_length, device=args.device, progress=not args.quiet,
+                           min_confidence=args.min_confidence)
     line = f"wrote {summary['rows']} predictions to {args.output}"
+    if summary["abstained"] is not None:
+        line += f" ({summary['abstained']} marked abstain: confidence below {args.min_confidence:g})"
     if summary["accuracy"] is not None:
         line += f"; accuracy on {summary['labelled']} labelled rows: {summary['accuracy']:.3f}"
         if summary["tiny_model"]:
@@ -194,10 +196,12 @@ def register(subparsers) -> None:
     source.add_argument("--run", help="run dir (adapter/ + run_config.json)")
     source.add_argument("--model", help="model folder, e.g. from `qwen-cls export`")
     p.add_argument("--input", required=True, help="raw JSONL {text, category[, output]}")
-    p.add_argument("--output", required=True, help="JSONL: each row + prediction + scores (written atomically)")
+    p.add_argument("--output", required=True, help="JSONL: each row + prediction + scores + probabilities (written atomically)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None, help="default: the run's max_length (else 384)")
+    p.add_argument("--max-length", type=int, default=None, help=f"default: the run's max_length (else {MAX_LENGTH})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                   help="add confidence (top probability) and abstain (confidence < P) to every row; 0 <= P <= 1")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 

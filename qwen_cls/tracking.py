@@ -16,10 +16,13 @@ import importlib.metadata
 import os
 from pathlib import Path
 
+from .hub import TINY
+
 MODES = ("local", "offline", "disabled", "cloud")
 SWANLAB_MODE = {"local": "local", "offline": "offline", "disabled": "disabled", "cloud": "online"}
 MODE_ENV = "QWEN_CLS_SWANLAB_MODE"  # overrides the default mode, e.g. in CI
 LOG_SUBDIR = "swanlog"
+SWANLOG_ENV = "QWEN_CLS_SWANLOG_DIR"  # set by `qwen-cls sweep`: every point logs into the sweep's one swanlog/
 EVAL_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
 TINY_WARNING = "tiny random Qwen2: it learns nothing; these numbers show the mechanics only, not results"
 OFFLINE_CHOICES = (
@@ -113,7 +116,7 @@ def experiment_config(*, profile: str, base_model: str, lora, training, n_train:
 def description(config: dict | None) -> str | None:
     """The run's description: a warning when the numbers come from the tiny random model."""
     config = config or {}
-    if "tiny" in (config.get("profile"), config.get("base_model"), config.get("model")):
+    if TINY in (config.get("profile"), config.get("base_model"), config.get("model")):
         return TINY_WARNING
     return None
 
@@ -146,9 +149,16 @@ def log_dir_of(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / LOG_SUBDIR
 
 
+def run_log_dir(out_dir: str | os.PathLike) -> Path:
+    """Where a run into ``out_dir`` logs: ``$QWEN_CLS_SWANLOG_DIR`` when set (``qwen-cls sweep`` sets it to
+    ``SWEEP/swanlog``, so one dashboard shows every point), else ``OUT/swanlog``."""
+    shared = os.environ.get(SWANLOG_ENV, "").strip()
+    return Path(shared) if shared else log_dir_of(out_dir)
+
+
 def swanlab_callbacks(mode: str | None, out_dir: str | os.PathLike, config: dict, *, project: str = "qwen-cls",
                       experiment_name: str | None = None) -> list:
-    """Trainer callbacks that log to SwanLab under ``out_dir/swanlog``; ``[]`` when disabled.
+    """Trainer callbacks that log to SwanLab under ``out_dir/swanlog`` (:func:`run_log_dir`); ``[]`` when disabled.
 
     ``config`` (see :func:`experiment_config`) is recorded with the run, beside the Trainer's own
     arguments. The run starts when training starts; ``experiment_name`` defaults to ``out_dir``'s name.
@@ -160,7 +170,7 @@ def swanlab_callbacks(mode: str | None, out_dir: str | os.PathLike, config: dict
 
     finish()  # a run left open (e.g. a notebook cell run twice): a new training is a new run
     _use_project_hint()
-    log_dir = log_dir_of(out_dir)
+    log_dir = run_log_dir(out_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     callback = SwanLabCallback(project=project, experiment_name=experiment_name or Path(out_dir).resolve().name,
                                log_dir=str(log_dir), mode=SWANLAB_MODE[mode], description=description(config))
@@ -195,7 +205,7 @@ def log_evaluation(metrics: dict, *, confusion_png: str | os.PathLike | None = N
         if out_dir is None or (mode := check_mode(mode)) == "disabled":
             return False
         _use_project_hint()
-        log_dir = log_dir_of(out_dir)
+        log_dir = run_log_dir(out_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         swanlab.init(project=project, name=experiment_name or f"{Path(out_dir).resolve().name}-eval",
                      log_dir=str(log_dir), mode=SWANLAB_MODE[mode], config=plain(config or {}),

@@ -14,9 +14,9 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
 from .evaluate import score_candidates
 from .metrics import classification_metrics
+from .recipe import LORA_TARGET_MODULES, MAX_LENGTH, RECIPE
 from .tokenization import IGNORE_INDEX
 
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_INPUT_COLUMNS = ["input_ids", "attention_mask", "labels"]
 
 
@@ -37,7 +37,7 @@ def recipe_lora_config(model=None, **overrides):
 
     targets = lora_target_modules(model) if model is not None else LORA_TARGET_MODULES
     settings = dict(task_type=TaskType.CAUSAL_LM, target_modules=targets, inference_mode=False,
-                    r=8, lora_alpha=32, lora_dropout=0.1)
+                    r=RECIPE["lora_r"], lora_alpha=RECIPE["lora_alpha"], lora_dropout=RECIPE["lora_dropout"])
     settings.update(overrides)
     return LoraConfig(**settings)
 
@@ -114,7 +114,7 @@ class ClassificationEvalCallback(TrainerCallback):
         ClassificationEvalCallback(rows, tokenizer).bind(trainer)
     """
 
-    def __init__(self, rows, tokenizer, *, max_length: int = 384, batch_size: int = 8, prefix: str = "eval",
+    def __init__(self, rows, tokenizer, *, max_length: int = MAX_LENGTH, batch_size: int = 8, prefix: str = "eval",
                  before_training: bool = True):
         self.rows = list(rows)
         self.before_training = before_training  # also score once before the first step (epoch 0)

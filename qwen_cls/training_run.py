@@ -22,9 +22,9 @@ import shutil
 import sys
 from pathlib import Path
 
-
-TINY = "tiny"  # = qwen_cls.model.TINY (not imported here: keeps `qwen-cls --help` fast)
-ADAPTER = "adapter"
+from .hub import TINY
+from .recipe import RECIPE
+from .run_record import ADAPTER
 
 
 def remove_checkpoints(run_dir: str | os.PathLike) -> int:
@@ -58,7 +58,7 @@ def check_train_options(*, out, max_length: int, epochs: float, max_steps: int, 
                         logging_steps: int, limit: int, deepspeed: str | None = None,
                         step_sleep: float = 0.0) -> None:
     """``ValueError`` naming the option when a value is out of range (before anything loads or is created)."""
-    from .data import check_folder_path
+    from .files import check_folder_path
     from .profiles import MIN_MAX_LENGTH, Param
 
     rules = {
@@ -91,7 +91,7 @@ class ResumeMismatch(ValueError):
     """The checkpoint to resume was trained with other data or hyperparameters (exit 2)."""
 
 
-DAMAGED = "damaged-checkpoints"  # where checkpoints that could not be loaded are kept (a disk error may pass)
+DAMAGED = "damaged-checkpoints"  # (in run_record.RUN_LAYOUT) where checkpoints that could not be loaded are kept (a disk error may pass)
 
 
 def move_aside(path: Path, folder: Path) -> Path:
@@ -130,10 +130,12 @@ def check_resume_settings(checkpoint: Path, settings: dict, *, resume_anyway: bo
     return differences
 
 
-def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = TINY, max_length: int = 384,
-              epochs: float = 2.0, max_steps: int = -1, batch_size: int = 4, grad_accum: int = 4,
-              learning_rate: float = 1e-4, seed: int = 42, save_steps: int = 50, save_total_limit: int = 2,
-              logging_steps: int = 10, gradient_checkpointing: bool = True, limit: int = 0,
+def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = TINY,
+              max_length: int = RECIPE["max_length"], epochs: float = RECIPE["num_train_epochs"], max_steps: int = -1,
+              batch_size: int = RECIPE["per_device_train_batch_size"],
+              grad_accum: int = RECIPE["gradient_accumulation_steps"], learning_rate: float = RECIPE["learning_rate"],
+              seed: int = RECIPE["seed"], save_steps: int = 50, save_total_limit: int = 2,
+              logging_steps: int = RECIPE["logging_steps"], gradient_checkpointing: bool = True, limit: int = 0,
               deepspeed: str | None = None, swanlab_mode: str = "disabled", resume: bool = True,
               step_sleep: float = 0.0, resume_anyway: bool = False) -> dict:
     """Train a LoRA adapter into the run dir ``out``, resuming from its last complete, loadable checkpoint
@@ -153,10 +155,16 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     import torch
     from transformers import set_seed
 
-    from .checkpointing import (CHECKPOINTS, ResumableTrainer, SleepAfterStep, remove_incomplete_checkpoints,
-                                resume_checkpoint)
-    from .data import atomic_dir, file_sha256, write_json_atomic
+    from .checkpointing import (
+        CHECKPOINTS,
+        ResumableTrainer,
+        SleepAfterStep,
+        remove_incomplete_checkpoints,
+        resume_checkpoint,
+    )
+    from .files import file_sha256, write_json_atomic
     from .model import load_model, pick_device, pick_dtype
+    from .run_record import run_config, save_training
     from .train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
 
     out = Path(out)
@@ -213,9 +221,7 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     callbacks = []
     tracked = swanlab_mode != "disabled" and rank == 0
     if tracked:
-        from .tracking import swanlab_callbacks
-
-        from .tracking import experiment_config
+        from .tracking import experiment_config, swanlab_callbacks
 
         config = experiment_config(profile="cli", base_model=model, lora=lora, training=args, n_train=len(dataset),
                                    max_length=max_length, seed=seed)
@@ -248,27 +254,12 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
 
     wrote = []
     if trainer.is_world_process_zero():
-        with atomic_dir(out / ADAPTER) as tmp:  # never a half-written adapter
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        run_config = {
-            "profile": TINY if model == TINY else None,
-            "base_model": str(model),
-            "max_length": max_length,
-            "lora": {"r": lora.r, "lora_alpha": lora.lora_alpha, "lora_dropout": lora.lora_dropout,
-                     "target_modules": sorted(lora.target_modules)},
-            "training": {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
-                         "grad_accum": grad_accum, "learning_rate": learning_rate,
-                         "world_size": trainer.accelerator.num_processes,
-                         "global_step": trainer.state.global_step,
-                         "resumed_from": checkpoint.name if checkpoint else None,
-                         "train_file": str(train), "train_rows": len(dataset),
-                         "train_sha256": settings["train_sha256"]},
-            "seed": seed,
-        }
-        write_json_atomic(run_config, out / "run_config.json")
-        write_json_atomic(trainer.state.log_history, out / "train_log.json")
-        wrote = [ADAPTER, "run_config.json", "train_log.json"]
+        config = run_config(profile=None, base_model=model, max_length=max_length, lora_config=lora, args=args,
+                            seed=seed, gradient_checkpointing=gradient_checkpointing, train_rows=len(dataset),
+                            train_file=train, world_size=trainer.accelerator.num_processes,
+                            global_step=trainer.state.global_step, train_seconds=result.metrics.get("train_runtime"),
+                            resumed_from=checkpoint.name if checkpoint else None)
+        wrote = save_training(out, trainer.model, tokenizer, config, trainer.state.log_history)
     summary = {"rank": rank, "world_size": trainer.accelerator.num_processes, "batches": trainer.batches_seen,
                "rows": trainer.rows_seen, "global_step": trainer.state.global_step,
                "resumed_from": checkpoint.name if checkpoint else None,
@@ -302,16 +293,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", required=True, help="training rows: raw JSONL {text, category, output}")
     p.add_argument("--out", required=True, help="run dir (checkpoints/, adapter/, run_config.json)")
     p.add_argument("--model", default=TINY, help="'tiny', a model folder, or a ModelScope id (default: tiny)")
-    p.add_argument("--max-length", type=int, default=384)
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-length", type=int, default=RECIPE["max_length"])
+    p.add_argument("--epochs", type=float, default=RECIPE["num_train_epochs"])
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per device per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int, default=RECIPE["per_device_train_batch_size"], help="rows per device per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=RECIPE["gradient_accumulation_steps"])
+    p.add_argument("--lr", type=float, default=RECIPE["learning_rate"])
+    p.add_argument("--seed", type=int, default=RECIPE["seed"])
     p.add_argument("--save-steps", type=int, default=50)
     p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (oldest rotated away)")
-    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--logging-steps", type=int, default=RECIPE["logging_steps"])
     p.add_argument("--limit", type=int, default=0, help="train on the first N rows only (0 = all)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. configs/deepspeed_zero2.json")

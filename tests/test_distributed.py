@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _tiny_run import FAST, subprocess_env, train_rows_file
 
 

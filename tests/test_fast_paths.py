@@ -12,13 +12,21 @@ import torch
 from qwen_cls.data import read_raw_rows
 from qwen_cls.evaluate import score_candidates
 from qwen_cls.model import load_model, resolve_model
-from qwen_cls.tokenization import CHARS_PER_TOKEN_BOUND, IGNORE_INDEX, encode_prompts, fit_prompts, process_batch, tokenize_dataset
+from qwen_cls.tokenization import (
+    CHARS_PER_TOKEN_BOUND,
+    IGNORE_INDEX,
+    encode_prompts,
+    fit_prompts,
+    process_batch,
+    tokenize_dataset,
+)
 from qwen_cls.train import answer_only_loss, padding_collator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from qwen_cls.blog_recipe import SlowQwen2Tokenizer, make_process_func  # noqa: E402
 from _reference import score_candidates_reference  # noqa: E402
+
+from qwen_cls.blog_recipe import SlowQwen2Tokenizer, make_process_func  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "test.jsonl"
 
@@ -78,8 +86,9 @@ def test_answer_only_loss_equals_full_logits_loss(tiny, rows):
 
 
 def test_answer_only_loss_gradients_match_full_logits():
-    from qwen_cls.train import prepare_lora_model, recipe_lora_config
     from transformers import AutoModelForCausalLM
+
+    from qwen_cls.train import prepare_lora_model, recipe_lora_config
 
     folder = resolve_model("tiny")
     torch.manual_seed(0)
@@ -224,11 +233,11 @@ TINY_LORA = TINY_LAYERS * 8 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 176))
 @pytest.mark.slow
 def test_gpu_benchmark_runs_on_cpu_with_tiny_shape(tmp_path, monkeypatch):
     """gpu.py --tiny in-process with a made-up peak of 1 TFLOP/s: its FLOPs/MFU match the README formula by hand."""
+    from datasets import Dataset
+
     from benchmarks import gpu
     from benchmarks.rows import synth_rows
     from qwen_cls.blog_recipe import seed_tokenize
-    from datasets import Dataset
-
     from qwen_cls.model import load_tokenizer, qwen_tokenizer_dir
     from qwen_cls.prompt import QWEN2_CHAT_TEMPLATE
 

@@ -13,7 +13,7 @@ import torch
 from qwen_cls import gemma as G
 from qwen_cls import model as M
 from qwen_cls import prompt as P
-from qwen_cls import tokenize as T
+from qwen_cls import tokenization as T
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 

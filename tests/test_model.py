@@ -56,7 +56,7 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch):
 
 
 def test_unreachable_host_is_detected_quickly(monkeypatch):
-    from qwen_cls.network import is_online
+    from qwen_cls.hub import is_online
 
     monkeypatch.delenv("QWEN_CLS_OFFLINE", raising=False)
     start = time.monotonic()
@@ -76,7 +76,5 @@ def test_a_tokenizer_without_chat_template_gets_its_model_familys(tiny_dir, tmp_
 
 
 def test_gemma_name_is_resolved_not_taken_for_a_folder_or_hub_id(tmp_path, monkeypatch):
-    from qwen_cls import gemma
-
-    monkeypatch.setattr(gemma, "build_gemma_model", lambda: tmp_path)
+    monkeypatch.setattr(M, "build_gemma_model", lambda: tmp_path)
     assert M.resolve_model("gemma3-270m") == tmp_path

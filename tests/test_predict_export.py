@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_run import SAMPLE_TEST, train_rows_file
 from safetensors import safe_open
 
-from _tiny_run import SAMPLE_TEST, train_rows_file
 from qwen_cls.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -51,6 +51,7 @@ def _read(path):
 @pytest.mark.slow
 def test_predict_run_and_export_agree(run_dir, raw_file, tmp_path, capsys):
     from _reference import score_candidates_reference
+
     from qwen_cls.model import load_model
 
     raw, rows = raw_file
@@ -172,12 +173,12 @@ def test_hub_id_without_network(run_dir, raw_file, tmp_path, capsys, monkeypatch
 def test_disk_full_leaves_no_half_written_output(run_dir, raw_file, tmp_path, capsys, monkeypatch):
     from contextlib import contextmanager
 
-    import qwen_cls.data
+    import qwen_cls.files
 
     out_dir = tmp_path / "outs"
     out_dir.mkdir()
     target = out_dir / "p.jsonl"
-    real_atomic_file, writes, temps_seen = qwen_cls.data.atomic_file, [], []
+    real_atomic_file, writes, temps_seen = qwen_cls.files.atomic_file, [], []
 
     class FillsAfterOneRow:
         """The output handle on a disk that fills up: the first row is written, the second write fails."""
@@ -197,7 +198,7 @@ def test_disk_full_leaves_no_half_written_output(run_dir, raw_file, tmp_path, ca
         with real_atomic_file(path) as handle:
             yield FillsAfterOneRow(handle) if Path(path) == target else handle
 
-    monkeypatch.setattr(qwen_cls.data, "atomic_file", atomic_on_full_disk)
+    monkeypatch.setattr(qwen_cls.files, "atomic_file", atomic_on_full_disk)
     err = _fails(["predict", "--run", str(run_dir), "--input", str(raw_file[0]), "--output", str(target),
                   "--quiet"], capsys, status=1)
     monkeypatch.undo()

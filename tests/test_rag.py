@@ -8,8 +8,15 @@ import math
 
 import pytest
 
-from qwen_cls.prompt import (EXAMPLE_CHARS, SYSTEM_PROMPT, build_messages, build_rag_messages, render_prompt,
-                             render_rag_prompt, user_message)
+from qwen_cls.prompt import (
+    EXAMPLE_CHARS,
+    SYSTEM_PROMPT,
+    build_messages,
+    build_rag_messages,
+    render_prompt,
+    render_rag_prompt,
+    user_message,
+)
 from qwen_cls.rag import Neighbour, Retriever, as_examples, retrieval_vote, segment, vote_weights
 from qwen_cls.tokenization import answer_reserve, encode_prompts, end_id, label_ids, process_batch
 

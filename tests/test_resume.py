@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from _tiny_run import FAST, subprocess_env, train_command, train_rows_file
 from safetensors.torch import load_file
 
-from _tiny_run import FAST, subprocess_env, train_command, train_rows_file
 from qwen_cls.checkpointing import CHECKPOINT_FILES, last_complete_checkpoint, remove_incomplete_checkpoints
 
 

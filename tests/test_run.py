@@ -102,6 +102,45 @@ def test_run_params_and_data_files(run_dir):
     assert any("loss" in entry for entry in log)
 
 
+def _key_paths(obj, prefix=()) -> set[tuple]:
+    """Every key path of nested dicts: {("lora",), ("lora", "r"), ...}."""
+    paths = set()
+    for key, value in obj.items():
+        paths.add((*prefix, key))
+        if isinstance(value, dict):
+            paths |= _key_paths(value, (*prefix, key))
+    return paths
+
+
+@pytest.mark.slow
+def test_notebook_and_cli_write_the_same_run_config_keys(run_dir, tmp_path):
+    """One run record: 03 (through `qwen-cls run`) and `qwen-cls train --max-steps 2` write the same keys."""
+    import hashlib
+
+    out, _, _ = run_dir
+    cli_out = tmp_path / "cli"
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample" / "train.jsonl"
+    code = main(["train", "--train", str(sample), "--out", str(cli_out), "--max-steps", "2", "--max-length", "128",
+                 "--batch-size", "2", "--grad-accum", "1", "--limit", "8"])
+    assert code == 0
+    notebook = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
+    cli = json.loads((cli_out / "run_config.json").read_text(encoding="utf-8"))
+    assert _key_paths(notebook) == _key_paths(cli)
+    assert {"profile", "base_model", "max_length", "lora", "training", "seed"} == set(cli)
+    # the values say what each path really did
+    assert (notebook["profile"], cli["profile"]) == ("tiny", None)
+    assert cli["training"]["max_steps"] == 2 and cli["training"]["global_step"] == 2
+    assert cli["training"]["train_rows"] == 8 and cli["max_length"] == 128
+    assert cli["training"]["train_sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
+    params = json.loads((out / "params.json").read_text(encoding="utf-8"))
+    assert notebook["training"]["learning_rate"] == params["learning_rate"]
+    assert notebook["training"]["num_train_epochs"] == params["num_train_epochs"]
+    assert notebook["training"]["train_rows"] == 16 and notebook["training"]["global_step"] > 0
+    nb_train = out / "data" / "train.jsonl"
+    assert notebook["training"]["train_sha256"] == hashlib.sha256(nb_train.read_bytes()).hexdigest()
+    assert notebook["training"]["train_seconds"] > 0 and cli["training"]["train_seconds"] > 0
+
+
 @pytest.mark.slow
 def test_run_metrics_match_predictions(run_dir):
     out, _, test_raw = run_dir
@@ -308,7 +347,7 @@ def test_sample_rows_shuffles_with_seed_then_takes_n():
 
 
 def test_atomic_json_and_folder_writes(tmp_path):
-    from qwen_cls.data import atomic_dir, write_json_atomic
+    from qwen_cls.files import atomic_dir, write_json_atomic
 
     target = write_json_atomic({"标签": [1, 2]}, tmp_path / "a" / "x.json")
     assert target.read_text(encoding="utf-8") == '{\n  "标签": [\n    1,\n    2\n  ]\n}\n'
@@ -337,7 +376,7 @@ def test_plots_write_pngs_with_the_data_drawn(tmp_path):
     line = fig.axes[0].lines[0]
     assert list(line.get_xdata()) == [2, 4] and list(line.get_ydata()) == [11.5, 11.0]
     fig = plots.length_histogram([100, 384, 200], 384, recipe_lengths=[100, 900, 200], path=tmp_path / "len.png")
-    assert any(list(l.get_xdata()) == [384, 384] for l in fig.axes[0].lines)  # the cut is marked
+    assert any(list(line.get_xdata()) == [384, 384] for line in fig.axes[0].lines)  # the cut is marked
     fig = plots.label_distribution({"train": {"Art": 3, "Sports": 5}, "test": {"Art": 1}}, path=tmp_path / "lab.png")
     widths = sorted(p.get_width() for p in fig.axes[0].patches)
     assert widths == [0, 1, 3, 5]

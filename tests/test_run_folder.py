@@ -122,7 +122,7 @@ def test_failed_overwrite_keeps_the_previous_run_and_marks_the_attempt(finished,
     assert run(finished, "--overwrite", seed=2) == 1
     err = capsys.readouterr().err
     failed = failed_path(finished)
-    assert f"failed at cell 7: RuntimeError: boom" in err
+    assert "failed at cell 7: RuntimeError: boom" in err
     assert f"executed copy: {failed / 'notebooks'}" in err and "still holds the previous run" in err
     assert snapshot(finished) == before  # the previous run, untouched
     assert (failed / RUN_INCOMPLETE).is_file() and seed_of(failed / "params.json") == 2
@@ -251,12 +251,6 @@ def test_sigterm_is_handled_like_ctrl_c(finished):
     assert err.strip().splitlines() == [f"interrupted; {finished} still holds the previous run, unchanged; this "
                                         f"attempt's files (marked {RUN_INCOMPLETE}) are in {failed_path(finished)}"]
     assert snapshot(finished) == before and not lock_path(finished).exists()
-
-
-def test_predict_knows_the_marker_by_the_same_name():
-    from qwen_cls import pipeline, predict
-
-    assert predict.RUN_INCOMPLETE == pipeline.RUN_INCOMPLETE
 
 
 def test_a_project_folder_with_git_and_run_like_names_is_never_replaced(tmp_path, capsys):

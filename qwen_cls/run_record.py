@@ -1,0 +1,111 @@
+"""The run folder's record of a training: the names of its artifacts, the one ``run_config.json`` schema,
+saving the adapter with its config and log (atomically), and reading a run back.
+
+Notebook 03 and ``qwen-cls train`` both build the record with :func:`run_config` and write it with
+:func:`save_training`, so a run folder says the same things whichever path trained it; ``predict``,
+``export`` and notebooks 04-05 read it back with :func:`read_run_config` and :func:`adapter_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .files import DataError, atomic_dir, file_sha256, write_json_atomic
+from .hub import ModelNotFound
+
+# What a run folder holds (docs/ARCHITECTURE.md lists who writes each).
+PARAMS = "params.json"
+RUN_INCOMPLETE = "RUN_INCOMPLETE"  # written first, removed last: present = this folder is not a finished run
+ADAPTER = "adapter"
+RUN_CONFIG = "run_config.json"
+TRAIN_LOG = "train_log.json"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.jsonl"
+# What the chain and `qwen-cls train` write (a folder holding only these is a run, even without params.json).
+RUN_LAYOUT = frozenset({
+    PARAMS, RUN_INCOMPLETE, "notebooks", "data", "tokenized", "truncation_report.json", ADAPTER, "checkpoints",
+    RUN_CONFIG, TRAIN_LOG, "loss_curve.png", "learning_curve.png", PREDICTIONS,
+    METRICS, "confusion_matrix.png", "swanlog", "retriever", "rag_metrics.json", "ranks",
+    "damaged-checkpoints",
+})
+REQUIRED_KEYS = ("base_model", "max_length")  # what predict/export need to rebuild the model
+
+
+def run_config(*, profile: str | None, base_model: str, max_length: int, lora_config, args, seed: int,
+               gradient_checkpointing: bool, train_rows: int, train_file: str | os.PathLike | None = None,
+               eval_rows: int | None = None, world_size: int = 1, global_step: int | None = None,
+               train_seconds: float | None = None, resumed_from: str | None = None) -> dict:
+    """The ``run_config.json`` of a training: the same keys, top level and nested, for every path.
+
+    ``lora_config`` is the ``peft.LoraConfig`` trained, ``args`` the ``TrainingArguments``; ``profile`` is
+    ``None`` for ``qwen-cls train`` (no profile), ``train_file`` the raw rows trained on (fingerprinted).
+    """
+    return {
+        "profile": profile,
+        "base_model": str(base_model),
+        "max_length": max_length,
+        "lora": {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "lora_dropout": lora_config.lora_dropout,
+                 "target_modules": sorted(lora_config.target_modules)},
+        "training": {
+            "learning_rate": args.learning_rate,
+            "num_train_epochs": args.num_train_epochs,
+            "max_steps": args.max_steps,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "gradient_checkpointing": bool(gradient_checkpointing),
+            "logging_steps": args.logging_steps,
+            "use_cpu": bool(args.use_cpu),
+            "bf16": bool(args.bf16),
+            "world_size": world_size,
+            "global_step": global_step,
+            "train_seconds": train_seconds,
+            "resumed_from": resumed_from,
+            "train_file": str(train_file) if train_file is not None else None,
+            "train_sha256": file_sha256(train_file) if train_file is not None else None,
+            "train_rows": train_rows,
+            "eval_rows": eval_rows,
+        },
+        "seed": seed,
+    }
+
+
+def save_training(out_dir: str | os.PathLike, model, tokenizer, config: dict, log_history: list[dict]) -> list[str]:
+    """Write ``adapter/`` (LoRA weights as safetensors + tokenizer), ``run_config.json`` and
+    ``train_log.json`` into ``out_dir``, each atomically; return the names written."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir / ADAPTER) as tmp:  # never a half-written adapter
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    write_json_atomic(config, out_dir / RUN_CONFIG)
+    write_json_atomic(log_history, out_dir / TRAIN_LOG)
+    return [ADAPTER, RUN_CONFIG, TRAIN_LOG]
+
+
+def read_run_config(folder: str | os.PathLike) -> dict:
+    """``run_config.json`` of a run dir (or an export), with a clear error when it is missing or broken."""
+    path = Path(folder) / RUN_CONFIG
+    if not Path(folder).is_dir():
+        raise ModelNotFound(f"{folder}: no such run dir")
+    if not path.is_file():
+        raise ModelNotFound(f"{folder}: not a run dir (no {RUN_CONFIG}); train one with `qwen-cls train` or `qwen-cls run`")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(path, exc.lineno, f"invalid JSON ({exc.msg})") from None
+    if not isinstance(config, dict):
+        raise DataError(path, None, "is not a JSON object; the run-dir contract needs base_model and max_length")
+    for key in REQUIRED_KEYS:
+        if key not in config:
+            raise DataError(path, None, f"lacks {key!r}; the run-dir contract needs base_model and max_length")
+    return config
+
+
+def adapter_dir(run_dir: str | os.PathLike) -> Path:
+    """The run's ``adapter/``, checked complete (config + safetensors weights)."""
+    adapter = Path(run_dir) / ADAPTER
+    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise ModelNotFound(f"{adapter}: missing or incomplete adapter (needs adapter_config.json and "
+                            "adapter_model.safetensors); did training finish?")
+    return adapter
