@@ -57,7 +57,8 @@ class SlowQwen2Tokenizer:
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
         self.bpe_ranks = {pair: i for i, pair in enumerate(merges)}
         self.added = {t["content"]: t["id"] for t in spec["added_tokens"]}
-        self.added_split = regex.compile("(" + "|".join(regex.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
+        longest_first = sorted(self.added, key=len, reverse=True)
+        self.added_split = regex.compile("(" + "|".join(regex.escape(t) for t in longest_first) + ")")
         self.pat = regex.compile(PRETOKENIZE_REGEX)
         self.byte_encoder = bytes_to_unicode()
         self.cache: dict[str, str] = {}

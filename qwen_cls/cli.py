@@ -70,7 +70,8 @@ def cmd_download_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-cls", description="LoRA fine-tuning of Qwen2 as a Chinese text classifier: the command line of the qwen-cls notebooks.")
+    parser = argparse.ArgumentParser(prog="qwen-cls", description="LoRA fine-tuning of Qwen2 as a Chinese text "
+                                     "classifier: the command line of the qwen-cls notebooks.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -113,7 +113,8 @@ class Retriever:
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             self.bm25.save(str(tmp), show_progress=False)
-            write_jsonl_atomic(({"text": t, "label": label} for t, label in zip(self.texts, self.labels)), tmp / ROWS_FILE)
+            rows = ({"text": t, "label": label} for t, label in zip(self.texts, self.labels))
+            write_jsonl_atomic(rows, tmp / ROWS_FILE)
             meta = {"format": FORMAT_VERSION, "segmenter": "jieba", "max_chars": self.max_chars,
                     "rows": len(self), "labels": dict(self.label_counts.most_common())}
             write_json_atomic(meta, tmp / META_FILE)

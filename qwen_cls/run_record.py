@@ -89,7 +89,8 @@ def read_run_config(folder: str | os.PathLike) -> dict:
     if not Path(folder).is_dir():
         raise ModelNotFound(f"{folder}: no such run dir")
     if not path.is_file():
-        raise ModelNotFound(f"{folder}: not a run dir (no {RUN_CONFIG}); train one with `qwen-cls train` or `qwen-cls run`")
+        raise ModelNotFound(f"{folder}: not a run dir (no {RUN_CONFIG}); train one with `qwen-cls train` or "
+                            "`qwen-cls run`")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -306,7 +306,8 @@ the Fudan set, UTF-8 JSON Lines: `{{"text": "<标题>", "category": [2–5 candi
 1. Whitespace runs in a headline become one space; ends are stripped.
 2. Duplicates, of {removed['rows_in']:,} rows: {removed['same_label_copies']} repeated a headline with the same
    label (first copy kept); {removed['conflicting_headlines']} headlines appeared with two different labels
-   ({removed['conflicting_rows']} rows, all dropped, since their label is unreliable). {removed['rows_kept']:,} rows remain.
+   ({removed['conflicting_rows']} rows, all dropped, since their label is unreliable).
+   {removed['rows_kept']:,} rows remain.
 3. Split, seeded (seed {settings['seed']}) and balanced: {per_test} test and {per_train} train headlines
    per class, drawn without overlap, so no headline is in both splits. The other {unused:,} rows are not
    written: the notebooks use at most about 1,000 train rows, {settings['n_test']:,} test rows put the

@@ -1,4 +1,5 @@
-"""Experiment tracking with SwanLab: Trainer callbacks and evaluation logging (the dashboard: :mod:`qwen_cls.dashboard`).
+"""Experiment tracking with SwanLab: Trainer callbacks and evaluation logging (the dashboard:
+:mod:`qwen_cls.dashboard`).
 
 ``swanlab_mode`` says where a run's log goes; every mode but ``cloud`` needs no account and no network:
 

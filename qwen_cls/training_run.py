@@ -2,7 +2,8 @@
 
 The same command resumes an interrupted run (even one killed with ``kill -9``) from its last *complete and
 loadable* checkpoint (a damaged newer one is moved to ``damaged-checkpoints/`` with a warning naming the
-file), and runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP; DeepSpeed ZeRO-2 with ``--deepspeed configs/deepspeed_zero2.json``).
+file), and runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP; DeepSpeed ZeRO-2 with
+``--deepspeed configs/deepspeed_zero2.json``).
 Checkpoints are atomic and rotated (``qwen_cls.checkpointing``) and record the settings they were trained with
 (the training file's SHA-256 among them): resuming with other data or hyperparameters is refused, naming what
 differs, unless ``--resume-anyway``; ``--no-resume`` starts over. Options are checked before anything loads.
@@ -91,7 +92,8 @@ class ResumeMismatch(ValueError):
     """The checkpoint to resume was trained with other data or hyperparameters (exit 2)."""
 
 
-DAMAGED = "damaged-checkpoints"  # (in run_record.RUN_LAYOUT) where checkpoints that could not be loaded are kept (a disk error may pass)
+# Where checkpoints that could not be loaded are kept (a disk error may pass); listed in run_record.RUN_LAYOUT.
+DAMAGED = "damaged-checkpoints"
 
 
 def move_aside(path: Path, folder: Path) -> Path:
@@ -296,7 +298,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=RECIPE["max_length"])
     p.add_argument("--epochs", type=float, default=RECIPE["num_train_epochs"])
     p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--batch-size", type=int, default=RECIPE["per_device_train_batch_size"], help="rows per device per micro-batch")
+    p.add_argument("--batch-size", type=int, default=RECIPE["per_device_train_batch_size"],
+                   help="rows per device per micro-batch")
     p.add_argument("--grad-accum", type=int, default=RECIPE["gradient_accumulation_steps"])
     p.add_argument("--lr", type=float, default=RECIPE["learning_rate"])
     p.add_argument("--seed", type=int, default=RECIPE["seed"])

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny offline model (built once per session into a temp cache) and its tokenizer."""
+"""Shared fixtures: the tiny offline model (built once per session into a temp cache), the Gemma 3 270M folder
+(built once into the model cache), and their tokenizers."""
 
 from __future__ import annotations
 
@@ -23,6 +24,21 @@ def tokenizer(tiny_dir):
     from qwen_cls.model import load_tokenizer
 
     return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma_dir():
+    """The Gemma 3 270M dense folder in the model cache: built on first use (about a minute), then reused."""
+    from qwen_cls.gemma import build_gemma_model
+
+    return build_gemma_model()
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(gemma_dir):
+    from qwen_cls.model import load_tokenizer
+
+    return load_tokenizer(gemma_dir)
 
 
 @pytest.fixture()

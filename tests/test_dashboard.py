@@ -290,7 +290,8 @@ def test_foreign_host_headers_are_refused(dashboard):
     port = url.rsplit(":", 1)[1]
     assert raw_get(url, "/api/v1/project")[0] == 200
     assert raw_get(url, "/api/v1/project", host=f"localhost:{port}")[0] == 200
-    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}", f"127.0.0.1:{int(port) + 1}",
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.nip.io:{port}",
+                 f"127.0.0.1:{int(port) + 1}",
                  ""):
         status, body = raw_get(url, "/api/v1/project", host=host)
         assert status == 403 and b"qwen-cls" not in body, (host, body[:200])

@@ -28,12 +28,6 @@ HEADLINES = [
 
 
 @pytest.fixture(scope="session")
-def gemma_dir():
-    """The dense folder in the model cache: built on first use (about a minute), then reused."""
-    return G.build_gemma_model()
-
-
-@pytest.fixture(scope="session")
 def gemma(gemma_dir):
     return M.load_model(gemma_dir, device="cpu")
 

@@ -80,3 +80,27 @@ def test_nothing_imports_the_command_line_back():
 def test_no_module_is_named_like_a_standard_library_module():
     names = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
     assert names & set(sys.stdlib_module_names) == set()
+
+
+def architecture_table() -> dict[str, set[str]]:
+    """module -> the imports docs/ARCHITECTURE.md lists for it."""
+    text = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit() and cells[1].startswith("`"):
+            imports = set() if cells[3] == "—" else {n.strip() for n in cells[3].split(",")}
+            table[cells[1].strip("`")] = (int(cells[0]), imports)
+    return table
+
+
+def test_architecture_doc_lists_every_module_with_its_real_imports():
+    graph = {name: deps for name, deps in import_graph().items() if name != "__init__"}
+    table = architecture_table()
+    missing, stale = set(graph) - set(table), set(table) - set(graph)
+    assert not missing and not stale, f"missing from the doc: {missing}; stale: {stale}"
+    wrong = {name: (sorted(table[name][1]), sorted(graph[name])) for name in graph if table[name][1] != graph[name]}
+    assert wrong == {}, f"doc vs code imports: {wrong}"
+    upside_down = {name: sorted(d for d in deps if table[d][0] >= table[name][0]) for name, deps in graph.items()}
+    upside_down = {name: deps for name, deps in upside_down.items() if deps}
+    assert upside_down == {}, "a module imports one of its own level or above"

@@ -14,15 +14,6 @@ ROWS = {
 }
 
 
-@pytest.fixture(scope="module")
-def gemma_tokenizer():
-    """The Gemma 3 270M tokenizer (the model folder is built once into the cache)."""
-    from qwen_cls.gemma import build_gemma_model
-    from qwen_cls.model import load_tokenizer
-
-    return load_tokenizer(build_gemma_model())
-
-
 @pytest.fixture(params=["qwen2", "gemma3"])
 def any_tokenizer(request):
     """Each model family's tokenizer in turn: the tiny Qwen2's and Gemma 3's."""
@@ -105,7 +96,8 @@ def test_truncation_shortens_the_text_only(tokenizer):
     assert ids[-len(space) - 1:] == space + [151645]
     assert [t for t in labels if t != T.IGNORE_INDEX] == space + [151645]
     decoded = tokenizer.decode(ids)
-    assert decoded.endswith(",分类选项列表:['Military', 'Space', 'Enviornment']<|im_end|>\n<|im_start|>assistant\nSpace<|im_end|>")
+    assert decoded.endswith(",分类选项列表:['Military', 'Space', 'Enviornment']<|im_end|>\n"
+                            "<|im_start|>assistant\nSpace<|im_end|>")
     kept = decoded.split("文本:")[1].split(",分类选项列表:")[0]
     assert 20 < len(kept) < len(LONG) and LONG.startswith(kept)
     # Room is reserved for the longest candidate: prompt + longest + end fits.

@@ -122,7 +122,8 @@ def test_rag_messages_put_shortened_examples_ahead_of_the_plain_query():
     assert lines[-1] == user_message("新闻正文", ["Art", "Sports"]) == "文本:新闻正文,分类选项列表:['Art', 'Sports']"
     neighbours = [Neighbour(7, "乙 丙", "Sports", 1.0)]
     assert as_examples(neighbours) == [{"text": "乙 丙", "label": "Sports"}]
-    assert build_rag_messages("x", ["A", "B"], neighbours) == build_rag_messages("x", ["A", "B"], as_examples(neighbours))
+    expected = build_rag_messages("x", ["A", "B"], as_examples(neighbours))
+    assert build_rag_messages("x", ["A", "B"], neighbours) == expected
 
 
 def test_rag_truncation_keeps_candidates_labels_answer_and_end(tokenizer):
@@ -145,7 +146,8 @@ def test_rag_truncation_keeps_candidates_labels_answer_and_end(tokenizer):
         shown = prompt.count("\n示例")
         assert [f"分类:{e['label']}" in prompt for e in examples] == [True] * shown + [False] * (3 - shown)
         kept_examples.append(shown)
-    assert kept_examples == sorted(kept_examples) and kept_examples[0] < 3 and kept_examples[-1] == 3  # room buys examples
+    # more room buys more examples
+    assert kept_examples == sorted(kept_examples) and kept_examples[0] < 3 and kept_examples[-1] == 3
 
     batch = {"text": [query], "category": [category], "output": ["Sports"], "examples": [examples]}
     row = process_batch(batch, tokenizer, 200)

@@ -15,7 +15,8 @@ from qwen_cls.cli import main
 from qwen_cls.pipeline import NOTEBOOKS, parse_value, resolve_parameters
 
 LABELS = ("Sports", "Economy", "Art", "Military")
-TOPICS = {"Sports": "足球比赛冠军球队", "Economy": "市场经济增长银行", "Art": "画家展览美术馆", "Military": "军队演习舰艇"}
+TOPICS = {"Sports": "足球比赛冠军球队", "Economy": "市场经济增长银行", "Art": "画家展览美术馆",
+          "Military": "军队演习舰艇"}
 
 
 def raw_rows(n: int, offset: int) -> list[dict]:
@@ -235,7 +236,8 @@ def test_ctrl_c_during_a_notebook_is_one_line_exit_130(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "ZMQError" not in err, err[-3000:]
-    assert err.rstrip().splitlines()[-1] == f"interrupted; {out} is marked incomplete ({RUN_INCOMPLETE}); rerun to replace it"
+    expected = f"interrupted; {out} is marked incomplete ({RUN_INCOMPLETE}); rerun to replace it"
+    assert err.rstrip().splitlines()[-1] == expected
     assert (out / RUN_INCOMPLETE).is_file() and not (out.parent / f".{out.name}.lock").exists()
 
 
@@ -266,7 +268,8 @@ def test_real_profile_offline_fails_fast_with_a_clear_message(tmp_path, capsys, 
     ("learning_rate", "0", "learning_rate must be a number > 0"),
     ("learning_rate", "nan", "learning_rate must be a number"),
     ("num_train_epochs", "0", "num_train_epochs must be a number > 0, got 0"),
-    ("max_train_samples", "1e1", "max_train_samples must be an integer >= 0 (0: all rows), got 10.0 (a float; write 10)"),
+    ("max_train_samples", "1e1",
+     "max_train_samples must be an integer >= 0 (0: all rows), got 10.0 (a float; write 10)"),
     ("max_train_samples", "-5", "max_train_samples must be an integer >= 0 (0: all rows), got -5"),
     ("max_test_samples", "2.5", "max_test_samples must be an integer >= 0"),
     ("lora_r", "0", "lora_r must be an integer >= 1, got 0"),

@@ -3,7 +3,6 @@ import math
 import datasets
 import pytest
 import torch
-from _reference import score_candidates_reference
 from conftest import SAMPLE
 from transformers import TrainingArguments
 
@@ -56,28 +55,14 @@ def test_tiny_model_trains_and_adapter_reloads(tiny_dir, sample_rows, tmp_path):
         assert torch.allclose(model(**inputs).logits, reloaded(**inputs).logits, atol=1e-5)
 
 
-def test_answer_only_loss_equals_full_logits_loss(tiny_dir, sample_rows):
-    model, tok = load_model(tiny_dir, device="cpu")
-    tokenized = train.model_inputs(tokenize_dataset(datasets.Dataset.from_list(sample_rows[:6]), tok, MAX_LENGTH))
-    batch = train.padding_collator(tok)([tokenized[i] for i in range(6)])
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-        keep = shift_labels != -100
-        full = torch.nn.functional.cross_entropy(shift_logits[keep], shift_labels[keep])
-        assert torch.allclose(train.answer_only_loss(model, batch), full, atol=1e-5)
-
-
-def test_evaluation_returns_only_candidates_and_matches_reference(tiny_dir):
+def test_evaluation_predicts_a_candidate_and_generates_text(tiny_dir):
+    """Scoring always answers with one of the row's candidates (tests/test_fast_paths.py checks its values
+    against the straightforward reference); free generation returns one string per row."""
     model, tok = load_model(tiny_dir, device="cpu")
     rows = [r.to_dict() for r in data.read_raw_rows(SAMPLE / "test.jsonl")][:8]
     fast = evaluate.score_candidates(model, tok, rows, max_length=MAX_LENGTH, batch_size=3)
-    slow = score_candidates_reference(model, tok, rows, max_length=MAX_LENGTH)
-    for row, a, b in zip(rows, fast, slow):
-        assert a.prediction in row["category"] and a.prediction == b.prediction
-        assert a.scores.keys() == set(row["category"])
-        for label in row["category"]:
-            assert a.scores[label] == pytest.approx(b.scores[label], abs=1e-3)
+    for row, a in zip(rows, fast):
+        assert a.prediction in row["category"] and a.scores.keys() == set(row["category"])
     generated = evaluate.generate_answers(model, tok, rows[:3], max_length=MAX_LENGTH, max_new_tokens=4)
     assert len(generated) == 3 and all(isinstance(g, str) for g in generated)
 
@@ -93,6 +78,7 @@ def test_metrics_against_a_hand_computation():
     assert m["labels"] == ["Art", "Space", "Sports"]
     assert m["confusion_matrix"] == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]
     assert m["n_test"] == 6 and m["per_class"]["Sports"]["recall"] == 1.0
-    assert metrics.invalid_rate(["Art", "art", "Sports ", "体育"], [["Art", "Space"]] * 2 + [["Sports", "Art"]] * 2) == 0.5
+    candidates = [["Art", "Space"]] * 2 + [["Sports", "Art"]] * 2
+    assert metrics.invalid_rate(["Art", "art", "Sports ", "体育"], candidates) == 0.5
     with pytest.raises(ValueError):
         metrics.classification_metrics(["A"], [])
