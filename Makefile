@@ -46,7 +46,8 @@ test: setup lint
 check-notebooks: setup
 	$(PY) -m pytest -q tests/test_notebooks.py
 
-# CPU benchmarks, seed recipe vs project path on the tiny model (< 10 min): table + runs/bench/bench.json
+# CPU benchmarks, seed recipe vs project path on the tiny model, then at the Qwen2-0.5B shape (random weights)
+# and on Gemma 3 270M (real weights), short rows and few steps (< 15 min on 2 quiet cores): runs/bench/bench.json
 bench: setup
 	$(PY) benchmarks/cpu.py --out runs/bench
 

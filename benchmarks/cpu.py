@@ -232,7 +232,7 @@ def main(argv=None) -> int:
             result["shapes"][name] = run_shape(
                 name, rows=rows, max_length=args.shape_max_length, batch_size=args.batch_size,
                 steps=args.shape_steps, eval_rows=args.shape_eval_rows, tokenize_rows=args.shape_tokenize_rows,
-                repeats=2, workdir=workdir)
+                repeats=2, workdir=workdir, qwen_tokenize=tok)
         result["setup"]["wall_s"] = time.perf_counter() - started
         _write(out, result)
     print(shapes_table(result))
