@@ -52,7 +52,8 @@ def reliability_bins(confidences, correct, n_bins: int = 10) -> list[dict]:
         raise ValueError(f"{conf.size} confidences but {hit.size} correctness flags")
     if conf.size and (conf.min() < 0 or conf.max() > 1):
         raise ValueError("confidences must lie in [0, 1]")
-    index = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    # np.round: 0.3 * 10 is 3.0000000000000004 in floats, and 0.3 belongs to the bin (0.2, 0.3]
+    index = np.clip(np.ceil(np.round(conf * n_bins, 9)).astype(int) - 1, 0, n_bins - 1)
     bins = []
     for k in range(n_bins):
         members = index == k

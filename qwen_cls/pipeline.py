@@ -1,4 +1,4 @@
-"""Run the notebook chain (00 -> 05, see :data:`NOTEBOOKS`) with papermill into one run directory (``qwen-cls run``).
+"""Run the notebook chain (00 -> 06, see :data:`NOTEBOOKS`) with papermill into one run directory (``qwen-cls run``).
 
 Each notebook receives the parameters its ``parameters`` cell declares, taken from a profile
 (:mod:`qwen_cls.profiles`) and ``-p KEY VALUE`` overrides, checked against :data:`~qwen_cls.profiles.SCHEMA`
@@ -41,6 +41,7 @@ NOTEBOOKS = (
     "03_lora_training.ipynb",
     "04_evaluation.ipynb",
     "05_rag.ipynb",
+    "06_approaches.ipynb",
 )
 class NotebookFailed(RuntimeError):
     """A notebook of the chain raised; the message names the notebook, the error and the saved copy."""
@@ -483,8 +484,9 @@ def cmd_run(args) -> int:
         print(f"interrupted; {exc.note}" if exc.note else "interrupted", file=sys.stderr)
         return 130
     print(f"\nDone. Outputs are in {run_dir}")
-    for name in ("metrics.json", "confusion_matrix.png", "loss_curve.png", "learning_curve.png", "predictions.jsonl",
-                 "rag_metrics.json", "adapter", "swanlog", "notebooks"):
+    for name in ("metrics.json", "confusion_matrix.png", "calibration.png", "loss_curve.png", "learning_curve.png",
+                 "predictions.jsonl", "rag_metrics.json", "approaches.json", "approaches.png", "adapter", "seq_cls",
+                 "swanlog", "notebooks"):
         if (run_dir / name).exists():
             print(f"  {run_dir / name}")
     return 0
@@ -492,9 +494,10 @@ def cmd_run(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``qwen-cls run`` to the CLI."""
-    p = subparsers.add_parser("run", help="execute the notebook chain 00-05 with papermill into a run folder")
+    p = subparsers.add_parser("run", help="execute the notebook chain 00-06 with papermill into a run folder")
     p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
-                   help="parameter set: tiny (offline mechanics, 1 min), gemma3-270m (a real model learning on CPU, offline "
+                   help="parameter set: tiny (offline mechanics, 1 min), gemma3-270m (a real model learning on CPU, "
+                        "offline "
                         "after make setup, about 15 min) or qwen2-0.5b (the real recipe; network + GPU advisable)")
     p.add_argument("--out", default=None, help="run folder (default: the profile's out_dir)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),

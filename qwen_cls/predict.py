@@ -3,8 +3,9 @@
 Every row gets ``prediction`` (always one of its candidates: candidate scoring, not free generation),
 ``scores`` (each candidate's total log-probability) and ``probabilities`` (their softmax over the row's
 candidates). With ``--min-confidence P`` every row also gets ``confidence`` (the top probability) and ``abstain``
-(true when it is below P: the caller should not trust this prediction); ``prediction`` stays the top label. Rows are validated like ``convert`` (``output`` is
-optional) before any model loads, and the output file is written atomically.
+(true when it is below P: the caller should not trust this prediction); ``prediction`` stays the top label.
+Rows are validated like ``convert`` (``output`` is optional) before any model loads, and the output file is
+written atomically.
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ def register(subparsers) -> None:
     source.add_argument("--run", help="run dir (adapter/ + run_config.json)")
     source.add_argument("--model", help="model folder, e.g. from `qwen-cls export`")
     p.add_argument("--input", required=True, help="raw JSONL {text, category[, output]}")
-    p.add_argument("--output", required=True, help="JSONL: each row + prediction + scores + probabilities (written atomically)")
+    p.add_argument("--output", required=True,
+                   help="JSONL: each row + prediction + scores + probabilities (written atomically)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help=f"default: the run's max_length (else {MAX_LENGTH})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -44,6 +44,9 @@ PROFILES: dict[str, dict] = {
         "max_new_tokens": 6,
         "speed_rows": 3,
         "sweep_dir": "",  # 03's last section shows this finished sweep's table ("": none)
+        "seq_cls_epochs": 2,  # 06's sequence-classification head: as many epochs as 03, the same big steps
+        "seq_cls_learning_rate": 5e-3,
+        "seq_cls_max_length": 64,
         "out_dir": "../runs/notebooks",
     },
     # Offline after `make setup`: Google's pretrained Gemma 3 270M (PyPI GGUF chunks) on THUCNews headlines,
@@ -73,6 +76,9 @@ PROFILES: dict[str, dict] = {
         "rag_max_length": 256,  # room for k=3 retrieved headlines beside the query (128 would cut them)
         "speed_rows": 1,  # 04's per-row generate(512) without the adapter never stops: ~35 s a row on CPU
         "sweep_dir": "",
+        "seq_cls_epochs": 1,  # 06 trains the head on the same 800 rows as 03, briefly (make demo's 15 minutes)
+        "seq_cls_learning_rate": GEMMA_LEARNING_RATE,
+        "seq_cls_max_length": 64,  # the text alone, no prompt: a headline takes about 20-30 Gemma tokens
         "out_dir": "../runs/gemma3-270m",
     },
     # The real model and dataset from ModelScope with the recipe's hyperparameters (a GPU is advisable).
@@ -92,6 +98,9 @@ PROFILES: dict[str, dict] = {
         "max_new_tokens": 8,
         "speed_rows": 3,
         "sweep_dir": "",
+        "seq_cls_epochs": 2,  # 06: the recipe's epochs and learning rate for the head too
+        "seq_cls_learning_rate": 1e-4,
+        "seq_cls_max_length": 384,
         "out_dir": "../runs/qwen2-0.5b",
     },
 }
@@ -219,6 +228,9 @@ SCHEMA: dict[str, Param] = {
     "rag_k": Param("int", low=1),
     "rag_max_length": Param("int", low=0, note=f"0: the training max_length; else >= {MIN_MAX_LENGTH}"),
     "show_rows": Param("int", low=0),
+    "seq_cls_epochs": Param("number", low=0, low_open=True, note="06: epochs of the sequence-classification head"),
+    "seq_cls_learning_rate": Param("number", low=0, high=1, low_open=True),
+    "seq_cls_max_length": Param("int", low=8, note="06: tokens of text per row (no prompt)"),
     "sweep_dir": Param("optional_path", note="a finished `qwen-cls sweep` folder whose table 03 shows; '': none"),
 }
 

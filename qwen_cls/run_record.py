@@ -28,7 +28,8 @@ RUN_LAYOUT = frozenset({
     PARAMS, RUN_INCOMPLETE, "notebooks", "data", "tokenized", "truncation_report.json", ADAPTER, "checkpoints",
     RUN_CONFIG, TRAIN_LOG, "loss_curve.png", "learning_curve.png", PREDICTIONS,
     METRICS, "confusion_matrix.png", "swanlog", "retriever", "rag_metrics.json", "ranks",
-    "damaged-checkpoints",
+    "damaged-checkpoints", "calibration.png", "rag_predictions.jsonl", "rag_timing.json", "seq_cls",
+    "approaches.json", "approaches.png",
 })
 REQUIRED_KEYS = ("base_model", "max_length")  # what predict/export need to rebuild the model
 

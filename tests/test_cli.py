@@ -110,6 +110,9 @@ def predict_args(tmp_path):
     ("--device", "gpu", "error: --device 'gpu': not a device"),
     ("--device", "xla", "error: --device xla: unsupported device type"),
     ("--device", "cuda:x", "error: --device 'cuda:x': not a device"),
+    ("--min-confidence", "1.5", "error: --min-confidence must be a probability between 0 and 1"),
+    ("--min-confidence", "-0.1", "error: --min-confidence must be a probability between 0 and 1"),
+    ("--min-confidence", "nan", "error: --min-confidence must be a probability between 0 and 1"),
 ])
 def test_predict_refuses_bad_options_before_a_model_loads(predict_args, tmp_path, capsys, option, value, expected):
     from qwen_cls.cli import main

@@ -120,7 +120,13 @@ def test_exercises_at_the_end_with_solutions_apart(name):
                                 "activation_checkpointing=", "compare_loss_speed(", "loss_curve("]),
     ("04_evaluation.ipynb", ["def score_row(", "score_candidates(", "<|im_end|>", "generate_answers(",
                              "classification_metrics(", "confusion_matrix(", "log_evaluation(", "tracking.finish()",
-                             "compare_eval_speed("]),
+                             "compare_eval_speed(", "expected_calibration_error(", "reliability_diagram(",
+                             '"probabilities": s.probabilities', "accuracy_coverage("]),
+    ("05_rag.ipynb", ["rag_predictions.jsonl", "rag_timing.json"]),  # what 06 reads instead of re-scoring
+    ("06_approaches.ipynb", ["TfidfVectorizer(", "LogisticRegression(", "restricted_rows(",
+                             "task_type=TaskType.SEQ_CLS", "modules_to_save=[SEQ_CLS_HEAD]", "get_peft_model(",
+                             "Trainer(", "save_seq_cls(",
+                             "load_seq_cls(", '"approaches.json"', "approaches_cost(", "rag_predictions.jsonl"]),
 ])
 def test_lines_a_learner_must_see_stay_in_the_notebook(name, needles):
     source = "\n".join(c.source for c in read(name).cells)
@@ -160,7 +166,8 @@ def test_rule_functions_are_written_out_in_the_notebook(name, rule, must_call, l
 
 @pytest.mark.parametrize("name, maker", [("02_tokenization.ipynb", "01_data_conversion"),
                                          ("03_lora_training.ipynb", "02_tokenization"),
-                                         ("04_evaluation.ipynb", "01_data_conversion")])
+                                         ("04_evaluation.ipynb", "01_data_conversion"),
+                                         ("06_approaches.ipynb", "01_data_conversion")])
 def test_opened_alone_without_inputs_names_the_notebook_that_makes_them(name, maker, tmp_path):
     import papermill
     from papermill.exceptions import PapermillExecutionError

@@ -84,6 +84,32 @@ def test_predict_run_and_export_agree(run_dir, raw_file, tmp_path, capsys):
             assert row["scores"][label] == pytest.approx(value, abs=1e-3)
 
 
+@pytest.mark.slow
+def test_predict_min_confidence_marks_abstain_on_every_row(run_dir, raw_file, tmp_path, capsys):
+    import math
+
+    raw, rows = raw_file
+    strict, lenient, plain = tmp_path / "strict.jsonl", tmp_path / "lenient.jsonl", tmp_path / "plain.jsonl"
+    base = ["predict", "--run", str(run_dir), "--input", str(raw), "--quiet"]
+    assert main([*base, "--output", str(strict), "--min-confidence", "0.99"]) == 0
+    assert main([*base, "--output", str(lenient), "--min-confidence", "0"]) == 0
+    assert main([*base, "--output", str(plain)]) == 0
+    got, loose, without = _read(strict), _read(lenient), _read(plain)
+    assert len(got) == len(rows) == 4
+    for row, g, at_zero, w in zip(rows, got, loose, without):
+        assert g["text"] == row["text"] and set(g["scores"]) == set(g["category"])  # existing fields kept
+        total = sum(math.exp(v) for v in g["scores"].values())
+        for label, value in g["scores"].items():  # the softmax of the scores, computed here
+            assert g["probabilities"][label] == pytest.approx(math.exp(value) / total, rel=1e-6)
+        assert g["prediction"] == max(g["probabilities"], key=g["probabilities"].get)  # still the top label
+        assert g["confidence"] == max(g["probabilities"].values())
+        assert g["abstain"] is (g["confidence"] < 0.99)
+        assert at_zero["abstain"] is False and at_zero["prediction"] == g["prediction"]  # every row answered at 0
+        assert "abstain" not in w and "confidence" not in w and w["probabilities"] == g["probabilities"]
+    assert all(isinstance(g["abstain"], bool) for g in got)  # on every row, abstaining or not
+    assert f"({sum(g['abstain'] for g in got)} marked abstain: confidence below 0.99)" in capsys.readouterr().out
+
+
 def test_export_folder_is_a_plain_merged_model(run_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -197,6 +197,55 @@ def test_run_rag_metrics_cover_five_methods_on_the_same_test_rows(run_dir):
 
 
 @pytest.mark.slow
+def test_run_predictions_carry_probabilities_and_metrics_the_ece(run_dir):
+    import math
+
+    out, _, _ = run_dir
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    for p in preds:  # the softmax of the candidates' total log-probabilities, computed here
+        assert set(p["probabilities"]) == set(p["scores"]) and sum(p["probabilities"].values()) == pytest.approx(1.0)
+        top = max(p["scores"].values())
+        total = sum(math.exp(v - top) for v in p["scores"].values())
+        for label, value in p["scores"].items():
+            assert p["probabilities"][label] == pytest.approx(math.exp(value - top) / total, rel=1e-6)
+    # ECE by hand: 10 bins ((k-1)/10, k/10] of the top probability, |accuracy - mean confidence| weighted by rows
+    bins = {}
+    for p in preds:
+        confidence = p["probabilities"][p["prediction"]]
+        k = max(0, math.ceil(round(confidence * 10, 9)) - 1)
+        bins.setdefault(k, []).append((confidence, p["prediction"] == p["output"]))
+    ece = sum(len(b) / len(preds) * abs(sum(c for _, c in b) / len(b) - sum(x for x, _ in b) / len(b))
+              for b in bins.values())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["ece"] == pytest.approx(ece)
+    assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_run_compares_six_approaches_on_the_same_rows(run_dir):
+    out, _, _ = run_dir
+    approaches = json.loads((out / "approaches.json").read_text(encoding="utf-8"))
+    assert list(approaches) == ["tfidf_logreg", "retrieval_vote", "zero_shot", "rag", "lora", "seq_cls_lora"]
+    for method, m in approaches.items():
+        assert set(m) == {"accuracy", "macro_f1", "n_test", "train_seconds", "rows_per_second"}, method
+        assert m["n_test"] == 8, method  # max_test_samples: every method on the same 8 test rows
+        assert (m["accuracy"] * 8) == pytest.approx(round(m["accuracy"] * 8)), method
+        assert m["train_seconds"] >= 0 and m["rows_per_second"] > 0, method
+    assert approaches["zero_shot"]["train_seconds"] == 0
+    # The four methods of 05 are read from 05's per-row predictions, not recomputed: the same accuracies.
+    rag = json.loads((out / "rag_metrics.json").read_text(encoding="utf-8"))
+    for method in ("retrieval_vote", "zero_shot", "rag", "lora"):
+        assert approaches[method]["accuracy"] == rag[method]["accuracy"], method
+    rows = [json.loads(x) for x in (out / "rag_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 8 and all(r["predictions"]["lora"] in r["category"] for r in rows)
+    log = json.loads((out / "train_log.json").read_text(encoding="utf-8"))
+    assert approaches["lora"]["train_seconds"] == next(e["train_runtime"] for e in log if "train_runtime" in e)
+    seq_cls = json.loads((out / "seq_cls" / "seq_cls.json").read_text(encoding="utf-8"))
+    assert seq_cls["labels"] == sorted(LABELS) and (out / "seq_cls" / "adapter_model.safetensors").is_file()
+    assert (out / "approaches.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
 def test_run_writes_png_figures(run_dir):
     out, _, _ = run_dir
     for name in ("confusion_matrix.png", "loss_curve.png"):
