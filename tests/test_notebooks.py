@@ -6,6 +6,7 @@ Running them is ``make test``'s nbval step (``pytest --nbval-lax --nbval-current
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import nbformat
@@ -46,6 +47,10 @@ def test_committed_notebook_is_clean(name):
             assert cell.execution_count is None, f"{name}: execution_count must be null"
         assert "papermill" not in cell.metadata and "execution" not in cell.metadata, name
     assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells), name
+    # nbformat 4.5 cells carry an id; nbformat.read adds missing ones silently, papermill warns on every run
+    raw = json.loads((NB_DIR / name).read_text(encoding="utf-8"))
+    ids = [cell.get("id") for cell in raw["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), f"{name}: every cell needs its own id"
 
 
 @pytest.mark.parametrize("name", ALL_NOTEBOOKS)
