@@ -3,19 +3,25 @@
 Used by ``benchmarks/cpu.py`` (``make bench``). The tiny model's body is so small that its 151,936-way LM
 head is nearly all of its compute, which flatters the answer-only head; these runs give the ratios at the
 shapes a user will train. On 2 CPU cores a step of Qwen2-0.5B takes seconds, so the runs are short: rows
-of ``max_length`` 128, batch 4, 3 optimizer steps per variant, the first step untimed (warm-up).
+of ``max_length`` 128, batch 4, 5 optimizer steps per variant. The first 2 steps measure peak memory
+(:class:`qwen_cls.measure.TensorMemory`: tensor bytes, as ``torch.cuda.max_memory_allocated`` counts on a
+GPU; it slows them), the other steps are timed.
 
-Training variants (each its own fresh LoRA copy of the same base weights):
+Training variants (each its own fresh LoRA copy of the same base weights, float32, 4 rows per optimizer step):
 
 * ``seed``: the blog's recipe (per-row tail-cut rows, ``enable_input_require_grads`` + ``get_peft_model``,
   ``Trainer`` + ``DataCollatorForSeq2Seq``, gradient checkpointing, full logits, the model's own loss);
 * ``fair_baseline``: the same recipe on the project's rows (truncation fixed: every row keeps its answer),
   still with full-vocabulary logits at every position;
 * ``project``: :class:`qwen_cls.train.AnswerOnlyTrainer` (LM head at answer positions only),
-  :func:`qwen_cls.train.training_arguments` (length-grouped batches), gradient checkpointing as the
-  model's profile sets it;
-* extras at the Qwen2-0.5B shape: the project without gradient checkpointing, and with bf16 autocast
-  (the CPU's AMX units, where it has them).
+  :func:`qwen_cls.train.training_arguments` (length-grouped batches). Gemma 3 270M: its profile's layout
+  (4 rows per forward, no checkpointing). Qwen2-0.5B: the project's CPU layout (README): the head frees the
+  logits' memory, which pays for dropping the recompute; one row per forward, accumulated to the 4 rows
+  (the same optimizer step: the loss is normalised over all answer tokens of the 4 rows), keeps the
+  activations of the other rows out of memory;
+* extras at the Qwen2-0.5B shape: ``project_recipe_layout`` (the recipe's 4 rows per forward with
+  checkpointing: what the head alone gives) and ``project_no_ckpt`` (4 rows per forward, no checkpointing:
+  faster still, but twice the seed's memory).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import time
 import torch
 
 from qwen_cls.blog_recipe import SlowQwen2Tokenizer, seed_lora_model, seed_trainer
-from qwen_cls.measure import PeakMemory, stopwatch
+from qwen_cls.measure import TensorMemory, stopwatch
 
 IGNORE_INDEX = -100
 QWEN2_05B_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -72,20 +78,25 @@ def seed_tokenize_family(dataset, tokenizer, max_length: int, *, qwen: bool):
     return dataset.map(family_process_func(tokenizer, max_length), remove_columns=dataset.column_names)
 
 
-def step_timer():
+def step_timer(track_steps: int = 0):
     """A Trainer callback whose ``seconds`` holds the wall time of each optimizer step (forward, backward,
-    optimizer step)."""
+    optimizer step); with ``track_steps``, the first that many steps run under :class:`TensorMemory`
+    (``memory.peak_bytes``), which slows them: time only the steps after them."""
     from transformers import TrainerCallback
 
     class StepTimes(TrainerCallback):
         def __init__(self):
-            self.seconds, self._t = [], 0.0
+            self.seconds, self._t, self.memory = [], 0.0, TensorMemory()
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0 and track_steps:
+                self.memory.__enter__()
             self._t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._t)
+            if state.global_step == track_steps and track_steps:
+                self.memory.__exit__(None, None, None)
 
     return StepTimes()
 
@@ -110,7 +121,9 @@ def make_trainer(variant: dict, base, tokenizer, train_sets: dict, steps: int, b
         training_arguments,
     )
 
-    common = dict(per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-4, save_strategy="no",
+    micro = variant.get("micro_batch", batch_size)  # rows per forward; accumulated up to batch_size per step
+    common = dict(per_device_train_batch_size=micro, gradient_accumulation_steps=batch_size // micro,
+                  max_steps=steps, learning_rate=1e-4, save_strategy="no",
                   report_to="none", logging_steps=10_000, disable_tqdm=True, seed=0, dataloader_num_workers=0,
                   use_cpu=not torch.cuda.is_available(), bf16=variant.get("bf16", False))
     model = copy.deepcopy(base)
@@ -125,20 +138,20 @@ def make_trainer(variant: dict, base, tokenizer, train_sets: dict, steps: int, b
 
 
 def bench_train_variants(variants: dict, base, tokenizer, train_sets: dict, steps: int, batch_size: int,
-                         workdir: str) -> dict:
-    """Per variant: one ``train()`` of ``steps`` steps; samples/s from the median step after the first
-    (warm-up) step, peak memory (RSS above the start of ``train()``) over the whole run."""
+                         workdir: str, track_steps: int = 2) -> dict:
+    """Per variant: one ``train()`` of ``steps`` optimizer steps of ``batch_size`` rows. Peak memory: the tensor
+    bytes allocated and alive at once during the first ``track_steps`` steps (:class:`TensorMemory`, the CPU
+    counterpart of ``torch.cuda.max_memory_allocated``); samples/s from the median of the steps after them."""
     figures = {}
     for name, variant in variants.items():
         trainer = make_trainer(variant, base, tokenizer, train_sets, steps, batch_size, workdir)
-        timer = step_timer()
+        timer = step_timer(track_steps)
         trainer.add_callback(timer)
-        with PeakMemory() as mem:
-            trainer.train()
-        timed = timer.seconds[1:] or timer.seconds
+        trainer.train()
+        timed = timer.seconds[track_steps:] or timer.seconds
         figures[name] = {"samples_per_s": batch_size / statistics.median(timed), "step_s": timer.seconds,
-                         "peak_mem_mb": mem.peak_bytes / 2**20, **{k: v for k, v in variant.items() if k != "rows"},
-                         "rows": variant["rows"]}
+                         "timed_steps": len(timed), "peak_mem_mb": timer.memory.peak_bytes / 2**20,
+                         **{k: v for k, v in variant.items() if k != "rows"}, "rows": variant["rows"]}
         print(f"  train {name}: {figures[name]['samples_per_s']:.3f} samples/s, "
               f"{figures[name]['peak_mem_mb']:.0f} MiB", flush=True)
         del trainer
@@ -237,9 +250,10 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
     variants = {"seed": {"kind": "seed", "rows": "seed"},
                 "fair_baseline": {"kind": "seed", "rows": "project"},
                 "project": {"kind": "project", "rows": "project", "ckpt": ckpt}}
-    if qwen:
+    if qwen:  # the project on a CPU (README): one row per forward, accumulated to the batch, no recompute
+        variants["project"] = {"kind": "project", "rows": "project", "ckpt": False, "micro_batch": 1}
+        variants["project_recipe_layout"] = {"kind": "project", "rows": "project", "ckpt": ckpt}
         variants["project_no_ckpt"] = {"kind": "project", "rows": "project", "ckpt": False}
-        variants["project_bf16_autocast"] = {"kind": "project", "rows": "project", "ckpt": ckpt, "bf16": True}
     train = bench_train_variants(variants, base, tokenizer, train_sets, steps, batch_size, workdir)
     print(f"  train done ({time.perf_counter() - started:.0f} s)", flush=True)
     attention = getattr(base.config, "_attn_implementation", None)
@@ -263,9 +277,12 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
                      for k in train},
         "raw": {"train": train, "eval_rows_per_s": ev, "tokenize_rows_per_s": tok, "truncation": report},
         "setup": {"model": model_note, "attention": attention, "max_length": max_length,
-                  "batch_size": batch_size, "train_steps": steps, "timed_steps": max(steps - 1, 1),
+                  "batch_size": batch_size, "train_steps": steps, "timed_steps": train["project"]["timed_steps"],
                   "eval_rows": eval_rows, "tokenize": tokenize_note,
-                  "project_gradient_checkpointing": ckpt,
+                  "project_layout": (f"{train['project'].get('micro_batch', batch_size)} row(s) per forward x "
+                                     f"{batch_size // train['project'].get('micro_batch', batch_size)} accumulated, "
+                                     f"gradient checkpointing {train['project']['ckpt']}"),
+                  "memory": "peak tensor bytes allocated during the first 2 optimizer steps (TensorMemory)",
                   "seed_tokenizer": ("SlowQwen2Tokenizer (pure-Python BPE), per row" if qwen else
                                      "fast tokenizer per row (no slow Gemma tokenizer in transformers 5): the "
                                      "ratio is the batching and clipping gain only"),

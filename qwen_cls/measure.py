@@ -1,4 +1,4 @@
-"""Measuring tools: wall time (CUDA synchronised) and peak memory (CUDA allocator, or CPU RSS)."""
+"""Measuring tools: wall time (CUDA synchronised) and peak memory (CUDA allocator, CPU RSS, or tensor bytes)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import ctypes
 import os
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def limit_malloc_caching() -> bool:
@@ -71,3 +74,40 @@ def stopwatch(device: torch.device | str = "cpu"):
     if cuda:
         torch.cuda.synchronize()
     result["s"] = time.perf_counter() - start
+
+
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of the tensors allocated inside the block and alive at once: the CPU counterpart of
+    ``torch.cuda.max_memory_allocated`` minus its level at entry, exact and independent of the C allocator.
+
+    Every operator's output that does not share storage with one of its inputs (views, in-place results)
+    is a new allocation, counted until its storage is freed. Tensors that existed before the block (model
+    weights) are never counted. Slower than running without it (a Python call per operator): time elsewhere.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live_bytes = self.peak_bytes = 0
+        self._sizes: dict[int, int] = {}
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self._sizes:
+            return
+        self._sizes[key] = storage.nbytes()
+        self.live_bytes += storage.nbytes()
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.live_bytes -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self._count(t)
+        return out

@@ -46,3 +46,24 @@ def test_rows_dataset_maps_like_datasets(tiny_dir):
     seed_theirs = seed_tokenize_family(Dataset.from_list(ROWS), tokenizer, 64, qwen=True)
     assert [seed_ours[i] for i in range(2)] == [seed_theirs[i] for i in range(2)]
     assert ours.select([1]).select_columns(["labels"])["labels"] == [theirs[1]["labels"]]
+
+
+def test_project_cpu_layout_accumulates_one_row_per_forward_to_the_batch(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.shapes import make_trainer, step_timer
+
+    tokenizer = load_tokenizer(tiny_dir)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    rows = tokenize_dataset(Dataset.from_list(ROWS * 4), tokenizer, 64)
+    variant = {"kind": "project", "rows": "project", "ckpt": False, "micro_batch": 1}
+    trainer = make_trainer(variant, base, tokenizer, {"project": rows}, 3, 4, str(tmp_path))
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (1, 4)
+    timer = step_timer(track_steps=2)
+    trainer.add_callback(timer)
+    trainer.train()
+    assert len(timer.seconds) == 3  # steps 1-2 watched for memory, step 3 timed alone
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    # the watched steps allocate at least the float32 LoRA gradients and AdamW's two moments of them
+    assert timer.memory.peak_bytes >= 3 * 4 * trainable and timer.memory.live_bytes >= 2 * 4 * trainable
+    assert not hasattr(base, "peft_config")  # the variant trained a copy

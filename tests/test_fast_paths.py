@@ -282,3 +282,34 @@ def test_gpu_benchmark_runs_on_cpu_with_tiny_shape(tmp_path, monkeypatch):
     assert result["eval_speedup"] == pytest.approx(ev["project_scoring_rows_per_s"] / ev["seed_generate_rows_per_s"])
     assert result["eval_speedup_vs_batched_generate"] == pytest.approx(
         ev["project_scoring_rows_per_s"] / ev["batched_generate_rows_per_s"])
+
+
+def test_tensor_memory_counts_live_tensor_bytes_not_views_or_old_tensors():
+    from qwen_cls.measure import TensorMemory
+
+    weights = torch.ones(1000)  # exists before: never counted
+    with TensorMemory() as mem:
+        a = torch.zeros(1000, dtype=torch.float32)  # 4,000 bytes
+        b = torch.zeros(500, dtype=torch.float64)  # 4,000 bytes: 8,000 live
+        view = a.view(10, 100)  # shares a's storage: nothing new
+        a.add_(1)  # in place: nothing new
+        _ = weights[:10]  # a view of an old tensor: nothing new
+        assert mem.live_bytes == 8_000
+        del a, view  # 4,000 freed
+        c = b * 2  # 4,000 more: 8,000 live again, peak still 8,000
+        assert mem.live_bytes == 8_000
+        d = torch.zeros(3000, dtype=torch.int16)  # 6,000: 14,000 live, the peak
+        del b, c, d
+    assert (mem.peak_bytes, mem.live_bytes) == (14_000, 0)
+
+
+def test_tensor_memory_counts_what_backward_allocates():
+    from qwen_cls.measure import TensorMemory
+
+    x = torch.ones(100, 10, requires_grad=True)
+    with TensorMemory() as mem:
+        y = (x * 3).sum()  # x * 3: 4,000 bytes, freed once sum has used it (sum saves no input); y: 4 bytes
+        y.backward()  # the seed gradient (4 bytes, freed) and x.grad (4,000 bytes, kept)
+    assert torch.equal(x.grad, torch.full((100, 10), 3.0))
+    assert mem.live_bytes == 4 + 4_000  # y and x.grad
+    assert mem.peak_bytes == 4 + 4 + 4_000  # y, the seed gradient, x.grad

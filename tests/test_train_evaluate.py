@@ -1,3 +1,4 @@
+import copy
 import math
 
 import datasets
@@ -82,3 +83,34 @@ def test_metrics_against_a_hand_computation():
     assert metrics.invalid_rate(["Art", "art", "Sports ", "体育"], candidates) == 0.5
     with pytest.raises(ValueError):
         metrics.classification_metrics(["A"], [])
+
+
+def test_one_row_per_forward_accumulated_makes_the_same_optimizer_step(tiny_dir, sample_rows, tmp_path):
+    """The project's CPU layout (README): 1 row per forward x 4 accumulated is the recipe's 4-row step, because
+    the loss is normalised over all answer tokens of the 4 rows; checked against a by-hand 4-row gradient."""
+    model, tok = load_model(tiny_dir, device="cpu")
+    tokenized = train.model_inputs(tokenize_dataset(datasets.Dataset.from_list(sample_rows[:4]), tok, MAX_LENGTH))
+    answer_tokens = [sum(1 for x in r["labels"][1:] if x != -100) for r in tokenized]
+    assert len(set(answer_tokens)) > 1  # rows of unequal answer length: a per-row mean would weigh them differently
+    collator = train.padding_collator(tok)
+    torch.manual_seed(0)
+    base = train.prepare_lora_model(model, train.recipe_lora_config(lora_dropout=0.0), gradient_checkpointing=False)
+    start = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
+
+    # By hand: summed cross-entropy of every answer token of the 4 rows / their number, one backward.
+    train.answer_only_loss(base, collator([tokenized[i] for i in range(4)])).backward()
+    expected = {n: -p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}  # SGD, lr 1
+    base.zero_grad(set_to_none=True)
+    assert any(d.abs().max() > 0 for d in expected.values())
+
+    for micro in (4, 1):
+        model = copy.deepcopy(base)
+        args = train.training_arguments(tmp_path / f"m{micro}", per_device_train_batch_size=micro,
+                                        gradient_accumulation_steps=4 // micro, max_steps=1, optim="sgd",
+                                        learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0,
+                                        max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True,
+                                        seed=0, disable_tqdm=True)
+        train.AnswerOnlyTrainer(model=model, args=args, train_dataset=tokenized, data_collator=collator).train()
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p.detach() - start[n], expected[n], rtol=1e-4, atol=1e-7), (micro, n)
