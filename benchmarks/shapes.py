@@ -125,7 +125,7 @@ def make_trainer(variant: dict, base, tokenizer, train_sets: dict, steps: int, b
     common = dict(per_device_train_batch_size=micro, gradient_accumulation_steps=batch_size // micro,
                   max_steps=steps, learning_rate=1e-4, save_strategy="no",
                   report_to="none", logging_steps=10_000, disable_tqdm=True, seed=0, dataloader_num_workers=0,
-                  use_cpu=not torch.cuda.is_available(), bf16=variant.get("bf16", False))
+                  use_cpu=not torch.cuda.is_available())
     model = copy.deepcopy(base)
     if variant["kind"] == "seed":  # the recipe: checkpointing through TrainingArguments, full logits, own loss
         model = seed_lora_model(model)
@@ -247,12 +247,14 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
     train_sets = {"seed": seed_rows.select(range(n_train)), "project": project_rows.select(range(n_train))}
     supervised = {"seed": supervised_tokens(train_sets["seed"]["labels"]),
                   "project": supervised_tokens(train_sets["project"]["labels"])}
+    recipe_layout = {"kind": "project", "rows": "project", "ckpt": ckpt}  # the profile's checkpointing
+    # Qwen2-0.5B: the project on a CPU (README): one row per forward, accumulated to the batch, no recompute
+    cpu_layout = {"kind": "project", "rows": "project", "ckpt": False, "micro_batch": 1}
     variants = {"seed": {"kind": "seed", "rows": "seed"},
                 "fair_baseline": {"kind": "seed", "rows": "project"},
-                "project": {"kind": "project", "rows": "project", "ckpt": ckpt}}
-    if qwen:  # the project on a CPU (README): one row per forward, accumulated to the batch, no recompute
-        variants["project"] = {"kind": "project", "rows": "project", "ckpt": False, "micro_batch": 1}
-        variants["project_recipe_layout"] = {"kind": "project", "rows": "project", "ckpt": ckpt}
+                "project": cpu_layout if qwen else recipe_layout}
+    if qwen:
+        variants["project_recipe_layout"] = recipe_layout
         variants["project_no_ckpt"] = {"kind": "project", "rows": "project", "ckpt": False}
     train = bench_train_variants(variants, base, tokenizer, train_sets, steps, batch_size, workdir)
     print(f"  train done ({time.perf_counter() - started:.0f} s)", flush=True)
