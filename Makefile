@@ -47,7 +47,7 @@ check-notebooks: setup
 	$(PY) -m pytest -q tests/test_notebooks.py
 
 # CPU benchmarks, seed recipe vs project path on the tiny model, then at the Qwen2-0.5B shape (random weights)
-# and on Gemma 3 270M (real weights), short rows and few steps (7.6 min on 2 quiet cores): runs/bench/bench.json
+# and on Gemma 3 270M (real weights), short rows and few steps (7.5-12 min on 2 cores): runs/bench/bench.json
 bench: setup
 	$(PY) benchmarks/cpu.py --out runs/bench
 
