@@ -256,7 +256,9 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
     if qwen:
         variants["project_recipe_layout"] = recipe_layout
         variants["project_no_ckpt"] = {"kind": "project", "rows": "project", "ckpt": False}
-    train = bench_train_variants(variants, base, tokenizer, train_sets, steps, batch_size, workdir)
+    track_steps = 2  # steps that measure memory (slowed by it); the rest are timed
+    train = bench_train_variants(variants, base, tokenizer, train_sets, steps, batch_size, workdir, track_steps)
+    micro = variants["project"].get("micro_batch", batch_size)
     print(f"  train done ({time.perf_counter() - started:.0f} s)", flush=True)
     attention = getattr(base.config, "_attn_implementation", None)
     ev = bench_eval_shape(base, tokenizer, rows[:eval_rows], max_length)
@@ -281,10 +283,10 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
         "setup": {"model": model_note, "attention": attention, "max_length": max_length,
                   "batch_size": batch_size, "train_steps": steps, "timed_steps": train["project"]["timed_steps"],
                   "eval_rows": eval_rows, "tokenize": tokenize_note,
-                  "project_layout": (f"{train['project'].get('micro_batch', batch_size)} row(s) per forward x "
-                                     f"{batch_size // train['project'].get('micro_batch', batch_size)} accumulated, "
-                                     f"gradient checkpointing {train['project']['ckpt']}"),
-                  "memory": "peak tensor bytes allocated during the first 2 optimizer steps (TensorMemory)",
+                  "project_layout": (f"{micro} row(s) per forward x {batch_size // micro} accumulated, "
+                                     f"gradient checkpointing {variants['project']['ckpt']}"),
+                  "memory": (f"peak tensor bytes allocated during the first {track_steps} optimizer steps "
+                             "(TensorMemory)"),
                   "seed_tokenizer": ("SlowQwen2Tokenizer (pure-Python BPE), per row" if qwen else
                                      "fast tokenizer per row (no slow Gemma tokenizer in transformers 5): the "
                                      "ratio is the batching and clipping gain only"),
