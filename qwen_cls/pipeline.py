@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import read_raw_rows
+from .data import check_training_labels, describe_unseen, read_raw_rows, sample_rows, unseen_labels
 from .files import check_folder_path, write_json_atomic
 from .profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter, is_path_key, profile_parameters
 from .run_record import PARAMS, RUN_INCOMPLETE, RUN_LAYOUT
@@ -150,9 +150,12 @@ def preflight(params: dict) -> None:
     if any(not Path(params[k]).exists() for k in ("train_path", "test_path")) \
             and params.get("dataset", "fudan-news") == "fudan-news":  # thucnews comes through pip (fails fast)
         require_host(MODELSCOPE_HOST, what="the Fudan news dataset")
+    raw = {}
     for key in ("train_path", "test_path"):  # bad rows: path:line now, not a failed notebook later
         if Path(params[key]).exists():
-            read_raw_rows(params[key])
+            raw[key] = read_raw_rows(params[key])
+    if len(raw) == 2:
+        check_labels(params, raw["train_path"], raw["test_path"])
     model = str(params["base_model"])
     if model == GEMMA:
         from .gemma import chunk_files
@@ -164,6 +167,22 @@ def preflight(params: dict) -> None:
         from .tracking import check_mode
 
         check_mode(params["swanlab_mode"])
+
+
+def check_labels(params: dict, train_all: list, test_all: list) -> None:
+    """The rows 01 will keep (same sampling, same seed): fewer than two training labels -> :class:`DataError`
+    (exit 2, nothing started); test labels no training row has as its answer -> a warning on stderr (04 records
+    them in ``metrics.json`` as ``unseen_test_labels``), and the run goes on."""
+    seed = params.get("seed", 42)
+    n_train, n_test = params.get("max_train_samples", 0), params.get("max_test_samples", 0)
+    train = sample_rows(train_all, n_train, seed)
+    test = sample_rows(test_all, n_test, seed)
+    what = (f"the {len(train)} training rows 01 keeps (max_train_samples={n_train}, seed={seed})"
+            if len(train) < len(train_all) else "")
+    check_training_labels(train, params["train_path"], what)
+    warning = describe_unseen(unseen_labels(train, test), params["test_path"], params["train_path"], len(test))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 # --- the run folder: one run, locked, replaced only whole ------------------------------------------------------
