@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -394,10 +395,18 @@ def test_a_file_the_user_added_to_an_export_stops_the_next_export(run_dir, tmp_p
         assert "was changed after `qwen-cls export` wrote it" in err
 
 
+@contextlib.contextmanager
+def held_lock(path: Path, text: str):
+    """An exclusive ``flock`` on ``path`` holding ``text``, as a running command holds its folder's lock."""
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.mark.parametrize("state", ["marked RUN_INCOMPLETE", "no metrics.json", "lock held"])
 def test_export_and_predict_refuse_an_unfinished_run(run_dir, raw_file, tmp_path, capsys, state):
-    from qwen_cls.files import hold_lock
-
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     lock = contextlib.nullcontext()
@@ -410,8 +419,8 @@ def test_export_and_predict_refuse_an_unfinished_run(run_dir, raw_file, tmp_path
         (run / "notebooks").mkdir()
         expected = f"error: --run {run}: has no metrics.json"
     else:
-        lock = hold_lock(run, "qwen-cls train")  # what a running `qwen-cls train --out RUN` holds
-        expected = f"error: --run {run}: is being written now by `qwen-cls train` (pid {os.getpid()}, since "
+        lock = held_lock(tmp_path / ".run.lock", "pid 4242, since 09:00\nqwen-cls train\n")  # a running train's
+        expected = f"error: --run {run}: is being written now by `qwen-cls train` (pid 4242, since 09:00); "
     out = tmp_path / "merged"
     with lock:
         before = tree_digest(tmp_path)
