@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from .data import check_training_labels, describe_unseen, read_raw_rows, sample_rows, unseen_labels
-from .files import check_folder_path, write_json_atomic
+from .files import check_folder_path, hold_lock, write_json_atomic
 from .profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter, is_path_key, profile_parameters
 from .run_record import PARAMS, RUN_INCOMPLETE, RUN_LAYOUT
 
@@ -56,7 +56,8 @@ class NotebookFailed(RuntimeError):
 
 
 class RunFolderError(ValueError):
-    """The run folder cannot take this run: busy, a finished run without ``--overwrite``, or not a run folder."""
+    """The run folder cannot take this run: a finished run without ``--overwrite``, or not a run folder (a busy
+    one raises :class:`~qwen_cls.files.FolderBusy`)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -187,12 +188,6 @@ def check_labels(params: dict, train_all: list, test_all: list) -> None:
 
 # --- the run folder: one run, locked, replaced only whole ------------------------------------------------------
 
-def lock_path(run_dir: str | os.PathLike) -> Path:
-    """The lock file of a run folder (beside it, so it survives the folder being moved aside)."""
-    run_dir = Path(run_dir)
-    return run_dir.parent / f".{run_dir.name}.lock"
-
-
 def previous_path(run_dir: Path) -> Path:
     """Where a finished run waits while ``--overwrite`` replaces it."""
     return run_dir.with_name(run_dir.name + ".previous")
@@ -201,46 +196,6 @@ def previous_path(run_dir: Path) -> Path:
 def failed_path(run_dir: Path) -> Path:
     """Where a failed attempt to replace a finished run is kept (marked incomplete)."""
     return run_dir.with_name(run_dir.name + ".failed")
-
-
-@contextlib.contextmanager
-def hold_lock(run_dir: Path):
-    """Hold the run folder's lock for the block; :class:`RunFolderError` at once when another run holds it.
-
-    ``flock`` belongs to the open file, so the kernel releases it when the process dies, however it dies: a
-    lock file left behind by a killed run blocks nothing. The file is removed on the way out.
-    """
-    import fcntl
-
-    path = lock_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.read(fd, 200).decode("utf-8", "replace").strip()
-            finally:
-                os.close(fd)
-            raise RunFolderError(
-                f"{run_dir} is being written by another `qwen-cls run`{f' ({holder})' if holder else ''}; "
-                "wait for it to finish or choose another --out"
-            ) from None
-        try:  # the previous holder may have removed the file between our open and our lock: lock the new one
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)
 
 
 def _run_owned(name: str) -> bool:
@@ -342,7 +297,7 @@ def run_folder(run_dir: str | os.PathLike, *, overwrite: bool = False):
     is never touched.
     """
     run_dir = Path(run_dir)
-    with hold_lock(run_dir):
+    with hold_lock(run_dir, "qwen-cls run"):
         note = recover(run_dir)
         if note:
             print(f"note: {note}", file=sys.stderr)
