@@ -85,6 +85,23 @@ def check_folder_path(folder: Path, option: str) -> None:
             return
 
 
+def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Path:
+    """Refuse, before any fetch or build, a ``folder`` that is a file (or lies under one) or that cannot be
+    written: the nearest existing folder at or above it is tried with a real temp folder (root ignores modes,
+    so ``os.access`` would not tell). Returns the folder as a ``Path``."""
+    folder = Path(folder).expanduser()
+    check_folder_path(folder, option)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    probes = [existing] if existing != folder else [folder, folder.parent]  # a build renames beside it too
+    for where in probes:
+        try:
+            Path(tempfile.mkdtemp(prefix=".qwen-cls-write-check.", dir=where)).rmdir()
+        except OSError as exc:
+            raise DataError(folder, None, f"cannot write there ({where}: {exc.strerror or exc}); nothing was "
+                                          f"fetched or built: choose another {option}") from None
+    return folder
+
+
 def write_target(path: str | os.PathLike) -> Path:
     """Where a write to ``path`` lands: through symlinks to the file they name; folders and special files
     (devices, pipes, sockets) are refused with :class:`DataError`."""

@@ -136,6 +136,7 @@ def resolve_parameters(profile: str, overrides: dict | None = None, out: str | o
 def preflight(params: dict) -> None:
     """Fail before any notebook starts: missing local inputs, or a hub download while offline."""
     from .hub import GEMMA, MODELSCOPE_HOST, TINY, require_host
+    from .model import check_model
 
     check_folder_path(Path(params["out_dir"]), "--out")
     for key in ("train_path", "test_path"):
@@ -154,6 +155,7 @@ def preflight(params: dict) -> None:
         if Path(params[key]).exists():
             read_raw_rows(params[key])
     model = str(params["base_model"])
+    check_model(model)  # a damaged cached or local model folder: named now, with the command that rebuilds it
     if model == GEMMA:
         from .gemma import chunk_files
 
