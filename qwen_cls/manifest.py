@@ -216,8 +216,8 @@ def settle(out: Path, state: str, problems: list[str], *, model: str, version: s
         return True
     if state == "foreign":
         why = f" ({problems[0]})" if problems else f" (it has no {MANIFEST} of {model})"
-        raise FileExistsError(f"{out}: not a {model} folder built by `{command}`{why}; nothing was changed: choose "
-                              "a new or empty folder for --out")
+        raise FileExistsError(f"{out}: holds files but is not a {model} build{why}, so it is neither used nor "
+                              "replaced; nothing was changed: choose a new or empty folder for --out")
     if state == "legacy" and not problems:  # built before manifests, and whole as far as can be told cheaply
         try:
             write_manifest(out, model, version)

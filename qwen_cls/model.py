@@ -202,8 +202,7 @@ def check_model_dir(path: Path, *, verify: bool = False) -> Path:
     if manifest is not None:
         problems = manifest_problems(path, manifest, hashes=verify)
         if problems:
-            command = {TINY: f"qwen-cls tiny-model --out {path}", GEMMA: f"qwen-cls gemma-model --out {path}"}.get(
-                manifest["model"], "the command that built it")
+            command = {TINY: tiny_command, GEMMA: rebuild_command}.get(manifest["model"], lambda p: "its build")(path)
             raise DamagedModel(f"{path}: damaged model folder ({'; '.join(problems)}); rebuild it with `{command}`")
     problems = []
     if not (path / "config.json").is_file():

