@@ -20,9 +20,18 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_dir, check_folder_path, check_output_folder
+from .files import (
+    OWNER_FILE,
+    atomic_dir,
+    check_folder_path,
+    check_output_folder,
+    folder_state,
+    mark_owner,
+    remove_stale_builds,
+    settle,
+    write_manifest,
+)
 from .hub import GEMMA, ModelNotFound, cache_dir
-from .manifest import OWNER_FILE, folder_state, mark_owner, remove_stale_builds, settle, write_manifest
 from .prompt import GEMMA_FAMILY
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_dir, check_folder_path, check_output_folder
-from .gemma import GEMMA_VERSION, build_gemma_model, gemma_dir, gemma_state, rebuild_command
-from .hub import GEMMA, MODELSCOPE_HOST, QWEN2_MODEL_ID, TINY, ModelNotFound, cache_dir, require_host
-from .manifest import (
+from .files import (
     OWNER_FILE,
     DamagedModel,
+    atomic_dir,
+    check_folder_path,
+    check_output_folder,
     folder_state,
     manifest_problems,
     mark_owner,
@@ -31,6 +31,8 @@ from .manifest import (
     settle,
     write_manifest,
 )
+from .gemma import GEMMA_VERSION, build_gemma_model, gemma_dir, gemma_state, rebuild_command
+from .hub import GEMMA, MODELSCOPE_HOST, QWEN2_MODEL_ID, TINY, ModelNotFound, cache_dir, require_host
 from .prompt import QWEN2_CHAT_TEMPLATE, chat_family
 
 # peft 0.21 still calls transformers' deprecated ``is_gradient_checkpointing``: not the learner's concern.
