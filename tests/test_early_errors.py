@@ -115,9 +115,8 @@ def test_an_unreadable_data_card_is_named(tmp_path, capsys, monkeypatch):
 def test_an_empty_candidate_is_a_path_line_error(category, tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     good = {"text": "国足晋级", "category": ["Sports", "Finance"], "output": "Sports"}
-    rows.write_text(json.dumps(good, ensure_ascii=False) + "\n"
-                    + json.dumps({"text": "央行降准", "category": category, "output": "Finance"}, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
+    bad = {"text": "央行降准", "category": category, "output": "Finance"}
+    rows.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (good, bad)), encoding="utf-8")
     out = tmp_path / "pred.jsonl"
     assert main(["predict", "--model", "tiny", "--input", str(rows), "--output", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
