@@ -18,6 +18,7 @@ SwanLab logs), so a run built in a staging folder would point at a path that no 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import logging
@@ -30,8 +31,16 @@ import time
 from pathlib import Path
 
 from .data import check_training_labels, describe_unseen, read_raw_rows, sample_rows, unseen_labels
-from .files import check_folder_path, hold_lock, write_json_atomic
-from .profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter, is_path_key, profile_parameters
+from .files import atomic_file, check_folder_path, file_sha256, hold_lock, write_json_atomic
+from .profiles import (
+    COMMITTED_PROFILE,
+    DEFAULT_PROFILE,
+    PROFILES,
+    ParameterError,
+    check_parameter,
+    is_path_key,
+    profile_parameters,
+)
 from .run_record import PARAMS, RUN_INCOMPLETE, RUN_LAYOUT
 
 NOTEBOOKS = (
@@ -80,6 +89,92 @@ def notebook_parameters(notebook: str | os.PathLike) -> dict[str, str]:
     import papermill
 
     return {name: info["default"] for name, info in papermill.inspect_notebook(str(notebook)).items()}
+
+
+def notebook_defaults(notebook: str | os.PathLike) -> dict:
+    """Name -> value of a notebook's ``parameters`` cell (plain literals, so ``ast.literal_eval`` reads them)."""
+    return {name: ast.literal_eval(text) for name, text in notebook_parameters(notebook).items()}
+
+
+def _same(a, b) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def edited_defaults(defaults: dict, profile: str = COMMITTED_PROFILE) -> list[str]:
+    """The keys of ``defaults`` (a notebook's parameters) whose value is not ``profile``'s (a hand-edited cell)."""
+    values = PROFILES[profile]
+    return [key for key, value in defaults.items() if key in values and not _same(value, values[key])]
+
+
+def injected_parameters(profile: str, params: dict, defaults: dict, overrides: dict | None = None) -> dict:
+    """What papermill injects into a notebook whose ``parameters`` cell holds ``defaults``: the resolved
+    ``params`` of the keys it declares.
+
+    With :data:`~qwen_cls.profiles.COMMITTED_PROFILE`, whose values the committed notebooks hold, only
+    ``out_dir``, the ``overrides`` and any default edited away from the profile: the notebook runs as a learner
+    opens it (relative paths work, the chain runs in the notebooks folder).
+    """
+    keys = [key for key in defaults if key in params]
+    if profile == COMMITTED_PROFILE:
+        keep = {"out_dir", *(overrides or {}), *edited_defaults(defaults, profile)}
+        keys = [key for key in keys if key in keep]
+    return {key: params[key] for key in keys}
+
+
+# --- prepared copies: the chain with a profile injected, for JupyterLab (`qwen-cls lab`) and nbval ------------
+
+PREPARED = ".prepared.json"  # in a copies folder: name -> SHA-256 of each copy as prepare_notebooks wrote it
+INJECTED = "injected-parameters"  # papermill's tag (and here the id) of the cell it adds after `parameters`
+
+
+def prepare_notebooks(profile: str, folder: str | os.PathLike, overrides: dict | None = None, *,
+                      notebooks: tuple[str, ...] = NOTEBOOKS) -> dict[str, str]:
+    """Copies of ``notebooks`` in ``folder`` with ``profile``'s values (then ``overrides``) injected by
+    papermill's prepare-only mode; return notebook name -> ``"written"`` or ``"kept"``.
+
+    Every declared key is injected, paths made absolute, so a copy runs the same from its own folder
+    (JupyterLab, nbval) as from anywhere. A copy differs from the committed notebook only by the injected cell
+    (right after ``parameters``) and papermill's notebook metadata (the injected values). A copy that changed
+    since it was written here (a learner's edits or outputs) is kept, never overwritten: delete it to get a
+    fresh one. Unknown keys and bad values raise :class:`ValueError` before anything is written.
+    """
+    import nbformat
+    import papermill
+
+    source, folder = notebooks_dir(), Path(folder).expanduser().resolve()
+    declared = {name: notebook_parameters(source / name) for name in notebooks}
+    params = resolve_parameters(profile, overrides, valid_keys=set().union(*declared.values()) | set(PROFILES[profile]))
+    check_folder_path(folder, "--dir")
+    manifest_path = folder / PREPARED
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    done = {}
+    for name in notebooks:
+        target = folder / name
+        if target.exists() and manifest.get(name) != file_sha256(target):
+            done[name] = "kept"
+            continue
+        committed = nbformat.read(source / name, as_version=4)
+        with tempfile.TemporaryDirectory() as tmp:
+            nb = papermill.execute_notebook(
+                str(source / name), str(Path(tmp) / name), prepare_only=True, progress_bar=False, log_output=False,
+                parameters={key: params[key] for key in declared[name] if key in params})
+        originals = iter(committed.cells)
+        for cell in nb.cells:
+            if INJECTED in cell.metadata.get("tags", []):
+                cell.id = INJECTED  # stable, so an unchanged notebook prepares to the same bytes
+            else:  # papermill adds empty `papermill` and `tags` entries to every cell: the committed metadata
+                cell.metadata = next(originals).metadata
+        nb.metadata.papermill.update(input_path=str(source / name), output_path=str(target))
+        with atomic_file(target) as handle:
+            handle.write(nbformat.writes(nb))
+        manifest[name] = file_sha256(target)
+        write_json_atomic(manifest, manifest_path)
+        done[name] = "written"
+    return done
 
 
 def parse_value(text: str):
@@ -409,6 +504,13 @@ def run_chain(profile: str = DEFAULT_PROFILE, out: str | os.PathLike | None = No
     valid = set().union(*declared.values())
     params = resolve_parameters(profile, overrides, out, valid_keys=valid | set(PROFILES[profile]))
     preflight(params)
+    defaults = {name: notebook_defaults(folder / name) for name in notebooks}
+    if profile == COMMITTED_PROFILE:
+        for name in notebooks:
+            edited = edited_defaults(defaults[name], profile)
+            if edited:
+                print(f"note: {name}'s parameters cell differs from the {profile} profile in {', '.join(edited)}; "
+                      "the profile's values are injected", file=sys.stderr)
     with _sigterm_interrupts(), run_folder(params["out_dir"], overwrite=overwrite) as run_dir:
         (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
         write_json_atomic(params, run_dir / PARAMS)
@@ -418,7 +520,7 @@ def run_chain(profile: str = DEFAULT_PROFILE, out: str | os.PathLike | None = No
         for k, name in enumerate(notebooks, 1):
             target = run_dir / "notebooks" / name
             print(f"[{k}/{len(notebooks)}] {name} -> {target}", flush=True)
-            _execute(folder / name, target, {key: params[key] for key in declared[name] if key in params},
+            _execute(folder / name, target, injected_parameters(profile, params, defaults[name], overrides),
                      cwd=folder, progress=progress, log_output=log_output, run_dir=run_dir)
     return run_dir
 

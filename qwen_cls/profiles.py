@@ -1,7 +1,9 @@
 """Parameter sets for the notebook chain: ``tiny`` (offline mechanics), ``gemma3-270m`` (a real pretrained
 model that learns on a CPU, offline after ``make setup``) and ``qwen2-0.5b`` (the recipe).
 
-Keys are the notebooks' ``parameters`` cells; each notebook receives the keys it declares. Paths are
+Keys are the notebooks' ``parameters`` cells (every profile holds every key a notebook declares, so an injected
+profile fixes every notebook value); each notebook receives the keys it declares. The committed notebooks hold
+:data:`COMMITTED_PROFILE`'s values. Paths are
 relative to the ``notebooks/`` folder (the notebooks' working directory); ``qwen-cls run`` makes them
 absolute. :data:`SCHEMA` gives each key its type and range, shared by every profile; ``qwen-cls run`` checks
 the resolved values against it before any notebook starts.
@@ -42,6 +44,10 @@ PROFILES: dict[str, dict] = {
         "eval_rows": 0,  # test rows 03 scores after each epoch (0: all 30)
         "eval_batch_size": 8,
         "max_new_tokens": 6,
+        "rag_k": 3,
+        "rag_max_length": 0,  # 05's RAG prompts: the training max_length
+        "rag_test_rows": 0,  # 05 compares on all 30 test rows
+        "show_rows": 3,
         "speed_rows": 3,
         "sweep_dir": "",  # 03's last section shows this finished sweep's table ("": none)
         "seq_cls_epochs": 2,  # 06's sequence-classification head: as many epochs as 03, the same big steps
@@ -72,8 +78,10 @@ PROFILES: dict[str, dict] = {
         "eval_rows": 100,  # 03's learning curve on 100 test rows (04 scores all 500)
         "eval_batch_size": 16,
         "max_new_tokens": 5,
+        "rag_k": 3,
         "rag_test_rows": 200,  # 05 compares its four model methods on the first 200 test rows
         "rag_max_length": 256,  # room for k=3 retrieved headlines beside the query (128 would cut them)
+        "show_rows": 3,
         "speed_rows": 1,  # 04's per-row generate(512) without the adapter never stops: ~35 s a row on CPU
         "sweep_dir": "",
         "seq_cls_epochs": 1,  # 06 trains the head on the same 800 rows as 03, briefly (make demo's 15 minutes)
@@ -96,6 +104,10 @@ PROFILES: dict[str, dict] = {
         "eval_rows": 200,  # per-epoch monitoring in 03 on a slice; 04 evaluates the whole test split
         "eval_batch_size": 8,
         "max_new_tokens": 8,
+        "rag_k": 3,
+        "rag_max_length": 0,
+        "rag_test_rows": 0,
+        "show_rows": 3,
         "speed_rows": 3,
         "sweep_dir": "",
         "seq_cls_epochs": 2,  # 06: the recipe's epochs and learning rate for the head too
@@ -105,7 +117,12 @@ PROFILES: dict[str, dict] = {
     },
 }
 
-DEFAULT_PROFILE = TINY
+DEFAULT_PROFILE = TINY  # `qwen-cls run`, `sweep`, `lab` without --profile
+
+# The profile whose values the committed notebooks' `parameters` cells hold (a test keeps them equal): opened in
+# JupyterLab and run as they are, the notebooks train the real model. `qwen-cls run` with this profile injects
+# only the run folder (and -p overrides), so `make demo` runs exactly what a learner runs.
+COMMITTED_PROFILE = GEMMA
 
 
 def profile_parameters(name: str) -> dict:

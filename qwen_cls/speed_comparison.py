@@ -16,7 +16,7 @@ import torch
 
 from .blog_recipe import full_logits_loss, per_row_generate
 from .evaluate import score_candidates
-from .measure import PeakMemory, limit_malloc_caching, stopwatch
+from .measure import PeakMemory, TensorMemory, stopwatch
 from .recipe import MAX_LENGTH
 from .tokenization import fit_prompts, process_batch
 from .train import answer_only_loss, padding_collator
@@ -42,8 +42,10 @@ def compare_loss_speed(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, 
 
     Both run on the same batches of ``rows`` (dicts with ``text``, ``category``, ``output``), alternating,
     after one warm-up each; the best of ``repeats`` is kept. Gradients are cleared afterwards.
-    With ``memory``, one more untimed pass of each measures its peak memory (:class:`PeakMemory`, MiB):
-    CUDA allocator peak, or on CPU peak RSS after :func:`limit_malloc_caching` (``None`` where that fails).
+    With ``memory``, one more untimed pass of each measures its peak memory in MiB, above the level at entry: the
+    CUDA allocator's peak (:class:`PeakMemory`), or on CPU the bytes of tensors alive at once (:class:`TensorMemory`,
+    what ``make bench`` counts; exact, where sampled RSS misses short allocations). Without ``memory`` the memory
+    fields are ``None``: a figure that was not measured is never reported.
     """
     data = _batches(model, tokenizer, rows, max_length, batch_size, batches)
     device = next(model.parameters()).device
@@ -68,20 +70,22 @@ def compare_loss_speed(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, 
                 seconds = run(fn)
                 if r:  # round 0 is the warm-up
                     times[name].append(seconds)
-        if memory and (device.type == "cuda" or limit_malloc_caching()):
+        if memory:
             for name, fn in methods:
                 model.zero_grad(set_to_none=True)  # each pass starts without gradients held
-                with PeakMemory(device) as mem:
+                with PeakMemory(device) if device.type == "cuda" else TensorMemory() as mem:
                     run(fn)
-                peak_mib[name] = mem.peak_bytes / 2**20
+                peak_mib[name] = mem.peak_bytes / 2**20 if mem.peak_bytes > 0 else None  # 0: nothing was counted
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     full, fast = min(times["full_logits"]), min(times["answer_only"])
-    measured = peak_mib["full_logits"] is not None
+    measured = None not in peak_mib.values()
+    if not measured:
+        peak_mib = dict.fromkeys(peak_mib)
     return {"full_logits_s_per_batch": full, "answer_only_s_per_batch": fast, "speedup": full / fast,
             "full_logits_peak_mib": peak_mib["full_logits"], "answer_only_peak_mib": peak_mib["answer_only"],
-            "peak_memory": ("CUDA allocator" if device.type == "cuda" else "CPU RSS") if measured else None,
+            "peak_memory": ("CUDA allocator" if device.type == "cuda" else "tensor bytes") if measured else None,
             "batch_size": batch_size, "batches": len(data), "backward": trains}
 
 

@@ -1,6 +1,6 @@
-"""The committed notebooks: clean, one plain ``parameters`` cell, defaults = the tiny profile, workshop kit.
+"""The committed notebooks: clean, one plain ``parameters`` cell, defaults = the gemma3-270m profile, workshop kit.
 
-Running them is ``make test``'s nbval step (``pytest --nbval-lax --nbval-current-env notebooks/``).
+Running them is ``make test``'s nbval step, on copies with the tiny profile injected (``make prepare-nbval``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import nbformat
 import pytest
 
 from qwen_cls.pipeline import NOTEBOOKS, notebook_parameters, notebooks_dir
-from qwen_cls.profiles import PROFILES, profile_parameters
+from qwen_cls.profiles import COMMITTED_PROFILE, PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
@@ -71,21 +71,42 @@ def test_one_parameters_cell_of_plain_literals_then_derived_values(name):
     assert follower.cell_type == "code", f"{name}: a cell of derived values follows the parameters"
 
 
+def cell_literals(nb) -> dict:
+    """Name -> value of the ``parameters`` cell, read with ``ast`` (not papermill), so both readers must agree."""
+    cell = nb.cells[parameters_cells(nb)[0]]
+    return {stmt.targets[0].id: ast.literal_eval(stmt.value) for stmt in ast.parse(cell.source).body}
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_defaults_are_the_tiny_profile(name, monkeypatch):
-    monkeypatch.delenv("QWEN_CLS_SWANLAB_MODE", raising=False)
-    tiny = profile_parameters("tiny")  # swanlab_mode resolves to "local": the dashboard package is installed
-    for key, default in notebook_parameters(NB_DIR / name).items():
-        assert key in tiny or name not in CORE, f"{name}: parameter {key} is in no profile"
-        if key in tiny:
-            assert ast.literal_eval(default) == tiny[key], f"{name}: default {key}={default} differs from tiny"
+def test_defaults_are_the_committed_profile(name):
+    """Opened in JupyterLab and run as they are, the notebooks train Gemma 3 270M on THUCNews headlines."""
+    assert COMMITTED_PROFILE == "gemma3-270m"
+    gemma = PROFILES["gemma3-270m"]  # the raw profile: swanlab_mode None (local with the dashboard, else offline)
+    defaults = cell_literals(read(name))
+    assert defaults, name
+    for key, value in defaults.items():
+        assert key in gemma, f"{name}: parameter {key} is in no profile"
+        assert type(value) is type(gemma[key]) and value == gemma[key], \
+            f"{name}: default {key}={value!r} differs from the gemma3-270m profile's {gemma[key]!r}"
+    assert defaults["profile"] == "gemma3-270m" and defaults["out_dir"] == "../runs/gemma3-270m"
+
+
+def test_committed_data_paths_are_where_make_setup_puts_thucnews():
+    """01's defaults, resolved from notebooks/ (JupyterLab, nbval and `qwen-cls run` all run there), name the
+    files `make setup` writes (its target data/thucnews/README.md, `download-data --out data/thucnews`)."""
+    defaults = cell_literals(read("01_data_conversion.ipynb"))
+    assert (NB_DIR / defaults["train_path"]).resolve() == ROOT / "data" / "thucnews" / "train.jsonl"
+    assert (NB_DIR / defaults["test_path"]).resolve() == ROOT / "data" / "thucnews" / "test.jsonl"
+    assert defaults["dataset"] == "thucnews" and defaults["download_data"] is True  # missing: 01 fetches it
+    assert "--out data/thucnews" in (ROOT / "Makefile").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_every_profile_key_reaches_a_notebook(profile):
-    core = set().union(*(notebook_parameters(NB_DIR / n) for n in CORE))
+def test_every_profile_sets_every_notebook_parameter(profile):
+    """Injecting a profile fixes every value of every notebook: no committed (gemma3-270m) default leaks into a
+    tiny copy; and no profile key is one that no notebook reads."""
     declared = set().union(*(notebook_parameters(NB_DIR / n) for n in ALL_NOTEBOOKS))
-    assert core <= set(PROFILES[profile]) <= declared  # every core parameter set; none that no notebook reads
+    assert set(PROFILES[profile]) == declared, (declared ^ set(PROFILES[profile]))
 
 
 def test_qwen_profile_uses_the_recipe():
