@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, dashboard, export, pipeline, predict, sweep, training_run
+from . import __version__, dashboard, export, pipeline, predict, serve, sweep, training_run
 from .faults import describe_fault
 from .files import DataError
 
@@ -115,6 +115,7 @@ COMMAND_MODULES = [
     predict.register,  # predict
     export.register,  # export
     sweep.register,  # sweep: a parameter grid over the chain, one comparison table
+    serve.register,  # serve: an HTTP JSON API and a page on 127.0.0.1
 ]
 
 
