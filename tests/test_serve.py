@@ -301,6 +301,14 @@ def evaluate(ws, expression: str):
     return cdp(ws, "Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
 
+def wait_for(ws, expression: str, values: tuple, seconds: float = 120) -> None:
+    """Poll ``expression`` in the page until it is one of ``values`` (a loaded machine may be slow)."""
+    deadline = time.monotonic() + seconds
+    while (value := evaluate(ws, expression)) not in values:
+        assert time.monotonic() < deadline, (expression, value, evaluate(ws, "document.body.innerText")[-500:])
+        time.sleep(0.1)
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (/usr/bin/chromium); .ci/run installs it")
 def test_page_in_headless_chromium_shows_the_prediction_and_bars(server):
     import urllib.request
@@ -322,7 +330,7 @@ def test_page_in_headless_chromium_shows_the_prediction_and_bars(server):
         ws = None
         try:
             active = Path(profile) / "DevToolsActivePort"
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while not (active.is_file() and active.read_text().strip()):
                 assert time.monotonic() < deadline and browser.poll() is None, "Chromium did not start"
                 time.sleep(0.2)
@@ -335,18 +343,18 @@ def test_page_in_headless_chromium_shows_the_prediction_and_bars(server):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30)
-            while evaluate(ws, "document.readyState") != "complete":
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_for(ws, "document.readyState", ("complete",))
+            cdp(ws, "Page.bringToFront")
+            cdp(ws, "Emulation.setFocusEmulationEnabled", enabled=True)  # focus() holds in a headless window
             evaluate(ws, "document.getElementById('text').focus()")
             cdp(ws, "Input.insertText", text=headline)  # typed, as a user would
             evaluate(ws, "document.getElementById('candidates').focus()")
             evaluate(ws, "document.getElementById('candidates').select()")
             cdp(ws, "Input.insertText", text=", ".join(candidates))  # the edited candidates replace the defaults
+            assert evaluate(ws, "document.getElementById('text').value") == headline
+            assert evaluate(ws, "document.getElementById('candidates').value") == ", ".join(candidates)
             evaluate(ws, "document.getElementById('classify').click()")
-            while evaluate(ws, "document.body.dataset.state || ''") not in ("done", "error"):
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_for(ws, "document.body.dataset.state || ''", ("done", "error"))
             assert evaluate(ws, "document.getElementById('error').textContent") == ""
             shown = evaluate(ws, "document.getElementById('prediction').textContent")
             bars = evaluate(ws, "[...document.querySelectorAll('#bars .row')].map(r => [r.dataset.label, "
