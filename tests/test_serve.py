@@ -325,7 +325,7 @@ def test_page_in_headless_chromium_shows_the_prediction_and_bars(server):
             [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-             "--remote-allow-origins=*", url + "/"],
+             "--remote-allow-origins=*", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         ws = None
         try:
@@ -337,13 +337,14 @@ def test_page_in_headless_chromium_shows_the_prediction_and_bars(server):
             debug_port = active.read_text().split()[0]
             while True:
                 with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/list", timeout=10) as response:
-                    pages = [p for p in json.loads(response.read()) if p["type"] == "page" and p["url"].startswith(url)]
+                    pages = [p for p in json.loads(response.read()) if p["type"] == "page"]
                 if pages:
                     break
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30)
-            wait_for(ws, "document.readyState", ("complete",))
+            cdp(ws, "Page.navigate", url=url + "/")
+            wait_for(ws, "document.readyState === 'complete' && document.getElementById('classify') !== null", (True,))
             cdp(ws, "Page.bringToFront")
             cdp(ws, "Emulation.setFocusEmulationEnabled", enabled=True)  # focus() holds in a headless window
             evaluate(ws, "document.getElementById('text').focus()")
