@@ -8,7 +8,9 @@
 
 A restricted prediction is the best-scoring candidate; its ``probabilities`` are the softmax of the
 classifier's scores (logits or log-probabilities) over the row's candidates only, like 04's candidate scoring.
-A candidate the classifier has no class for gets probability 0.
+A candidate the classifier has no class for (a label absent from the training rows' answers: the classes are
+built from the training rows only, never from test answers) gets score ``-inf`` and probability 0; a row with
+no such class among its candidates gets no prediction (``None``), which counts as wrong.
 """
 
 from __future__ import annotations
@@ -33,9 +35,16 @@ def _candidates(row) -> list[str]:
 
 
 def restricted(label_scores: Mapping[str, float], candidates: Sequence[str]) -> Scored:
-    """The best candidate by ``label_scores`` (a label missing from it scores ``-inf``) and the softmax over
-    the candidates."""
+    """The best candidate by ``label_scores`` and the softmax over the candidates.
+
+    ``label_scores`` holds the classifier's classes, learnt from the training rows' answers only: a candidate
+    missing from it (a label no training row has as its answer) scores ``-inf`` and is never predicted. A row
+    none of whose candidates is a class gets no prediction (``None``, every probability 0): it counts as wrong
+    (:func:`~qwen_cls.metrics.classification_metrics`), never as a lucky guess by list position.
+    """
     scores = {c: float(label_scores.get(c, float("-inf"))) for c in candidates}
+    if not any(c in label_scores for c in candidates):
+        return Scored(prediction=None, scores=scores, probabilities={c: 0.0 for c in candidates})
     return Scored(prediction=max(candidates, key=scores.__getitem__), scores=scores)
 
 

@@ -132,3 +132,57 @@ def label_inventory(rows: Iterable[RawRow | dict]) -> Counter:
     """How many rows have each label as their answer, most common first."""
     counts = Counter(r.output if isinstance(r, RawRow) else r["output"] for r in rows)
     return Counter(dict(counts.most_common()))
+
+
+def training_labels(rows: Iterable[RawRow | dict]) -> list[str]:
+    """The labels a classifier can learn from ``rows``: their distinct answers, sorted.
+
+    Every method of the notebooks that learns a fixed label set (TF-IDF + logistic regression, the retrieval
+    vote, the sequence-classification head) knows these labels and no others; test answers never join them.
+    """
+    return sorted(label_inventory(rows))
+
+
+def check_training_labels(rows: Iterable[RawRow | dict], path: str | os.PathLike, what: str = "") -> list[str]:
+    """:func:`training_labels`, or a :class:`DataError` naming ``path`` when there are fewer than two (nothing to
+    tell apart: 06's head would have one class). ``what`` says which rows when they are a sample of the file."""
+    labels = training_labels(rows)
+    if len(labels) < 2:
+        found = f"only the label {labels[0]!r}" if labels else "no label"
+        raise DataError(path, None, f"{what or 'the training rows'} have {found} as their answer (output); a "
+                                    "classifier needs at least 2 distinct labels: add rows whose output is another "
+                                    "label" + (", or use more of the file (max_train_samples)" if what else ""))
+    return labels
+
+
+def unseen_labels(train_rows: Iterable[RawRow | dict], test_rows: Iterable[RawRow | dict]) -> dict:
+    """Test labels that no training row has as its answer, as ``metrics.json`` records them
+    (``unseen_test_labels``): ``labels`` (sorted, answers and candidates), ``rows`` (test rows with such a label
+    as answer or candidate) and ``answer_rows`` (test rows whose answer is one: no method that learns only the
+    training labels can get them right)."""
+    known = set(training_labels(train_rows))
+    labels, rows, answer_rows = set(), 0, 0
+    for row in test_rows:
+        answer = row.output if isinstance(row, RawRow) else row["output"]
+        candidates = row.category if isinstance(row, RawRow) else row["category"]
+        unknown = {answer, *candidates} - known
+        labels |= unknown
+        rows += bool(unknown)
+        answer_rows += answer not in known
+    return {"labels": sorted(labels), "rows": rows, "answer_rows": answer_rows}
+
+
+def describe_unseen(unseen: dict, test_path: str | os.PathLike, train_path: str | os.PathLike,
+                    n_test: int | None = None) -> str | None:
+    """The warning for :func:`unseen_labels` (``None`` when every test label is a training label), the same in
+    ``qwen-cls run``'s preflight and notebook 04."""
+    if not unseen["labels"]:
+        return None
+    shown = ", ".join(unseen["labels"][:10]) + (f", ... ({len(unseen['labels'])} labels)"
+                                                  if len(unseen["labels"]) > 10 else "")
+    of = f" of {n_test}" if n_test is not None else ""
+    return (f"{test_path}: {unseen['rows']}{of} test rows have an answer or candidate that no training row of "
+            f"{train_path} has as its answer ({shown}); {unseen['answer_rows']} of them have it as their answer. "
+            "tfidf_logreg, retrieval_vote and seq_cls_lora learn only the training labels: they never predict "
+            "these, and a row whose answer is one counts as wrong for them; zero_shot, rag and lora score any "
+            "candidate's text. Add training rows with these labels to have them learned.")

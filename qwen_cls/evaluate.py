@@ -40,7 +40,7 @@ class Scored:
     """A scored row: the winning candidate, each candidate's total log-probability, and their softmax over
     the row's candidates (``probabilities``, filled from ``scores`` when not given)."""
 
-    prediction: str
+    prediction: str | None  # None: no answer (a classifier that knows none of the row's candidates)
     scores: dict[str, float] = field(default_factory=dict)
     probabilities: dict[str, float] = field(default_factory=dict)
 
@@ -50,8 +50,8 @@ class Scored:
 
     @property
     def confidence(self) -> float:
-        """The winning candidate's probability."""
-        return self.probabilities[self.prediction]
+        """The winning candidate's probability (0 for no answer)."""
+        return 0.0 if self.prediction is None else self.probabilities[self.prediction]
 
 
 def _rows_fields(rows):

@@ -5,8 +5,11 @@ The folder holds safetensors weights, the tokenizer, the run's ``run_config.json
 ``--run`` (base + adapter). It is written to a temp folder and renamed, so a failure leaves nothing.
 
 It never deletes what it did not create: ``--out`` must be new, empty, or an earlier export of the same
-run (recognised by :data:`MARKER`); a run folder, a folder inside a run, or a folder holding the run is
-refused.
+run whose every file is one the export wrote, unchanged. :data:`MARKER`, written last, records the run and a
+manifest of those files (relative name, size, SHA-256); a file it does not list or that no longer matches (the
+user's notes, an edited card, a copied or hand-written marker's folder) is refused with its name, and nothing
+changes. A run folder, a folder inside a run, or a folder holding the run is refused too, and so is a run that
+is not finished (:func:`~qwen_cls.run_record.check_run_finished`, the check ``predict`` makes).
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import json
 import os
 from pathlib import Path
 
-from .files import atomic_dir
+from .files import atomic_dir, file_sha256
 from .hub import TINY
 from .predict import load_run
-from .run_record import ADAPTER, PARAMS, RUN_CONFIG
+from .run_record import ADAPTER, PARAMS, RUN_CONFIG, check_run_finished
 
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
-MARKER = "qwen_cls_export.json"  # {"exported_from": <run folder>}: this folder is an export, safe to redo
+MARKER = "qwen_cls_export.json"  # {"exported_from": <run folder>, "files": {name: {"size", "sha256"}}}
 RUN_FILES = (RUN_CONFIG, PARAMS)  # a folder holding one of these is a run (or an export of one)
 
 
@@ -29,12 +32,49 @@ class ExportRefused(ValueError):
     """``--out`` holds something the export did not make; the message says why and what to do."""
 
 
+def read_marker(folder: Path) -> dict | None:
+    """The marker of an earlier export in ``folder`` (a JSON object), or None when there is none."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
 def earlier_export_of(folder: Path) -> str | None:
     """The run folder an earlier export in ``folder`` came from, or None when ``folder`` is no export."""
-    try:
-        return json.loads((folder / MARKER).read_text(encoding="utf-8"))["exported_from"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    exported_from = (read_marker(folder) or {}).get("exported_from")
+    return exported_from if isinstance(exported_from, str) else None
+
+
+def manifest(folder: Path) -> dict:
+    """``{relative name: {"size", "sha256"}}`` for every file under ``folder`` (what an export wrote)."""
+    return {path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def not_written_by_export(out: Path, files: dict) -> tuple[Path, str] | None:
+    """The first entry under ``out`` that the manifest ``files`` does not vouch for, with why; None when every
+    entry is a file the export wrote, unchanged (folders holding only such files; the marker itself)."""
+    for root, dirs, names in os.walk(out):  # does not descend into linked folders: they are listed in dirs
+        root = Path(root)
+        dirs.sort()
+        for name in dirs:
+            folder = root / name
+            rel = folder.relative_to(out).as_posix()
+            if folder.is_symlink() or not any(written.startswith(rel + "/") for written in files):
+                return folder, "which `qwen-cls export` did not write"
+        for name in sorted(names):
+            path = root / name
+            rel = path.relative_to(out).as_posix()
+            if rel == MARKER:
+                continue
+            entry = files.get(rel)
+            if not isinstance(entry, dict) or path.is_symlink() or not path.is_file():
+                return path, "which `qwen-cls export` did not write"
+            if path.stat().st_size != entry.get("size") or file_sha256(path) != entry.get("sha256"):
+                return path, "which was changed after `qwen-cls export` wrote it (so it is yours now)"
+    return None
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -59,10 +99,24 @@ def check_out_dir(run_dir: Path, out: Path) -> None:
         return
     if not out.is_dir():
         raise ExportRefused(f"--out {out} is a file; choose a new folder")
-    if any(out.iterdir()) and earlier_export_of(out) != str(run):
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    if earlier_export_of(out) != str(run):
         what = "another run's folder" if any((out / n).is_file() for n in RUN_FILES) else "not empty"
-        raise ExportRefused(f"--out {out} is {what} and not an earlier export of {run_dir}; nothing was "
-                            "changed: choose a new or empty folder")
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ExportRefused(f"--out {out} is {what} (it holds {shown}) and not an earlier export of {run_dir}; "
+                            "nothing was changed: choose a new or empty folder")
+    files = read_marker(out).get("files")
+    if not isinstance(files, dict):
+        raise ExportRefused(f"--out {out}: its {MARKER} lists no files (an older export, or a marker copied or "
+                            "written by hand), so the export cannot tell its own files from yours; nothing was "
+                            f"changed: choose a new or empty folder, or empty {out} yourself")
+    found = not_written_by_export(out, files)
+    if found is not None:
+        path, why = found
+        raise ExportRefused(f"--out {out} holds {path}, {why}; nothing was changed: move it out of {out} (or "
+                            "choose a new folder for --out) and rerun")
 
 
 def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -> str:
@@ -93,6 +147,7 @@ def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge ``run_dir``'s adapter into its base model and save it (safetensors) to ``out_dir``."""
     run_dir, out = Path(run_dir), Path(out_dir)
+    check_run_finished(run_dir)  # as predict: not a run still being written, failed, or never evaluated
     check_out_dir(run_dir, out)
     model, tokenizer, config = load_run(run_dir, device="cpu")
     merged = model.merge_and_unload()
@@ -105,7 +160,9 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         exported = {**config, "exported_from": str(run_dir), "merged": True}
         (tmp / RUN_CONFIG).write_text(json.dumps(exported, ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config, metrics, run_dir), encoding="utf-8")
-        (tmp / MARKER).write_text(json.dumps({"exported_from": str(run_dir.resolve())}) + "\n", encoding="utf-8")
+        marker = {"exported_from": str(run_dir.resolve()), "files": manifest(tmp)}
+        (tmp / MARKER).write_text(json.dumps(marker, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        check_out_dir(run_dir, out)  # again, just before the old export is replaced: a file added meanwhile stays
     return out
 
 
@@ -118,6 +175,6 @@ def cmd_export(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="merge a run's LoRA adapter into the base model (safetensors)")
     p.add_argument("--run", required=True, help="run dir (adapter/ + run_config.json)")
-    p.add_argument("--out", required=True, help="new or empty folder for the merged model (or an earlier export "
-                   "of the same run, which is replaced)")
+    p.add_argument("--out", required=True, help="new or empty folder for the merged model (or an earlier, "
+                   "unchanged export of the same run, which is replaced)")
     p.set_defaults(func=cmd_export)

@@ -10,13 +10,20 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[str] | None = None) -> dict:
     """accuracy, macro_f1, per-class report and confusion matrix (rows = truth, columns = prediction).
 
-    ``labels`` fixes the class order; by default the sorted union of truths and predictions.
+    ``labels`` fixes the class order; by default the sorted union of truths and predictions. A prediction
+    ``None`` (no answer: a classifier that knows none of the row's candidates) counts as wrong and falls in no
+    class's column of the confusion matrix.
     """
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} truths but {len(y_pred)} predictions")
     if not y_true:
         raise ValueError("no rows to score")
-    labels = labels or sorted(set(y_true) | set(y_pred))
+    labels = labels or sorted(set(y_true) | {p for p in y_pred if p is not None})
+    if any(p is None for p in y_pred):
+        no_answer = "<no answer>"
+        while no_answer in labels or no_answer in y_true:
+            no_answer += "_"
+        y_pred = [no_answer if p is None else p for p in y_pred]
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),

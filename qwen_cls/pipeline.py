@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import read_raw_rows
-from .files import check_folder_path, write_json_atomic
+from .data import check_training_labels, describe_unseen, read_raw_rows, sample_rows, unseen_labels
+from .files import check_folder_path, hold_lock, write_json_atomic
 from .profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter, is_path_key, profile_parameters
 from .run_record import PARAMS, RUN_INCOMPLETE, RUN_LAYOUT
 
@@ -56,7 +56,8 @@ class NotebookFailed(RuntimeError):
 
 
 class RunFolderError(ValueError):
-    """The run folder cannot take this run: busy, a finished run without ``--overwrite``, or not a run folder."""
+    """The run folder cannot take this run: a finished run without ``--overwrite``, or not a run folder (a busy
+    one raises :class:`~qwen_cls.files.FolderBusy`)."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -150,9 +151,12 @@ def preflight(params: dict) -> None:
     if any(not Path(params[k]).exists() for k in ("train_path", "test_path")) \
             and params.get("dataset", "fudan-news") == "fudan-news":  # thucnews comes through pip (fails fast)
         require_host(MODELSCOPE_HOST, what="the Fudan news dataset")
+    raw = {}
     for key in ("train_path", "test_path"):  # bad rows: path:line now, not a failed notebook later
         if Path(params[key]).exists():
-            read_raw_rows(params[key])
+            raw[key] = read_raw_rows(params[key])
+    if len(raw) == 2:
+        check_labels(params, raw["train_path"], raw["test_path"])
     model = str(params["base_model"])
     if model == GEMMA:
         from .gemma import chunk_files
@@ -166,13 +170,23 @@ def preflight(params: dict) -> None:
         check_mode(params["swanlab_mode"])
 
 
+def check_labels(params: dict, train_all: list, test_all: list) -> None:
+    """The rows 01 will keep (same sampling, same seed): fewer than two training labels -> :class:`DataError`
+    (exit 2, nothing started); test labels no training row has as its answer -> a warning on stderr (04 records
+    them in ``metrics.json`` as ``unseen_test_labels``), and the run goes on."""
+    seed = params.get("seed", 42)
+    n_train, n_test = params.get("max_train_samples", 0), params.get("max_test_samples", 0)
+    train = sample_rows(train_all, n_train, seed)
+    test = sample_rows(test_all, n_test, seed)
+    what = (f"the {len(train)} training rows 01 keeps (max_train_samples={n_train}, seed={seed})"
+            if len(train) < len(train_all) else "")
+    check_training_labels(train, params["train_path"], what)
+    warning = describe_unseen(unseen_labels(train, test), params["test_path"], params["train_path"], len(test))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
 # --- the run folder: one run, locked, replaced only whole ------------------------------------------------------
-
-def lock_path(run_dir: str | os.PathLike) -> Path:
-    """The lock file of a run folder (beside it, so it survives the folder being moved aside)."""
-    run_dir = Path(run_dir)
-    return run_dir.parent / f".{run_dir.name}.lock"
-
 
 def previous_path(run_dir: Path) -> Path:
     """Where a finished run waits while ``--overwrite`` replaces it."""
@@ -182,46 +196,6 @@ def previous_path(run_dir: Path) -> Path:
 def failed_path(run_dir: Path) -> Path:
     """Where a failed attempt to replace a finished run is kept (marked incomplete)."""
     return run_dir.with_name(run_dir.name + ".failed")
-
-
-@contextlib.contextmanager
-def hold_lock(run_dir: Path):
-    """Hold the run folder's lock for the block; :class:`RunFolderError` at once when another run holds it.
-
-    ``flock`` belongs to the open file, so the kernel releases it when the process dies, however it dies: a
-    lock file left behind by a killed run blocks nothing. The file is removed on the way out.
-    """
-    import fcntl
-
-    path = lock_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.read(fd, 200).decode("utf-8", "replace").strip()
-            finally:
-                os.close(fd)
-            raise RunFolderError(
-                f"{run_dir} is being written by another `qwen-cls run`{f' ({holder})' if holder else ''}; "
-                "wait for it to finish or choose another --out"
-            ) from None
-        try:  # the previous holder may have removed the file between our open and our lock: lock the new one
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)
 
 
 def _run_owned(name: str) -> bool:
@@ -323,7 +297,7 @@ def run_folder(run_dir: str | os.PathLike, *, overwrite: bool = False):
     is never touched.
     """
     run_dir = Path(run_dir)
-    with hold_lock(run_dir):
+    with hold_lock(run_dir, "qwen-cls run"):
         note = recover(run_dir)
         if note:
             print(f"note: {note}", file=sys.stderr)

@@ -17,7 +17,7 @@ from .data import read_raw_rows
 from .files import read_jsonl, write_jsonl_atomic
 from .hub import TINY
 from .recipe import MAX_LENGTH
-from .run_record import ADAPTER, RUN_CONFIG, RUN_INCOMPLETE, adapter_dir, read_run_config
+from .run_record import ADAPTER, RUN_CONFIG, adapter_dir, check_run_finished, read_run_config
 
 
 class AdapterMismatch(ValueError):
@@ -141,9 +141,8 @@ def check_predict_options(*, run=None, model=None, output=None, batch_size: int 
     for option, folder in (("--run", run), ("--model", model)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise NotADirectoryError(f"{option} {folder}: is a file, not a folder")
-    if run is not None and (Path(run) / RUN_INCOMPLETE).is_file():
-        raise ValueError(f"--run {run}: marked incomplete ({RUN_INCOMPLETE}): its `qwen-cls run` did not finish, so "
-                         "its files are partial; rerun it first")
+    if run is not None:
+        check_run_finished(run)  # marked incomplete, being written, or never evaluated: refused, as by export
     if output is not None:
         write_target(output)  # a folder, a device, or a file where a folder should be: refused now, not after
     check_min_confidence(min_confidence)

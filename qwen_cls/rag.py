@@ -183,15 +183,21 @@ def vote_weights(neighbours: Sequence[Neighbour], candidates: Sequence[str]) -> 
 
 
 def retrieval_vote(neighbours: Sequence[Neighbour], candidates: Sequence[str],
-                   prior: Mapping[str, int] | None = None) -> str:
+                   prior: Mapping[str, int] | None = None) -> str | None:
     """The candidate with the highest score-weighted vote of the neighbours' labels.
 
-    Always one of ``candidates``. Ties (including "no neighbour has a candidate label") go to the label of
+    One of ``candidates``. Ties (including "no neighbour has a candidate label") go to the label of
     the better-ranked neighbour, then to the label more frequent in ``prior`` (e.g.
     :attr:`Retriever.label_counts`), then to the alphabetically first label: never to a list position.
+    With ``prior`` given, it is the label set the vote knows (the training rows' answers): a candidate absent
+    from it is never predicted, and a row with no known candidate gets ``None`` (no answer, counted as wrong).
     """
     if not candidates:
         raise ValueError("retrieval_vote needs at least one candidate label")
+    if prior is not None:
+        candidates = [c for c in candidates if c in prior]
+        if not candidates:
+            return None
     weights = vote_weights(neighbours, candidates)
     first_rank = {}
     for rank, n in enumerate(neighbours):

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .files import DataError, atomic_dir, file_sha256, write_json_atomic
+from .files import DataError, atomic_dir, file_sha256, lock_holder, write_json_atomic
 from .hub import ModelNotFound
 
 # What a run folder holds (docs/ARCHITECTURE.md lists who writes each).
@@ -111,3 +111,21 @@ def adapter_dir(run_dir: str | os.PathLike) -> Path:
         raise ModelNotFound(f"{adapter}: missing or incomplete adapter (needs adapter_config.json and "
                             "adapter_model.safetensors); did training finish?")
     return adapter
+
+
+def check_run_finished(run_dir: str | os.PathLike, option: str = "--run") -> None:
+    """``ValueError`` naming ``option`` when ``run_dir`` is not a finished run: marked :data:`RUN_INCOMPLETE`,
+    its lock held (a `qwen-cls run` or `train` is writing it now), or a `qwen-cls run` folder (``params.json``)
+    without ``metrics.json``. A `qwen-cls train` run has no metrics; its adapter is checked when it loads.
+    ``predict`` and ``export`` both call this, before a model loads or a file is written."""
+    run_dir = Path(run_dir)
+    if (run_dir / RUN_INCOMPLETE).is_file():
+        raise ValueError(f"{option} {run_dir}: marked incomplete ({RUN_INCOMPLETE}): its `qwen-cls run` did not "
+                         "finish, so its files are partial; rerun it first")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise ValueError(f"{option} {run_dir}: is being written now by {holder}; its files are partial until it "
+                         "finishes: wait for it, then rerun this command")
+    if (run_dir / PARAMS).is_file() and (run_dir / "notebooks").is_dir() and not (run_dir / METRICS).is_file():
+        raise ValueError(f"{option} {run_dir}: has no {METRICS}: its `qwen-cls run` did not get through notebook "
+                         f"04 (evaluation); rerun `qwen-cls run --out {run_dir} --overwrite` first")

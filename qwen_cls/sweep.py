@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_file, check_folder_path, write_json_atomic
+from .files import atomic_file, check_folder_path, hold_lock, write_json_atomic
 from .pipeline import (
     NOTEBOOKS,
     Interrupted,
@@ -41,7 +41,6 @@ from .pipeline import (
     RunFolderError,
     _sigterm_interrupts,
     folder_state,
-    hold_lock,
     notebook_parameters,
     notebooks_dir,
     parse_value,
@@ -370,11 +369,7 @@ def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed
             preflight(point.params)
             checked.add(inputs)
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(hold_lock(out))
-        except RunFolderError:
-            raise RunFolderError(f"{out} is being written by another `qwen-cls sweep` or `qwen-cls run`; wait for "
-                                 "it to finish or choose another --out") from None
+        stack.enter_context(hold_lock(out, "qwen-cls sweep"))  # names the holder (sweep or run) and its PID
         check_sweep_folder(out, record)  # again, now that it is ours
         for point in points:
             if folder_state(out / point.name) == "foreign":

@@ -9,7 +9,8 @@ Checkpoints are atomic and rotated (``qwen_cls.checkpointing``) and record the s
 differs, unless ``--resume-anyway``; ``--no-resume`` starts over. Options are checked before anything loads.
 
 Run dir: ``checkpoints/checkpoint-N``, ``adapter/``, ``run_config.json``, ``train_log.json`` (written by
-rank 0 only) and ``ranks/rank{N}.json`` (every rank: batches and rows it trained on).
+rank 0 only) and ``ranks/rank{N}.json`` (every rank: batches and rows it trained on). Rank 0 holds the run dir's
+lock while it trains, so a second ``train`` (or ``run``) into the same ``--out`` exits 2 at once.
 
 Launched processes run ``python -m qwen_cls train ...`` (``torchrun ... -m qwen_cls train``), the same entry
 point as the console script.
@@ -18,11 +19,13 @@ point as the console script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from .files import hold_lock
 from .hub import TINY
 from .recipe import RECIPE
 from .run_record import ADAPTER
@@ -144,7 +147,8 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     (refused when it was trained with other settings, unless ``resume_anyway``).
 
     Works as one process or as every rank of ``torchrun`` / ``accelerate launch``; returns this rank's
-    summary (also written to ``ranks/rank{N}.json``).
+    summary (also written to ``ranks/rank{N}.json``). Rank 0 holds the run dir's lock (``.OUT.lock`` beside it)
+    throughout: a second ``train`` (or ``run``, ``sweep``) into ``out`` is refused at once, naming its PID.
     """
     from .data import read_raw_rows
 
@@ -153,7 +157,24 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
                         save_total_limit=save_total_limit, logging_steps=logging_steps, limit=limit,
                         deepspeed=deepspeed, step_sleep=step_sleep)
     rows = read_raw_rows(train, limit=limit)  # path:line errors before anything heavy loads
+    rank = int(os.environ.get("RANK", "0"))
+    # One writer per run dir, as for `qwen-cls run` and `sweep`: the rank that writes it (0) holds the lock. Under
+    # torchrun a refused rank 0 exits with status 2 and the launcher stops the other ranks, which write nothing
+    # before the end; they never take the lock, so no rank waits on another's.
+    with hold_lock(out, "qwen-cls train") if rank == 0 else contextlib.nullcontext():
+        return _train(
+            rows, train, Path(out), rank=rank, model=model, max_length=max_length, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate, seed=seed,
+            save_steps=save_steps, save_total_limit=save_total_limit, logging_steps=logging_steps,
+            gradient_checkpointing=gradient_checkpointing, limit=limit, deepspeed=deepspeed,
+            swanlab_mode=swanlab_mode, resume=resume, step_sleep=step_sleep, resume_anyway=resume_anyway)
 
+
+def _train(rows, train, out: Path, *, rank: int, model: str, max_length: int, epochs: float, max_steps: int,
+           batch_size: int, grad_accum: int, learning_rate: float, seed: int, save_steps: int,
+           save_total_limit: int, logging_steps: int, gradient_checkpointing: bool, limit: int,
+           deepspeed: str | None, swanlab_mode: str, resume: bool, step_sleep: float, resume_anyway: bool) -> dict:
+    """:func:`train_run` after its checks, with the run dir's lock held by rank 0."""
     import torch
     from transformers import set_seed
 
@@ -169,8 +190,6 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     from .run_record import run_config, save_training
     from .train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
 
-    out = Path(out)
-    rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
     lora = recipe_lora_config()  # the recipe's seven projections (Qwen2, Gemma 3); from the model once loaded

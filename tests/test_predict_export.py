@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -294,23 +298,138 @@ def test_export_refuses_folders_it_did_not_make_and_leaves_them_byte_identical(r
     assert after == before
 
 
-def test_export_redoes_its_own_earlier_export_but_not_another_runs(run_dir, tmp_path, capsys):
+def tree_digest(folder: Path) -> str:
+    """One SHA-256 over every entry under ``folder`` (relative path, kind, mode, bytes or link target)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        content = (os.readlink(path).encode() if path.is_symlink() else path.read_bytes() if path.is_file()
+                   else b"<dir>")
+        digest.update(f"{path.relative_to(folder)}\0{info.st_mode}\0{len(content)}\0".encode() + content)
+    return digest.hexdigest()
+
+
+def test_export_marker_lists_every_file_it_wrote_with_its_sha256(run_dir, tmp_path):
     out = tmp_path / "merged"
     assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
     marker = json.loads((out / "qwen_cls_export.json").read_text())
-    assert marker == {"exported_from": str(run_dir.resolve())}
-    (out / "stale.txt").write_text("from the first export")
-    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0  # the same run: replaced whole
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert marker["exported_from"] == str(run_dir.resolve())
+    written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    del written["qwen_cls_export.json"]
+    assert {"model.safetensors", "config.json", "run_config.json", "README.md"} <= set(written)
+    assert marker["files"] == {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                               for name, data in written.items()}
+
+
+def test_export_redoes_an_untouched_export_of_the_same_run_but_not_another_runs(run_dir, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+    first_inode = out.stat().st_ino
+    first = {p.name for p in out.iterdir()}
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0  # the same run, untouched: replaced
+    assert out.stat().st_ino != first_inode  # a new folder renamed into place, not the old one kept
+    assert {p.name for p in out.iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp or old folder left beside it
     other = tmp_path / "other-run"
     shutil.copytree(run_dir, other)
-    before = snapshot(out)
+    before = tree_digest(out)
     err = _fails(["export", "--run", str(other), "--out", str(out)], capsys, status=2)
-    assert "not an earlier export of" in err and snapshot(out) == before
+    assert "not an earlier export of" in err and tree_digest(out) == before
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["export", "--run", str(run_dir), "--out", str(empty)]) == 0
     assert (empty / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("marker", ["written by hand", "copied from a real export"])
+def test_a_forged_marker_does_not_make_a_users_folder_an_export(run_dir, tmp_path, capsys, marker):
+    out = tmp_path / "work"
+    (out / "data").mkdir(parents=True)
+    (out / "thesis.tex").write_text("\\chapter{Results}")
+    (out / "data" / "rows.jsonl").write_text('{"a": 1}\n')
+    if marker == "written by hand":
+        (out / "qwen_cls_export.json").write_text(json.dumps({"exported_from": str(run_dir.resolve())}))
+    else:
+        real = tmp_path / "real"
+        assert main(["export", "--run", str(run_dir), "--out", str(real)]) == 0
+        shutil.copy(real / "qwen_cls_export.json", out / "qwen_cls_export.json")
+        shutil.rmtree(real)
+    before = tree_digest(tmp_path)  # the folder and what lies beside it (no temp folder may stay)
+    err = _fails(["export", "--run", str(run_dir), "--out", str(out)], capsys, status=2)
+    assert tree_digest(tmp_path) == before
+    assert "nothing was changed" in err and "Traceback" not in err
+    if marker == "written by hand":
+        assert "qwen_cls_export.json lists no files" in err
+    else:
+        assert f"holds {out / 'data'}, which `qwen-cls export` did not write" in err
+
+
+@pytest.mark.parametrize("change", ["MY_NOTES.md", "notes/todo.txt", "an empty folder", "edited README.md",
+                                    "a link"])
+def test_a_file_the_user_added_to_an_export_stops_the_next_export(run_dir, tmp_path, capsys, change):
+    out = tmp_path / "merged"
+    assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+    if change == "MY_NOTES.md":
+        offending = out / "MY_NOTES.md"
+        offending.write_text("my notes on this model")
+    elif change == "notes/todo.txt":
+        offending = out / "notes"
+        (out / "notes").mkdir()
+        (out / "notes" / "todo.txt").write_text("compare with run 2")
+    elif change == "an empty folder":
+        offending = out / "scratch"
+        offending.mkdir()
+    elif change == "edited README.md":
+        offending = out / "README.md"
+        offending.write_text(offending.read_text() + "\nMy evaluation: good enough.\n")
+    else:
+        offending = out / "tokenizer.json"  # the user's own link where the export wrote a file
+        offending.unlink()
+        offending.symlink_to(run_dir / "adapter" / "tokenizer.json")
+    before = tree_digest(tmp_path)
+    err = _fails(["export", "--run", str(run_dir), "--out", str(out)], capsys, status=2)
+    assert tree_digest(tmp_path) == before
+    assert f"--out {out} holds {offending}, which " in err
+    assert "nothing was changed: move it out of" in err and "Traceback" not in err
+    if change == "edited README.md":
+        assert "was changed after `qwen-cls export` wrote it" in err
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, text: str):
+    """An exclusive ``flock`` on ``path`` holding ``text``, as a running command holds its folder's lock."""
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.mark.parametrize("state", ["marked RUN_INCOMPLETE", "no metrics.json", "lock held"])
+def test_export_and_predict_refuse_an_unfinished_run(run_dir, raw_file, tmp_path, capsys, state):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    lock = contextlib.nullcontext()
+    if state == "marked RUN_INCOMPLETE":
+        (run / "RUN_INCOMPLETE").write_text("unfinished")
+        expected = f"error: --run {run}: marked incomplete (RUN_INCOMPLETE)"
+    elif state == "no metrics.json":  # a `qwen-cls run` folder that never got to notebook 04
+        (run / "metrics.json").unlink()
+        (run / "params.json").write_text('{"profile": "tiny", "out_dir": "x"}')
+        (run / "notebooks").mkdir()
+        expected = f"error: --run {run}: has no metrics.json"
+    else:
+        lock = held_lock(tmp_path / ".run.lock", "pid 4242, since 09:00\nqwen-cls train\n")  # a running train's
+        expected = f"error: --run {run}: is being written now by `qwen-cls train` (pid 4242, since 09:00); "
+    out = tmp_path / "merged"
+    with lock:
+        before = tree_digest(tmp_path)
+        err = _fails(["export", "--run", str(run), "--out", str(out)], capsys, status=2)
+        assert err.startswith(expected) and tree_digest(tmp_path) == before
+        err = _fails(["predict", "--run", str(run), "--input", str(raw_file[0]), "--output",
+                      str(tmp_path / "p.jsonl")], capsys, status=2)
+        assert err.startswith(expected) and tree_digest(tmp_path) == before
+    assert not out.exists()
 
 
 def test_a_lone_params_json_above_does_not_make_a_run(run_dir, tmp_path):

@@ -245,3 +245,56 @@ def test_no_resume_starts_over_without_the_old_checkpoints(run_copy, capsys):
     assert "--no-resume: removed 2 checkpoint(s) of the earlier run" in capsys.readouterr().err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert json.loads((out / "checkpoints" / "checkpoint-2" / "train_config.json").read_text())["lr"] == 0.002
+
+
+# --- one writer per run dir: the lock ------------------------------------------------------------------------------
+
+def test_train_into_a_locked_run_dir_exits_2_at_once_naming_the_holder(tmp_path, capsys):
+    import fcntl
+
+    from qwen_cls.cli import main
+
+    out = tmp_path / "run"
+    with open(tmp_path / ".run.lock", "w") as held:  # what a running `qwen-cls run --out RUN` holds
+        held.write("pid 4242, since 09:00\nqwen-cls run\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        start = time.monotonic()
+        assert main(["train", "--train", str(train_rows_file(tmp_path)), "--out", str(out), *FAST]) == 2
+        assert time.monotonic() - start < 10  # refused before a model loads
+    err = capsys.readouterr().err
+    assert err == (f"error: {out} is being written by another `qwen-cls run` (pid 4242, since 09:00); wait for it "
+                   "to finish or choose another --out\n")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_trains_into_one_run_dir_the_second_exits_2_naming_the_first(tmp_path):
+    from qwen_cls.model import build_tiny_model
+
+    build_tiny_model()  # the shared cache, before a process wants it
+    out = tmp_path / "run"
+    args = ["--train", str(train_rows_file(tmp_path)), "--out", str(out), "--max-steps", "4", "--save-steps", "2",
+            "--seed", "7", *FAST]
+    env = subprocess_env()
+    first = subprocess.Popen(train_command(*args, "--step-sleep", "1"), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    lock = tmp_path / ".run.lock"
+    while not (lock.is_file() and lock.read_text().startswith(f"pid {first.pid}, ")):  # held before the model loads
+        assert first.poll() is None, "the first train ended before it held the lock"
+        assert time.monotonic() < deadline, "no lock within 120 s"
+        time.sleep(0.05)
+    start = time.monotonic()
+    second = subprocess.run(train_command(*args), env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert first.poll() is None  # refused while the first still trains: at once, not after waiting for it
+    assert time.monotonic() - start < 60
+    assert second.stderr.startswith(f"error: {out} is being written by another `qwen-cls train` (pid {first.pid}, ")
+    assert len(second.stderr.strip().splitlines()) == 1
+    output, _ = first.communicate(timeout=180)
+    assert first.returncode == 0, output[-3000:]
+    rank0 = json.loads((out / "ranks" / "rank0.json").read_text())
+    assert rank0["global_step"] == 4 and rank0["batches"] == 4 and rank0["resumed_from"] is None
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not lock.exists()  # the lock file went with its holder

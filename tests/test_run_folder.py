@@ -22,7 +22,8 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from qwen_cls.cli import main
-from qwen_cls.pipeline import RUN_INCOMPLETE, failed_path, lock_path, previous_path
+from qwen_cls.files import lock_path
+from qwen_cls.pipeline import RUN_INCOMPLETE, failed_path, previous_path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from qwen_cls.cli import main
-from qwen_cls.pipeline import RUN_INCOMPLETE, lock_path
+from qwen_cls.files import lock_path
+from qwen_cls.pipeline import RUN_INCOMPLETE
 from qwen_cls.sweep import _sweep_owned, parse_grid, plan, point_name
 
 SWEEP_CMD = ["sweep", "--profile", "tiny", "-g", "learning_rate", "1e-3,5e-3",

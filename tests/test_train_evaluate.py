@@ -4,6 +4,7 @@ import math
 import datasets
 import pytest
 import torch
+from _reference import FLOAT32_SUM_RTOL, assert_float32_close, float32_relative_error
 from conftest import SAMPLE
 from transformers import TrainingArguments
 
@@ -102,6 +103,13 @@ def test_one_row_per_forward_accumulated_makes_the_same_optimizer_step(tiny_dir,
     expected = {n: -p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}  # SGD, lr 1
     base.zero_grad(set_to_none=True)
     assert any(d.abs().max() > 0 for d in expected.values())
+    # The mistake this test guards against, a mean per row (per micro-batch) averaged over the 4 rows, is far
+    # outside the float32 tolerance used below:
+    for i in range(4):
+        (train.answer_only_loss(base, collator([tokenized[i]])) / 4).backward()
+    per_row_mean = {n: -p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
+    base.zero_grad(set_to_none=True)
+    assert max(float32_relative_error(per_row_mean[n], expected[n]) for n in expected) > 30 * FLOAT32_SUM_RTOL
 
     for micro in (4, 1):
         model = copy.deepcopy(base)
@@ -113,4 +121,4 @@ def test_one_row_per_forward_accumulated_makes_the_same_optimizer_step(tiny_dir,
         train.AnswerOnlyTrainer(model=model, args=args, train_dataset=tokenized, data_collator=collator).train()
         for n, p in model.named_parameters():
             if p.requires_grad:
-                assert torch.allclose(p.detach() - start[n], expected[n], rtol=1e-4, atol=1e-7), (micro, n)
+                assert_float32_close(p.detach() - start[n], expected[n], f"{micro} per forward, {n}")
