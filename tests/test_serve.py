@@ -75,7 +75,7 @@ def start_server(run_dir: Path, *args: str, port: int | None = None) -> tuple[st
 
 
 def post(url: str, body, *, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict, dict]:
-    """POST ``body`` (JSON-encoded unless bytes) to /v1/classify: (status, decoded answer, headers)."""
+    """POST ``body`` (JSON-encoded unless bytes) to /v1/classify: (status, decoded answer, lower-case headers)."""
     address, port = url.removeprefix("http://").split(":")
     data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
     connection = http.client.HTTPConnection(address, int(port), timeout=timeout)
@@ -83,7 +83,7 @@ def post(url: str, body, *, headers: dict | None = None, timeout: float = 60) ->
         connection.request("POST", "/v1/classify", body=data,
                            headers={"Content-Type": "application/json", **(headers or {})})
         response = connection.getresponse()
-        return response.status, json.loads(response.read()), dict(response.getheaders())
+        return response.status, json.loads(response.read()), {k.lower(): v for k, v in response.getheaders()}
     finally:
         connection.close()
 
@@ -210,6 +210,39 @@ def test_docs_and_page_are_served(server):
     assert raw_get(url, "/docs")[0] == 200
     status, page = raw_get(url, "/")
     assert status == 200 and b'id="classify"' in page and b"http" not in page.split(b"<script>")[1]  # no CDN
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_503_with_retry_after_and_min_confidence_marks_abstain(run_dir):
+    url, proc = start_server(run_dir, "--queue-size", "1", "--batch-size", "1", "--max-wait-ms", "0",
+                             "--min-confidence", "0.99")
+    rows = [as_request(r) for r in sample_rows(6)]
+    answers: list = []
+
+    def client():
+        answers.append(post(url, rows))
+
+    try:
+        clients = [threading.Thread(target=client) for _ in range(8)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(180)
+        statuses = sorted(status for status, _, _ in answers)
+        assert len(answers) == 8 and statuses[0] == 200 and statuses[-1] == 503, statuses
+        for status, body, headers in answers:
+            if status == 503:
+                assert headers["retry-after"] == "1" and "--queue-size" in body["detail"]
+            else:
+                assert status == 200 and len(body) == 6
+                assert all(a["abstain"] == (a["confidence"] < 0.99) for a in body)
+                assert any(a["abstain"] for a in body)  # the server's threshold applies without one in the body
+        status, body, _ = post(url, rows[0])  # still answering
+        assert status == 200 and "abstain" in body
+        assert proc.poll() is None
+    finally:
+        stop_group(proc)
+        proc.stdout.close()
 
 
 def test_non_loopback_host_is_refused_without_an_api_key(run_dir):
