@@ -53,10 +53,11 @@ def sample_rows(n: int = 50) -> list[dict]:
     return rows[:n]
 
 
-def start_server(run_dir: Path, *args: str, port: int | None = None) -> tuple[str, subprocess.Popen]:
-    """``qwen-cls serve --run RUN --port P ARGS`` started and answering /health: (base url, process)."""
+def start_server(run_dir: Path, *args: str, port: int | None = None,
+                 source: str = "--run") -> tuple[str, subprocess.Popen]:
+    """``qwen-cls serve --run RUN --port P ARGS`` (or ``--model``) started and answering /health: (url, process)."""
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qwen_cls", "serve", "--run", str(run_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_cls", "serve", source, str(run_dir), "--port", str(port),
                              *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=subprocess_env())
     url = f"http://127.0.0.1:{port}"
@@ -243,6 +244,26 @@ def test_a_full_queue_answers_503_with_retry_after_and_min_confidence_marks_abst
     finally:
         stop_group(proc)
         proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_model_folder_of_an_export_gives_the_runs_answers(server, run_dir, tmp_path):
+    url, _ = server
+    export = tmp_path / "merged"
+    assert main(["export", "--run", str(run_dir), "--out", str(export)]) == 0
+    rows = [as_request(r) for r in sample_rows(8)]
+    status, by_run, _ = post(url, rows)
+    assert status == 200
+    model_url, proc = start_server(export, source="--model")
+    try:
+        status, by_model, _ = post(model_url, rows)
+    finally:
+        stop_group(proc)
+        proc.stdout.close()
+    assert status == 200
+    assert [a["prediction"] for a in by_model] == [a["prediction"] for a in by_run]
+    for a, b in zip(by_model, by_run):
+        assert all(abs(a["probabilities"][k] - p) < 1e-4 for k, p in b["probabilities"].items())
 
 
 def test_non_loopback_host_is_refused_without_an_api_key(run_dir):
