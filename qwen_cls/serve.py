@@ -453,7 +453,7 @@ def check_serve_options(*, run=None, model=None, host: str = HOST, port: int = D
         raise ValueError("--api-key must be at least 16 characters (e.g. `python -c 'import secrets; "
                          "print(secrets.token_urlsafe())'`)")
     if not 0 <= port <= 65535:
-        raise ValueError(f"--port {port}: pick a port between 1 and 65535")
+        raise ValueError(f"--port {port}: pick a port between 1 and 65535 (0: any free port, printed at start)")
     check_min_confidence(min_confidence)
     check_device(device)
     limits.check()
