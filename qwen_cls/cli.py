@@ -41,14 +41,14 @@ def cmd_labels(args) -> int:
 def cmd_tiny_model(args) -> int:
     from .model import build_tiny_model
 
-    print(build_tiny_model(args.out))
+    print(build_tiny_model(args.out, verify=args.verify))
     return 0
 
 
 def cmd_gemma_model(args) -> int:
     from .gemma import build_gemma_model
 
-    print(build_gemma_model(args.out))
+    print(build_gemma_model(args.out, verify=args.verify))
     return 0
 
 
@@ -67,6 +67,10 @@ def cmd_download_data(args) -> int:
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
+
+
+VERIFY_HELP = ("an existing build: compare every file's SHA-256 with its manifest, not only its size (a damaged "
+               "build is rebuilt)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="build the tiny random Qwen2 (offline) and print its folder")
     p.add_argument("--out", default=None, help="folder (default: the cache)")
+    p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("gemma-model", help="build the gemma3-270m folder from the installed GGUF chunks (offline)")
     p.add_argument("--out", default=None, help="folder (default: the cache)")
+    p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     p.set_defaults(func=cmd_gemma_model)
 
     p = sub.add_parser("download-data", help="download a real dataset: Fudan news from ModelScope, or THUCNews "

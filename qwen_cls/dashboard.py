@@ -31,6 +31,9 @@ SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 def find_log_dir(path: str | os.PathLike) -> Path:
     """The folder holding the dashboard database: ``DIR/swanlog`` or ``DIR`` itself."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path}: not a folder; give the run folder (holding {LOG_SUBDIR}/) or its "
+                                 f"{LOG_SUBDIR} folder")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run directory")
     for candidate in (log_dir_of(path), path):
@@ -81,6 +84,11 @@ def wait_for_port(port: int, timeout: float = 75.0) -> bool:
 # ---------------------------------------------------------------- the guard
 
 
+def url(port: int) -> str:
+    """The dashboard's address as a browser writes it (no ``:80`` for port 80)."""
+    return f"http://{HOST}/" if port == 80 else f"http://{HOST}:{port}"
+
+
 async def _plain(send, status: int, message: str) -> None:
     """A JSON answer shaped like swanboard's own errors, naming no path."""
     body = json.dumps({"code": status, "message": message, "data": None}).encode()
@@ -111,6 +119,8 @@ class Guard:
     def __init__(self, app, log_dir: str | os.PathLike, port: int):
         self.app, self.log_dir, self.port = app, Path(log_dir).resolve(), port
         self.hosts = {f"{HOST}:{port}", f"localhost:{port}"}
+        if port == 80:  # a browser leaves the default port out of Host (and Origin): http://127.0.0.1/
+            self.hosts |= {HOST, "localhost"}
         self.origins = {f"http://{h}" for h in self.hosts}
 
     async def __call__(self, scope, receive, send):
@@ -118,7 +128,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if headers.get("host", "").lower() not in self.hosts:
-            return await _plain(send, 403, f"this dashboard answers only http://{HOST}:{self.port}")
+            return await _plain(send, 403, f"this dashboard answers only {url(self.port)}")
         origin = headers.get("origin")
         if scope.get("method", "GET") not in SAFE_METHODS and origin is not None and origin not in self.origins:
             return await _plain(send, 403, "changes are accepted only from the dashboard's own page")
@@ -190,7 +200,7 @@ def cmd_dashboard(args) -> int:
         raise TrackingError(f"--port {args.port}: pick a port between 1 and 65535")
     if not wait_for_port(args.port):
         raise TrackingError(f"--port {args.port} is in use (another dashboard?); stop it or pick another port")
-    print(f"SwanLab dashboard of {log_dir}: http://{HOST}:{args.port}  (Ctrl+C stops it)", flush=True)
+    print(f"SwanLab dashboard of {log_dir}: {url(args.port)}  (Ctrl+C stops it)", flush=True)
     serve(log_dir, args.port)
     return 0
 

