@@ -46,6 +46,7 @@ from .data import validate_row
 from .hub import TINY
 from .predict import check_device, check_min_confidence, load_exported, load_run, predict_rows
 from .recipe import MAX_LENGTH
+from .run_record import check_run_finished
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8092
@@ -446,6 +447,8 @@ def check_serve_options(*, run=None, model=None, host: str = HOST, port: int = D
     for option, folder in (("--run", run), ("--model", model)):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{option} {folder}: no such folder")
+    if run is not None:
+        check_run_finished(run)  # marked incomplete, being written, or never evaluated: refused, as by predict
     if not is_loopback(host) and not api_key:
         raise ValueError(f"--host {host} would let other machines call this server; give --api-key KEY too (callers "
                          "then send Authorization: Bearer KEY), or keep the default --host 127.0.0.1")
