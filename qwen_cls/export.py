@@ -166,7 +166,61 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     return out
 
 
+SEQ_CLS_DIR = "seq_cls"  # notebook 06's sequence-classification adapter + head, inside the run folder
+
+
+def seq_cls_card(meta: dict, run_dir: str | os.PathLike, architecture: str) -> str:
+    """The model card of a ``--seq-cls`` export: what it is and how engines load it."""
+    return "\n".join([
+        "# qwen-cls merged sequence classifier", "",
+        f"Notebook 06's `seq_cls_lora` of run `{run_dir}`: base model `{meta['base_model']}` as `{architecture}`, "
+        "its LoRA adapter and trained `score` head merged in (`merge_and_unload`). It reads the text alone (no "
+        f"prompt) and gives one logit per label: {', '.join(meta['labels'])} (`id2label` / `label2id` in "
+        "`config.json`). 06 restricts the choice to each row's candidates: take the best-scoring candidate.", "",
+        f"- max_length: {meta['max_length']} tokens (06 truncates to it; the tokenizer's `model_max_length`)", "",
+        "Use: `transformers.pipeline(\"text-classification\", model=<this folder>, top_k=None)(text, "
+        "truncation=True)`, or vLLM: `vllm serve <this folder> --runner pooling --convert classify` "
+        "(`/classify`).",
+        ""])
+
+
+def export_seq_cls(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Merge ``run_dir/seq_cls`` (06's adapter and trained head) into its base and save it to ``out_dir`` as a
+    ``*ForSequenceClassification`` folder with ``id2label`` / ``label2id``, under the same ``--out`` rules as
+    :func:`export_run` (same checks, same marker)."""
+    from .approaches import SEQ_CLS_FILE, load_seq_cls
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    folder = run_dir / SEQ_CLS_DIR
+    check_run_finished(run_dir)
+    if not (folder / SEQ_CLS_FILE).is_file():
+        raise FileNotFoundError(f"{folder / SEQ_CLS_FILE}: no sequence-classification model in this run; notebook "
+                                "06 (06_approaches) writes it: run it with this run folder as out_dir first")
+    check_out_dir(run_dir, out)
+    model, tokenizer, labels, max_length = load_seq_cls(folder, device="cpu")
+    merged = model.merge_and_unload()  # the LoRA deltas into the weights, the trained head in place of the new one
+    merged.config.id2label = dict(enumerate(labels))
+    merged.config.label2id = {label: i for i, label in enumerate(labels)}
+    tokenizer.model_max_length = max_length  # pipeline(..., truncation=True) cuts where 06 cut
+    meta = {"base_model": str(json.loads((folder / SEQ_CLS_FILE).read_text(encoding="utf-8"))["base_model"]),
+            "labels": list(labels), "max_length": max_length}
+    with atomic_dir(out) as tmp:  # a failure leaves no half-written export
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SEQ_CLS_FILE).write_text(json.dumps({**meta, "exported_from": str(run_dir), "merged": True},
+                                                   ensure_ascii=False, indent=2), encoding="utf-8")
+        (tmp / "README.md").write_text(seq_cls_card(meta, run_dir, type(merged).__name__), encoding="utf-8")
+        marker = {"exported_from": str(run_dir.resolve()), "files": manifest(tmp)}
+        (tmp / MARKER).write_text(json.dumps(marker, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        check_out_dir(run_dir, out)  # again, just before the old export is replaced: a file added meanwhile stays
+    return out
+
+
 def cmd_export(args) -> int:
+    if args.seq_cls:
+        out = export_seq_cls(args.run, args.out)
+        print(f"merged sequence classifier: {out}")
+        return 0
     out = export_run(args.run, args.out)
     print(f"merged model: {out}")
     return 0
@@ -177,4 +231,7 @@ def register(subparsers) -> None:
     p.add_argument("--run", required=True, help="run dir (adapter/ + run_config.json)")
     p.add_argument("--out", required=True, help="new or empty folder for the merged model (or an earlier, "
                    "unchanged export of the same run, which is replaced)")
+    p.add_argument("--seq-cls", action="store_true", help="export notebook 06's sequence-classification model "
+                   "(RUN/seq_cls) instead: a *ForSequenceClassification folder with id2label, for "
+                   "transformers.pipeline('text-classification') and vLLM's classify")
     p.set_defaults(func=cmd_export)

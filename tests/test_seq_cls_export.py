@@ -1,0 +1,103 @@
+"""``qwen-cls export --seq-cls``: notebook 06's sequence classifier (``RUN/seq_cls``) merged into a
+``*ForSequenceClassification`` folder that ``transformers.pipeline("text-classification")`` loads and that gives
+06's ``seq_cls_lora`` predictions (each row's best candidate by the head's logits) on the test rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _tiny_run import SAMPLE_TEST, SAMPLE_TRAIN, train_rows_file
+from safetensors import safe_open
+
+from qwen_cls import data
+from qwen_cls.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run with a ``seq_cls/`` made as notebook 06 makes it: LoRA + the ``score`` head (modules_to_save),
+    a few steps on the sample's training rows, saved with :func:`save_seq_cls`."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+    from qwen_cls.approaches import SEQ_CLS_HEAD, encode_texts, load_seq_cls_base, save_seq_cls
+    from qwen_cls.training_run import train_run
+
+    folder = tmp_path_factory.mktemp("runs")
+    out = folder / "run"
+    train_run(train_rows_file(folder), out, model="tiny", max_length=128, max_steps=1, batch_size=2,
+              grad_accum=1, learning_rate=1e-2, save_steps=100, limit=4, seed=1)
+    rows = [r.to_dict() for r in data.read_raw_rows(SAMPLE_TRAIN)]
+    labels = sorted({r["output"] for r in rows})
+    set_seed(0)
+    model, tok = load_seq_cls_base("tiny", labels, device="cpu")
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, target_modules=["q_proj", "v_proj"], r=4,
+                                             lora_alpha=8, modules_to_save=[SEQ_CLS_HEAD]))
+    args = TrainingArguments(output_dir=str(folder / "ckpt"), per_device_train_batch_size=4, learning_rate=2e-2,
+                             max_steps=6, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=encode_texts(tok, rows, labels, MAX_LENGTH),
+            data_collator=DataCollatorWithPadding(tok)).train()
+    save_seq_cls(model, tok, out / "seq_cls", base_model="tiny", labels=labels, max_length=MAX_LENGTH)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SAMPLE_TEST.is_file(), reason="needs data/sample")
+def test_pipeline_on_the_export_gives_06s_seq_cls_predictions(run_dir, tmp_path):
+    from transformers import pipeline
+
+    from qwen_cls.approaches import load_seq_cls, restricted, seq_cls_scores
+
+    out = tmp_path / "seq-export"
+    assert main(["export", "--run", str(run_dir), "--seq-cls", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    labels = json.loads((run_dir / "seq_cls" / "seq_cls.json").read_text(encoding="utf-8"))["labels"]
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"]
+    assert config["id2label"] == {str(i): label for i, label in enumerate(labels)}
+    assert config["label2id"] == {label: i for i, label in enumerate(labels)}
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    assert "score.weight" in names and not [n for n in names if "lora" in n or "modules_to_save" in n]  # merged
+
+    # 06's way: base + adapter + saved head, logits restricted to each row's candidates.
+    test_rows = [r.to_dict() for r in data.read_raw_rows(SAMPLE_TEST)]
+    model, tok, _, max_length = load_seq_cls(run_dir / "seq_cls", device="cpu")
+    expected = seq_cls_scores(model, tok, test_rows, labels, max_length=max_length, batch_size=8)
+    batch = tok([r["text"] for r in test_rows], truncation=True, max_length=max_length, padding=True,
+                return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits.float()
+
+    classify = pipeline("text-classification", model=str(out), device="cpu")
+    answers = classify([r["text"] for r in test_rows], top_k=None, truncation=True, function_to_apply="none")
+    got = []
+    for row, answer, row_logits in zip(test_rows, answers, logits):
+        by_label = {a["label"]: a["score"] for a in answer}
+        assert set(by_label) == set(labels)
+        for i, label in enumerate(labels):
+            assert by_label[label] == pytest.approx(row_logits[i].item(), abs=1e-4)
+        got.append(restricted(by_label, row["category"]).prediction)
+    assert got == [s.prediction for s in expected]
+    assert len(set(got)) > 1  # the rows do not all get one label: the head's outputs differ per row
+
+
+def test_seq_cls_export_needs_06s_folder_and_keeps_out_rules(run_dir, tmp_path, capsys):
+    bare = tmp_path / "bare-run"
+    bare.mkdir()
+    for name in ("adapter", "run_config.json"):  # a run without 06's seq_cls/
+        src = run_dir / name
+        (bare / name).symlink_to(src, target_is_directory=src.is_dir())
+    assert main(["export", "--run", str(bare), "--seq-cls", "--out", str(tmp_path / "x")]) == 2
+    assert "seq_cls.json" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert main(["export", "--run", str(run_dir), "--seq-cls", "--out", str(taken)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
