@@ -16,28 +16,20 @@ predictions. The server is stopped with SIGTERM and must exit 0. Writes ``OUT/se
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from qwen_cls.serve_client import classify, free_port, get_json, load_test, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TEST = ROOT / "data" / "sample" / "test.jsonl"
 SAMPLE_TRAIN = ROOT / "data" / "sample" / "train.jsonl"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def tiny_run(folder: Path) -> Path:
@@ -75,74 +67,17 @@ def predict_rate(run: Path, rows: list[dict], batch_size: int) -> tuple[float, l
     return len(rows) / seconds, [r["prediction"] for r in results]
 
 
-def get(port: int, path: str) -> dict:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("GET", path)
-        return json.loads(connection.getresponse().read())
-    finally:
-        connection.close()
-
-
 def start_server(run: Path, port: int, batch_size: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "qwen_cls", "serve", "--run", str(run), "--port", str(port),
                              "--batch-size", str(batch_size), "--queue-size", "1024"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=dict(os.environ, QWEN_CLS_OFFLINE="1", HF_HUB_OFFLINE="1"))
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            get(port, "/health")
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit(f"serve did not start: {proc.stdout.read()}") from None
-            time.sleep(0.3)
-
-
-def load(port: int, rows: list[dict], expected: list[str], clients: int, seconds: float) -> dict:
-    """``clients`` threads, one row per request, round robin, for ``seconds``."""
-    latencies, errors, mismatches = [], [], [0]
-    counter, lock = [0], threading.Lock()
-    stop_at = time.monotonic() + seconds
-
-    def client():
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        while time.monotonic() < stop_at:
-            with lock:
-                i = counter[0] % len(rows)
-                counter[0] += 1
-            body = json.dumps(rows[i], ensure_ascii=False).encode()
-            start = time.perf_counter()
-            try:
-                connection.request("POST", "/v1/classify", body=body, headers={"Content-Type": "application/json"})
-                response = connection.getresponse()
-                answer = json.loads(response.read())
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                errors.append(type(exc).__name__)
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                continue
-            latencies.append(time.perf_counter() - start)
-            if response.status != 200:
-                errors.append(response.status)
-            elif answer["prediction"] != expected[i]:
-                mismatches[0] += 1
-        connection.close()
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    ordered = sorted(latencies)
-    return {"requests": len(latencies), "wall_seconds": wall, "serve_rows_per_second": len(latencies) / wall,
-            "p50_ms": 1000 * statistics.median(ordered) if ordered else None,
-            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None,
-            "errors": len(errors), "error_kinds": sorted({str(e) for e in errors}), "mismatches": mismatches[0]}
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", alive=lambda: proc.poll() is None)
+    except TimeoutError:
+        proc.kill()
+        raise SystemExit(f"serve did not start: {proc.stdout.read()}") from None
+    return proc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,14 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         proc = start_server(run, port, args.batch_size)
         try:
+            url = f"http://127.0.0.1:{port}"
             for row in rows[: args.batch_size]:  # warm-up, as predict had
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-                connection.request("POST", "/v1/classify", body=json.dumps(row).encode())
-                connection.getresponse().read()
-                connection.close()
-            before = get(port, "/health")
-            result = load(port, rows, expected, args.clients, args.seconds)
-            after = get(port, "/health")
+                classify(url, row)
+            before = get_json(url, "/health")
+            result = load_test(url, rows, expected, clients=args.clients, seconds=args.seconds)
+            after = get_json(url, "/health")
             os.killpg(proc.pid, signal.SIGTERM)
             exit_code = proc.wait(120)
         finally:

@@ -51,6 +51,7 @@ NOTEBOOKS = (
     "04_evaluation.ipynb",
     "05_rag.ipynb",
     "06_approaches.ipynb",
+    "07_serve.ipynb",
 )
 class NotebookFailed(RuntimeError):
     """A notebook of the chain raised; the message names the notebook, the error and the saved copy."""

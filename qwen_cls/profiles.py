@@ -53,6 +53,9 @@ PROFILES: dict[str, dict] = {
         "seq_cls_epochs": 2,  # 06's sequence-classification head: as many epochs as 03, the same big steps
         "seq_cls_learning_rate": 5e-3,
         "seq_cls_max_length": 64,
+        "serve_rows": 0,  # 07 sends all 30 test rows
+        "serve_clients": 4,
+        "serve_seconds": 3.0,
         "out_dir": "../runs/notebooks",
     },
     # Offline after `make setup`: Google's pretrained Gemma 3 270M (PyPI GGUF chunks) on THUCNews headlines,
@@ -87,6 +90,9 @@ PROFILES: dict[str, dict] = {
         "seq_cls_epochs": 1,  # 06 trains the head on the same 800 rows as 03, briefly (make demo's 15 minutes)
         "seq_cls_learning_rate": GEMMA_LEARNING_RATE,
         "seq_cls_max_length": 64,  # the text alone, no prompt: a headline takes about 20-30 Gemma tokens
+        "serve_rows": 32,  # 07: predict's baseline and the concurrent clients on the first 32 test rows
+        "serve_clients": 8,
+        "serve_seconds": 10.0,
         "out_dir": "../runs/gemma3-270m",
     },
     # The real model and dataset from ModelScope with the recipe's hyperparameters (a GPU is advisable).
@@ -113,6 +119,9 @@ PROFILES: dict[str, dict] = {
         "seq_cls_epochs": 2,  # 06: the recipe's epochs and learning rate for the head too
         "seq_cls_learning_rate": 1e-4,
         "seq_cls_max_length": 384,
+        "serve_rows": 50,
+        "serve_clients": 16,
+        "serve_seconds": 30.0,
         "out_dir": "../runs/qwen2-0.5b",
     },
 }
@@ -248,6 +257,9 @@ SCHEMA: dict[str, Param] = {
     "seq_cls_epochs": Param("number", low=0, low_open=True, note="06: epochs of the sequence-classification head"),
     "seq_cls_learning_rate": Param("number", low=0, high=1, low_open=True),
     "seq_cls_max_length": Param("int", low=8, note="06: tokens of text per row (no prompt)"),
+    "serve_rows": Param("int", low=0, note="07: test rows sent to the server; 0: all"),
+    "serve_clients": Param("int", low=1, note="07: concurrent clients"),
+    "serve_seconds": Param("number", low=0, low_open=True, note="07: seconds of the concurrent load"),
     "sweep_dir": Param("optional_path", note="a finished `qwen-cls sweep` folder whose table 03 shows; '': none"),
 }
 

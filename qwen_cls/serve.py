@@ -39,8 +39,10 @@ import signal
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .data import validate_row
 from .hub import TINY
@@ -491,6 +493,36 @@ def run_server(app, sock: socket.socket) -> None:
 
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=120)
     Server(config).run(sockets=[sock])
+
+
+@contextmanager
+def serve_in_background(model, tokenizer, *, max_length: int, limits: Limits | None = None,
+                        tiny_model: bool = False) -> Iterator[str]:
+    """The same server as ``qwen-cls serve`` (guard, batcher, page), on a free port of 127.0.0.1, in a thread of
+    this process, around a model already loaded (notebook 07 serves the run it is part of, which ``--run``
+    would refuse while ``qwen-cls run`` still writes it). Yields its URL; leaving the block stops it, answering
+    what was accepted."""
+    import uvicorn
+
+    limits = limits or Limits()
+    sock = bind(HOST, 0)
+    batcher = Batcher(model, tokenizer, max_length=max_length, limits=limits)
+    port = sock.getsockname()[1]
+    app = guarded_app(batcher, host=HOST, port=port, describe={"max_length": max_length, "tiny_model": tiny_model})
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=60))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="qwen-cls-serve", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        yield f"http://{HOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(90)
+        sock.close()
 
 
 def cmd_serve(args) -> int:

@@ -424,3 +424,34 @@ def test_page_in_headless_chromium_shows_the_prediction_and_bars(server):
         assert abs(p - expected["probabilities"][label]) < 1e-6
         assert width.endswith("%") and abs(float(width[:-1]) - 100 * p) < 0.006  # the bar's length is the probability
     assert bars[0][0] == expected["prediction"]  # the winner's bar comes first
+
+
+def test_serve_in_background_gives_predicts_numbers_and_the_load_test_counts_them(tiny_dir):
+    """Notebook 07's server (in a thread, around a loaded model) answers like ``predict_rows``; the load test
+    (``qwen_cls.serve_client``) checks every answer against them and counts requests, rows/s and latencies."""
+    from qwen_cls.data import read_raw_rows
+    from qwen_cls.model import load_model
+    from qwen_cls.predict import predict_rows
+    from qwen_cls.serve import Limits, serve_in_background
+    from qwen_cls.serve_client import classify, get_json, load_test
+
+    model, tokenizer = load_model(tiny_dir, device="cpu")
+    raw = read_raw_rows(SAMPLE_TEST)[:6]
+    rows = [{"text": r.text, "candidates": list(r.category)} for r in raw]
+    expected = predict_rows(model, tokenizer, raw, max_length=128, batch_size=4)
+    with serve_in_background(model, tokenizer, max_length=128, limits=Limits(batch_size=4), tiny_model=True) as url:
+        assert url.startswith("http://127.0.0.1:")
+        status, answers = classify(url, rows)
+        assert status == 200 and [a["prediction"] for a in answers] == [e["prediction"] for e in expected]
+        for a, e in zip(answers, expected):
+            assert set(a["probabilities"]) == set(e["probabilities"])
+            for label, p in e["probabilities"].items():
+                assert abs(a["probabilities"][label] - p) <= 1e-4
+        report = load_test(url, rows, [e["prediction"] for e in expected], clients=3, seconds=2)
+        health = get_json(url, "/health")
+    assert report["requests"] > 0 and report["errors"] == 0 and report["mismatches"] == 0
+    assert report["serve_rows_per_second"] == pytest.approx(report["requests"] / report["wall_seconds"])
+    assert report["p50_ms"] <= report["p99_ms"]
+    assert health["tiny_model"] is True and health["answered"] == report["requests"] + 1  # + the list request
+    with pytest.raises(OSError):  # stopped on leaving the block
+        get_json(url, "/health", timeout=5)
