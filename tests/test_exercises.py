@@ -216,6 +216,7 @@ def test_the_solutions_answer_is_right_and_a_wrong_one_gets_a_hint(key, run, obj
     assert right.status == RIGHT, f"{key}: the solution's answer {answer!r} -> {right}"
     wrong = verdict(key, wrong_answer(key, answer), **kwargs)
     assert wrong.status == WRONG and len(wrong.text) > 10 and wrong.text != right.text, wrong
+    capsys.readouterr()  # what the solution's code printed
     check(key, wrong_answer(key, answer), **kwargs)
     assert capsys.readouterr().out.startswith("✗ 还不对 (not yet)")
     malformed = verdict(key, object(), **kwargs)  # a wrong type is a hint about the format, not a traceback
