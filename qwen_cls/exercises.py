@@ -121,6 +121,8 @@ def _compared_test_rows(out_dir) -> list[dict]:
 def _number(answer, what: str) -> float:
     if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
         raise _Wrong(f"{what} 应该是一个数 (a number), 你给的是 {type(answer).__name__}: {answer!r}")
+    if not math.isfinite(answer):
+        raise _Wrong(f"{what} 应该是一个有限的数 (a finite number), 你给的是 {answer!r}")
     return float(answer)
 
 

@@ -95,6 +95,13 @@ def test_unanswered_says_so_computes_nothing_and_raises_nothing(key, capsys):
     assert "not answered yet" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("answer", ["7", True, float("nan"), 2.5, (1,), [1, 2, 3, 4]])
+def test_a_malformed_answer_is_a_hint_about_the_format(answer, tmp_path):
+    for key in ("01.1", "03.2", "01.3"):  # an integer, a pair, a triple: the format is checked before any file
+        result = verdict(key, answer, out_dir=tmp_path, rows=[])
+        assert result.status == WRONG and "应该是" in result.text, result
+
+
 def test_a_missing_run_file_names_the_notebook_that_writes_it(tmp_path):
     result = verdict("04.1", 0.5, out_dir=tmp_path)
     assert result.status == WRONG and "04_evaluation" in result.text and "predictions.jsonl" in result.text
