@@ -1,0 +1,651 @@
+"""Self-checking exercises of notebooks 01-06: ``check("NN.K", answer, **context)`` says right or wrong.
+
+Each exercise at the end of a notebook has an answer cell (``answer_K = None``) and a check cell, e.g.
+``check("01.3", answer_3, out_dir=out_dir)``. The check computes the expected value itself, from the run's own
+files (``out_dir``) or the notebook's own objects passed as context (the tokenizer, the raw rows), never from a
+typed-in number, so it holds for every profile and every run. It prints one line:
+
+- ``✓ 正确 (right): ...`` with what the answer shows;
+- ``✗ 还不对 (not yet): <hint>``: what to compute, and the likely slip when the answer matches one;
+- ``… 还没有回答 (not answered yet)`` while the answer is ``None``: nothing is computed and nothing is
+  raised, so ``qwen-cls run`` and nbval execute the notebooks with the answers left blank.
+
+:func:`verdict` returns the same as a :class:`Verdict` (tests, scripts); :data:`CHECKS` maps each id to its check.
+Solutions, with the answer to put in each cell, are in ``notebooks/solutions/NN_*.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .files import DataError, read_jsonl
+
+RIGHT, WRONG, UNANSWERED = "right", "wrong", "unanswered"
+MARKS = {RIGHT: "✓ 正确 (right)", WRONG: "✗ 还不对 (not yet)", UNANSWERED: "… 还没有回答 (not answered yet)"}
+# Which notebook writes what a check reads: a missing file names the notebook to run first.
+MAKERS = {"data": "01_data_conversion", "tokenized": "02_tokenization", "truncation_report.json": "02_tokenization",
+          "adapter": "03_lora_training", "run_config.json": "03_lora_training", "train_log.json": "03_lora_training",
+          "predictions.jsonl": "04_evaluation", "metrics.json": "04_evaluation", "retriever": "05_rag",
+          "rag_metrics.json": "05_rag", "rag_timing.json": "05_rag", "seq_cls": "06_approaches",
+          "approaches.json": "06_approaches"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One check's outcome: ``status`` is ``right``, ``wrong`` or ``unanswered``; ``text`` the explanation or
+    hint. ``str()`` is the line :func:`check` prints; truthy only when right."""
+
+    exercise: str
+    status: str
+    text: str
+
+    def __bool__(self) -> bool:
+        return self.status == RIGHT
+
+    def __str__(self) -> str:
+        return f"{MARKS[self.status]} [{self.exercise}]: {self.text}"
+
+
+class _Wrong(Exception):
+    """Raised inside a check: the answer is wrong (or malformed); the message is the hint."""
+
+
+CHECKS: dict[str, Callable] = {}
+
+
+def _exercise(key: str):
+    def register(function):
+        CHECKS[key] = function
+        return function
+    return register
+
+
+def answer_name(key: str) -> str:
+    """The notebook variable an exercise's answer goes into: ``"01.3"`` -> ``answer_3``."""
+    return f"answer_{key.split('.')[1]}"
+
+
+def verdict(key: str, answer, **context) -> Verdict:
+    """Check ``answer`` to exercise ``key`` (``"NN.K"``: notebook NN, exercise K) against the value computed
+    from ``context`` (``out_dir=`` the run folder, and what the exercise needs: ``tokenizer=``, ``rows=``,
+    ``max_length=``, ``k=``)."""
+    if key not in CHECKS:
+        raise KeyError(f"no exercise {key!r}; exercises: {', '.join(CHECKS)}")
+    if answer is None:
+        return Verdict(key, UNANSWERED, f"把答案写进 {answer_name(key)} (put your answer in {answer_name(key)}), "
+                                        "再运行这一格 (then run this cell again)")
+    try:
+        return Verdict(key, RIGHT, CHECKS[key](answer, **context))
+    except _Wrong as hint:
+        return Verdict(key, WRONG, str(hint))
+
+
+def check(key: str, answer, **context) -> None:
+    """Print :func:`verdict`'s line: the notebooks' check cells call this."""
+    print(verdict(key, answer, **context))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the run's files and the answers
+
+
+def _path(out_dir, *parts) -> Path:
+    """``out_dir/parts``; a missing one is a hint naming the notebook that writes it."""
+    path = Path(out_dir).joinpath(*parts)
+    if not path.exists():
+        maker = MAKERS.get(parts[0], "前面的 notebook")
+        raise _Wrong(f"还不能检查 (cannot check yet): {path} 不存在, 请先用同一个 out_dir 运行 {maker}.ipynb")
+    return path
+
+
+def _json(out_dir, name: str):
+    return json.loads(_path(out_dir, name).read_text(encoding="utf-8"))
+
+
+def _rows(out_dir, split: str) -> list[dict]:
+    return read_jsonl(_path(out_dir, "data", f"{split}.jsonl"))
+
+
+def _compared_test_rows(out_dir) -> list[dict]:
+    """The test rows 05 and 06 compare: the first ``n_test`` of ``data/test.jsonl`` (``rag_timing.json``)."""
+    return _rows(out_dir, "test")[:_json(out_dir, "rag_timing.json")["n_test"]]
+
+
+def _number(answer, what: str) -> float:
+    if isinstance(answer, bool) or not isinstance(answer, numbers.Real):
+        raise _Wrong(f"{what} 应该是一个数 (a number), 你给的是 {type(answer).__name__}: {answer!r}")
+    if not math.isfinite(answer):
+        raise _Wrong(f"{what} 应该是一个有限的数 (a finite number), 你给的是 {answer!r}")
+    return float(answer)
+
+
+def _integer(answer, what: str) -> int:
+    value = _number(answer, what)
+    if value != int(value):
+        raise _Wrong(f"{what} 应该是一个整数 (an integer), 你给的是 {answer!r}")
+    return int(value)
+
+
+def _pair(answer, what: str) -> tuple:
+    if not isinstance(answer, (tuple, list)) or len(answer) != 2:
+        raise _Wrong(f"{what} 应该是两个值 (a pair), 写成 (第一个, 第二个); 你给的是 {answer!r}")
+    return tuple(answer)
+
+
+def _triple(answer, what: str) -> tuple:
+    if not isinstance(answer, (tuple, list)) or len(answer) != 3:
+        raise _Wrong(f"{what} 应该是三个值, 写成 (最短, 中位数, 最长); 你给的是 {answer!r}")
+    return tuple(answer)
+
+
+def _close(a: float, b: float, tol: float = 5e-4) -> bool:
+    """Equal up to rounding to 3 decimals (accuracies and their differences)."""
+    return abs(a - b) <= tol
+
+
+def _accuracy(y_true, predictions) -> float:
+    from .metrics import classification_metrics
+
+    return classification_metrics(list(y_true), list(predictions))["accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 01 data conversion
+
+
+@_exercise("01.1")
+def _overlap_of_two_seeds(answer, *, rows, **_):
+    """Rows (texts) shared by the first 20 rows shuffled with seed 42 and with seed 7."""
+    from .data import sample_rows
+
+    n = _integer(answer, "answer_1")
+    texts = [r["text"] if isinstance(r, dict) else r.text for r in rows]
+    first, second = set(sample_rows(texts, 20, 42)), set(sample_rows(texts, 20, 7))
+    expected = len(first & second)
+    if n == expected:
+        chance = 20 * 20 / len(texts)
+        return (f"{n} 行重叠。每个种子把 {len(texts)} 行打乱成不同的顺序, 前 20 行大多不同 (随机抽样平均约重叠 "
+                f"20 × 20 / {len(texts)} ≈ {chance:.1f} 行); 样本越小, 标签分布越不均匀, 有的标签可能一行都没有。")
+    if n == min(20, len(set(texts))):
+        raise _Wrong("两次取到的行完全相同? 两次要用不同的种子: sample_rows(all_train, 20, 42) 和 "
+                     "sample_rows(all_train, 20, 7)")
+    if not 0 <= n <= 20:
+        raise _Wrong(f"两组各 20 行, 重叠的行数在 0 到 20 之间, 不会是 {n}")
+    raise _Wrong("用 sample_rows(all_train, 20, 42) 和 sample_rows(all_train, 20, 7) 各取 20 行, "
+                 "比较两组的 text 集合 (set) 有几个共同的元素")
+
+
+@_exercise("01.2")
+def _missing_output_message(answer, **_):
+    """The DataError of a file whose second row lacks ``output``, from the file's name on."""
+    from .data import read_raw_rows
+
+    if isinstance(answer, DataError):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise _Wrong(f"answer_2 应该是报错信息的文字: try/except DataError as err, 再 answer_2 = str(err); "
+                     f"你给的是 {type(answer).__name__}")
+    with tempfile.TemporaryDirectory() as folder:
+        bad = Path(folder) / "bad.jsonl"
+        bad.write_text('{"text": "新闻", "category": ["Art", "Sports"], "output": "Art"}\n'
+                       '{"text": "新闻", "category": ["Art", "Sports"]}\n', encoding="utf-8")
+        try:
+            read_raw_rows(bad)
+        except DataError as err:
+            expected = err
+    tail = f":{expected.line}: {expected.message}"
+    if answer.endswith(tail) and len(answer) > len(tail):
+        where = answer[: -len(tail)]
+        return (f"报错写明了文件 ({where}) 和行号 ({expected.line}), 以及缺什么、每行需要什么: 直接可以去修。"
+                "命令行 qwen-cls convert 读到同样的文件时以状态码 2 退出, 不写出半个输出文件。")
+    if ":1:" in answer:
+        raise _Wrong("报错在第 1 行: 让第一行是一行完整的数据 (text, category, output), 只有第二行缺少 output")
+    if "missing field(s)" in answer:
+        raise _Wrong(f"只去掉第二行的 output 字段, 其他字段保留: 报错应该以 {tail!r} 结尾")
+    raise _Wrong("写一个两行的 .jsonl 文件 (第一行完整, 第二行缺少 output), 用 read_raw_rows 读它, "
+                 "except DataError as err: answer_2 = str(err)")
+
+
+@_exercise("01.3")
+def _text_lengths(answer, *, out_dir, **_):
+    """(shortest, median, longest) characters of ``text`` in ``data/train.jsonl``."""
+    shortest, median, longest = (_number(v, "answer_3 的每个值") for v in _triple(answer, "answer_3"))
+    lengths = [len(r["text"]) for r in _rows(out_dir, "train")]
+    expected = (min(lengths), statistics.median(lengths), max(lengths))
+    if shortest == expected[0] and abs(median - expected[1]) <= 0.5 and longest == expected[2]:
+        return (f"{len(lengths)} 行训练数据, 正文 {expected[0]} / {expected[1]:g} / {expected[2]} 个字。字数不等于 "
+                "token 数: 02 会数 token, 超过 max_length 的行只缩短正文 (solutions 里有把字数换算成 token 的代码)。")
+    in_bytes = [len(r["text"].encode("utf-8")) for r in _rows(out_dir, "train")]
+    if (shortest, longest) == (min(in_bytes), max(in_bytes)):
+        raise _Wrong("这是 UTF-8 的字节数 (一个汉字 3 个字节): 用 len(row['text']) 数字符")
+    wrong = [name for name, a, e in (("最短", shortest, expected[0]), ("最长", longest, expected[2])) if a != e]
+    wrong += ["中位数"] if abs(median - expected[1]) > 0.5 else []
+    raise _Wrong(f"{'、'.join(wrong)}不对: 用 01 写出的训练行 train_rows (out_dir/data/train.jsonl), "
+                 "lengths = [len(r['text']) for r in train_rows], 再取 min、statistics.median、max")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 02 tokenization
+
+
+@_exercise("02.1")
+def _truncated_at_128(answer, *, out_dir, tokenizer, **_):
+    """``text_truncated`` of the truncation report with ``max_length=128``."""
+    from datasets import Dataset
+
+    from .tokenization import encode_prompts, tokenize_dataset, truncation_report
+
+    n = _integer(answer, "answer_1")
+    rows = _rows(out_dir, "train")
+    report = truncation_report(tokenize_dataset(Dataset.from_list(rows), tokenizer, 128, desc="check 02.1"))
+    if n == report["text_truncated"]:
+        try:
+            encode_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], 64)
+            at_64 = ("max_length = 64 时这份数据也放得下。但 prompt 的固定部分 (system message、候选列表、"
+                     "答案和结束符) 一旦超过 max_length, 只删正文就不够了, fit_prompt 会报错。")
+        except ValueError:
+            at_64 = ("max_length = 64 时 system message、候选列表和答案本身就放不下, fit_prompt 报错: 该加大 "
+                     "max_length, 而不是切掉答案。")
+        return (f"max_length = 128: {report['rows']} 行里 {n} 行的正文被缩短, 原博客的 [:128] 会切掉 "
+                f"{report['recipe_answer_cut']} 行的答案 (整个答案 {report['recipe_answer_gone']} 行)。" + at_64)
+    current = _json(out_dir, "truncation_report.json")
+    if n == current["text_truncated"]:
+        raise _Wrong("这是 notebook 里当前 max_length 的报告 (truncation_report.json); 要的是 max_length = 128: "
+                     "truncation_report(tokenize_dataset(Dataset.from_list(train_rows), tokenizer, 128))")
+    if n in (report["recipe_answer_cut"], report["recipe_answer_gone"]):
+        raise _Wrong("这是原博客会切掉答案的行数 (recipe_answer_*); 要的是正文被缩短的行数 text_truncated")
+    raise _Wrong("用 tokenize_dataset(Dataset.from_list(train_rows), tokenizer, 128) 得到新的 tokenized, "
+                 "再看 truncation_report(...)['text_truncated']")
+
+
+@_exercise("02.2")
+def _recipe_cut_of_longest_row(answer, *, out_dir, tokenizer, max_length, **_):
+    """Supervised tokens (labels != -100) left in the longest row after the recipe's ``[:max_length]``."""
+    from .prompt import render_prompt
+    from .tokenization import IGNORE_INDEX, end_id, label_ids
+
+    n = _integer(answer, "answer_2")
+    rows = _rows(out_dir, "train")
+    row = max(rows, key=lambda r: len(r["text"]))
+    prompt = render_prompt(tokenizer, row["text"], row["category"])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = label_ids(tokenizer, row["output"]) + [end_id(tokenizer)]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    expected = sum(t != IGNORE_INDEX for t in labels)
+    if n == expected:
+        if expected == 0:
+            return (f"0: 最长的一行 prompt 就有 {len(prompt_ids)} 个 token, [:{max_length}] 把答案和结束符全部切掉, "
+                    "labels 全是 -100: 这一行对训练毫无贡献, 整行的计算都浪费了。")
+        if expected < len(answer_ids):
+            return (f"{expected}: 答案 + 结束符本来有 {len(answer_ids)} 个 token, 只剩前 {expected} 个: "
+                    "模型学会写半个标签, 而且不结束。")
+        return (f"{expected}: 这次运行里最长的一行 (prompt {len(prompt_ids)} 个 token) 在 max_length = {max_length} "
+                "内放得下, 答案完整; 正文更长的数据 (tiny 的样例新闻) 上它会是 0。")
+    if n == len(answer_ids) and expected < n:
+        raise _Wrong(f"这是完整答案 + 结束符的 token 数; 原博客先把 prompt 和答案拼起来, 再切 [:{max_length}]: "
+                     "数一数切完以后 labels 里还剩几个不是 -100")
+    raise _Wrong(f"对 train_rows[longest] (正文最长的一行): labels = ([-100] * len(prompt_ids) + answer_ids)"
+                 f"[:{max_length}], answer_ids = label_ids(tokenizer, output) + [end_id(tokenizer)], "
+                 "再数不是 -100 的个数")
+
+
+@_exercise("02.3")
+def _decoded_answer(answer, *, out_dir, tokenizer, **_):
+    """The first tokenized row's supervised tokens, decoded."""
+    from datasets import load_from_disk
+
+    from .prompt import chat_family
+    from .tokenization import IGNORE_INDEX
+
+    if not isinstance(answer, str):
+        raise _Wrong(f"answer_3 应该是解码出来的文字 (a str): tokenizer.decode(ids); 你给的是 {type(answer).__name__}")
+    first = load_from_disk(str(_path(out_dir, "tokenized", "train")))[0]
+    expected = tokenizer.decode([t for t in first["labels"] if t != IGNORE_INDEX])
+    output, end = _rows(out_dir, "train")[0]["output"], chat_family(tokenizer).end_of_turn
+    if answer == expected:
+        return (f"{answer!r} = 答案 {output!r} + 结束符 {end!r}: loss 只算在这几个 token 上, 模型学会写出标签并停下。")
+    if answer == output:
+        raise _Wrong(f"还少了结束符: labels 里答案后面还有 {end}, 它也计算 loss (模型要学会停下)")
+    if answer.startswith(tokenizer.decode(first["input_ids"][:3])):
+        raise _Wrong("这是整行 input_ids 的解码: 只保留 labels 里不是 -100 的 token, 再 decode")
+    raise _Wrong("取 tokenized[0]['labels'] 里不是 -100 的 token id, 用 tokenizer.decode(ids) 解码")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 03 LoRA training
+
+
+def _adapter_shapes(folder: Path) -> dict[str, tuple]:
+    """Tensor name -> shape in a saved adapter, read from the safetensors header (nothing loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
+@_exercise("03.1")
+def _movement_at_recipe_lr(answer, *, out_dir, **_):
+    """How far Adam can move one LoRA weight in this run's steps at the recipe's learning rate 1e-4."""
+    value = _number(answer, "answer_1")
+    config = _json(out_dir, "run_config.json")
+    steps, lr = config["training"]["global_step"], config["training"]["learning_rate"]
+    expected = steps * 1e-4
+    if math.isclose(value, expected, rel_tol=0.01):
+        why = ("随机的 tiny 模型什么也不会, 要大步长才看得到变化" if config["base_model"] == "tiny"
+               else "预训练模型只需小小地调整, 但这次只训练这几步")
+        return (f"{steps} 步 × 1e-4 = {expected:g}。LoRA 的 B 矩阵从 0 开始, 整个训练里每个元素最多离开 0 这么远 "
+                "(学习率还会线性衰减, 实际更少): B·A 几乎还是 0, 模型几乎没变, loss 曲线几乎是平的。"
+                f"{why}, 所以这次用 {lr:g} (最多 {steps * lr:g}); 原配方在真实的 Qwen2-0.5B 上训练得更久, "
+                "1e-4 就够了。")
+    if math.isclose(value, steps * lr, rel_tol=0.01) and not math.isclose(lr, 1e-4):
+        raise _Wrong(f"这是这次运行的学习率 {lr:g} 的结果; 题目问的是原配方的 1e-4")
+    if math.isclose(value, steps, rel_tol=0.01):
+        raise _Wrong("这是优化步数; 每一步最多移动约 learning_rate (1e-4), 整个训练最多移动多少?")
+    raise _Wrong("run_config['training']['global_step'] 是优化步数; Adam 每步最多移动约 learning_rate: "
+                 "用 1e-4 时整个训练最多移动 步数 × 1e-4")
+
+
+@_exercise("03.2")
+def _params_at_rank_16(answer, *, out_dir, **_):
+    """(trainable parameters with r=16, lora_alpha / 16), from the saved adapter's shapes."""
+    params, scale = _pair(answer, "answer_2")
+    params, scale = _integer(params, "可训练参数"), _number(scale, "alpha / r")
+    shapes = _adapter_shapes(_path(out_dir, "adapter"))
+    lora = _json(out_dir, "run_config.json")["lora"]
+    d_in = sum(shape[1] for name, shape in shapes.items() if "lora_A" in name)
+    d_out = sum(shape[0] for name, shape in shapes.items() if "lora_B" in name)
+    now = sum(math.prod(shape) for name, shape in shapes.items() if "lora_" in name)
+    expected = 16 * (d_in + d_out)
+    layers = sum("lora_A" in name for name in shapes)
+    if params == expected and math.isclose(scale, lora["lora_alpha"] / 16):
+        return (f"{layers} 个线性层, 每层 r × (d_in + d_out): r = 16 时共 {expected:,} 个可训练参数 (r = "
+                f"{lora['r']} 时 {now:,}, 和 r 成正比); 缩放 alpha / r = {lora['lora_alpha']} / 16 = "
+                f"{lora['lora_alpha'] / 16:g}: r 越大, 每个方向的更新被缩得越小。")
+    if params == now and params != expected:
+        raise _Wrong(f"{now:,} 是 r = {lora['r']} 时的参数 (上面 print_trainable_parameters 的数); 每层 "
+                     "r × (d_in + d_out), r 变成 16 时是多少?")
+    if params != expected:
+        raise _Wrong("可训练参数不对: 每个 LoRA 层有 A (r × d_in) 和 B (d_out × r), 共 r × (d_in + d_out); "
+                     "对所有层求和 (形状见第 2 节的 lora_layers 或 adapter/adapter_model.safetensors)")
+    raise _Wrong(f"缩放系数不对: lora_alpha 不变 ({lora['lora_alpha']}), r = 16")
+
+
+@_exercise("03.3")
+def _lm_head_positions_ratio(answer, *, out_dir, **_):
+    """All positions of the training rows / positions whose next token is supervised."""
+    from datasets import load_from_disk
+
+    from .tokenization import IGNORE_INDEX
+
+    value = _number(answer, "answer_3")
+    data = load_from_disk(str(_path(out_dir, "tokenized", "train")))
+    positions = sum(data["length"])
+    answer_positions = sum(sum(t != IGNORE_INDEX for t in labels) for labels in data["labels"])
+    expected = positions / answer_positions
+    if abs(value - expected) <= 0.051:  # rounded to one decimal
+        return (f"{positions:,} 个位置 / {answer_positions:,} 个答案位置 ≈ {expected:.1f} 倍: 普通 Trainer 在每个位置都"
+                "算整个词表的 logits, 绝大部分直接丢掉; loss 相同 (第 5 节验证过), 只是计算量不同。用普通 Trainer "
+                "真的训练一遍比较速度, 见 solutions 里的代码。")
+    if expected > 1 and abs(value - 1 / expected) <= 0.01:
+        raise _Wrong("倒过来了: 要的是 全部位置 / 答案位置 (大于 1)")
+    if abs(value - positions / len(data)) <= 0.51:
+        raise _Wrong("这是平均每行的 token 数; 再除以平均每行计算 loss 的 token 数 (labels != -100)")
+    raise _Wrong("全部位置 = sum(train_dataset['length']); 答案位置 = 所有行里 labels != -100 的个数; "
+                 "答案写 全部位置 / 答案位置")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 04 evaluation
+
+
+@_exercise("04.1")
+def _accuracy_from_predictions(answer, *, out_dir, **_):
+    """Accuracy recomputed from ``predictions.jsonl``."""
+    value = _number(answer, "answer_1")
+    rows = read_jsonl(_path(out_dir, "predictions.jsonl"))
+    right = sum(r["prediction"] == r["output"] for r in rows)
+    expected = right / len(rows)
+    if _close(value, expected):
+        reported = _json(out_dir, "metrics.json")["accuracy"]
+        return (f"{right}/{len(rows)} = {expected:.3f}, 和 metrics.json 的 accuracy {reported:.3f} "
+                f"{'相同' if math.isclose(reported, expected) else '不同 (?)'}: 指标可以只从逐行的预测文件复算。")
+    if _close(value, 100 * expected, 0.05):
+        raise _Wrong("写成 0 到 1 之间的小数, 不是百分数")
+    if value == right and len(rows) > 1:
+        raise _Wrong("这是答对的行数; 再除以行数")
+    if _close(value, 1 - expected):
+        raise _Wrong("这是错误率; accuracy 是 prediction == output 的比例")
+    raise _Wrong("读 out_dir / 'predictions.jsonl' 的每一行, 数 prediction == output 的比例")
+
+
+@_exercise("04.2")
+def _changed_by_mean_score(answer, *, out_dir, tokenizer, **_):
+    """Rows whose prediction changes when each candidate's score is divided by its tokens + end token."""
+    from .tokenization import label_ids
+
+    n = _integer(answer, "answer_2")
+    rows = read_jsonl(_path(out_dir, "predictions.jsonl"))
+
+    def changed(extra: int) -> int:
+        mean = [max(r["scores"], key=lambda c: r["scores"][c] / (len(label_ids(tokenizer, c)) + extra)) for r in rows]
+        return sum(m != r["prediction"] for m, r in zip(mean, rows))
+
+    expected = changed(1)
+    if n == expected:
+        return (f"{n}/{len(rows)} 行的预测变了。平均值偏向 token 多的长标签 (后面的 token 往往很好猜); 总和就是"
+                "“写出整个答案并停下”的概率, 是更自然的规则。")
+    if n == len(rows) - expected:
+        raise _Wrong("这是预测没变的行数; 要的是变了的")
+    if n == changed(0) and changed(0) != expected:
+        raise _Wrong("分母要加上结束符: score / (标签的 token 数 + 1)")
+    raise _Wrong("对每行: mean = max(scores, key=lambda c: scores[c] / (len(label_ids(tokenizer, c)) + 1)), "
+                 "再数 mean != prediction 的行")
+
+
+@_exercise("04.3")
+def _answers_longer_than_one_token(answer, *, out_dir, tokenizer, **_):
+    """Test rows whose answer takes more than 1 token (end token not counted): ``max_new_tokens = 1`` cannot
+    write it."""
+    from .tokenization import label_ids
+
+    n = _integer(answer, "answer_3")
+    rows = _rows(out_dir, "test")
+    expected = sum(len(label_ids(tokenizer, r["output"])) > 1 for r in rows)
+    if n == expected:
+        longest = max({r["output"] for r in rows}, key=lambda label: len(label_ids(tokenizer, label)))
+        return (f"{n}/{len(rows)} 行: 这些答案一个 token 写不完, 生成一定无效 (最长的标签 {longest!r} 有 "
+                f"{len(label_ids(tokenizer, longest))} 个 token)。候选打分不生成 token, 直接算每个完整候选的概率, "
+                "所以不受 max_new_tokens 影响, 预测也永远是合法标签。")
+    if n == len(rows) and expected < n:
+        raise _Wrong("不算结束符: 只数标签本身的 token (label_ids(tokenizer, output))")
+    if n == sum(any(len(label_ids(tokenizer, c)) > 1 for c in r["category"]) for r in rows):
+        raise _Wrong("只看每行的正确答案 output, 不是所有候选")
+    raise _Wrong("对 test_rows 的每一行数 len(label_ids(tokenizer, row['output'])) > 1 的行")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 05 RAG
+
+
+@_exercise("05.1")
+def _vote_at_k_1_and_10(answer, *, out_dir, **_):
+    """(retrieval-vote accuracy with k=1, with k=10) on 05's test rows, from the saved retriever."""
+    from .rag import Retriever, retrieval_vote
+
+    at_1, at_10 = (_number(v, "accuracy") for v in _pair(answer, "answer_1"))
+    retriever = Retriever.load(_path(out_dir, "retriever"))
+    rows = _compared_test_rows(out_dir)
+    y_true = [r["output"] for r in rows]
+
+    def vote(k: int) -> float:
+        found = retriever.retrieve_batch([r["text"] for r in rows], k)
+        return _accuracy(y_true, [retrieval_vote(f, r["category"], prior=retriever.label_counts)
+                                  for f, r in zip(found, rows)])
+
+    expected = (vote(1), vote(10))
+    if _close(at_1, expected[0]) and _close(at_10, expected[1]):
+        used = _json(out_dir, "rag_metrics.json")["retrieval_vote"]["accuracy"]
+        return (f"k = 1: {expected[0]:.3f}, k = 10: {expected[1]:.3f} (这次运行的 rag_k: {used:.3f})。"
+                "k = 1 只听最相似的一条; k 大一些能纠正个别错误的邻居, 但靠后的邻居越来越不像查询 "
+                "(按 BM25 得分加权让它们分量更小)。"
+                "RAG prompt 的长度固定: 例子越多, 留给查询正文的 token 越少。")
+    if _close(at_1, expected[1]) and _close(at_10, expected[0]):
+        raise _Wrong("顺序反了: (k = 1 的 accuracy, k = 10 的 accuracy)")
+    which = "k = 1" if not _close(at_1, expected[0]) else "k = 10"
+    raise _Wrong(f"{which} 的不对: found = retriever.retrieve_batch([row['text'] for row in test_rows], k), 再用第 2 "
+                 "节的 retrieval_vote(..., prior=retriever.label_counts) 和 classification_metrics")
+
+
+@_exercise("05.2")
+def _query_is_its_own_first_neighbour(answer, *, out_dir, k=3, **_):
+    """Rows whose first raw BM25 neighbour in an index of train + test rows is the query itself."""
+    from .rag import Neighbour, Retriever, normalize_text, retrieval_vote, segment
+
+    n = _integer(answer, "answer_2")
+    rows = _compared_test_rows(out_dir)
+    texts = [r["text"] for r in rows]
+    leaky = Retriever.build(_rows(out_dir, "train") + rows)
+    docs, scores = leaky.bm25.retrieve([segment(t) for t in texts], k=min(k, len(leaky)), show_progress=False)
+    raw = [[Neighbour(int(i), leaky.texts[i], leaky.labels[i], float(s)) for i, s in zip(d, sc) if s > 0]
+           for d, sc in zip(docs, scores)]
+    expected = sum(bool(f) and normalize_text(f[0].text) == normalize_text(t) for t, f in zip(texts, raw))
+    if n == expected:
+        leaked = _accuracy([r["output"] for r in rows], [retrieval_vote(f, r["category"], prior=leaky.label_counts)
+                                                         for f, r in zip(raw, rows)])
+        honest = _json(out_dir, "rag_metrics.json")["retrieval_vote"]["accuracy"]
+        return (f"{n}/{len(rows)} 行的第一个邻居就是查询自己, 带着正确答案以最高的权重投票: 检索投票 accuracy "
+                f"{leaked:.3f} (诚实的索引 {honest:.3f})。这个数字不可信: 部署时新闻的标签正是要预测的东西, "
+                "不可能在索引里; 照常的 retrieve_batch 会排除查询自己, 但其他测试行和它们的标签仍然不该在索引里。")
+    if n == 0 and expected:
+        raise _Wrong("0 是照常检索 (retrieve_batch) 的结果: 规则排除了查询自己。这里要绕过规则, "
+                     "直接用 leaky.bm25.retrieve(...) 的行号, 看第一个邻居的文本")
+    if n == len(rows) and expected < n:
+        raise _Wrong("不是每一行: BM25 按文档长度归一化, 一篇更短的新闻可能比查询自己得分更高; "
+                     "逐行比较第一个邻居的文本 (normalize_text) 和查询")
+    raise _Wrong("leaky = Retriever.build(train_rows + test_rows); docs, scores = leaky.bm25.retrieve(...); "
+                 "数 normalize_text(leaky.texts[docs[i][0]]) == normalize_text(test_rows[i]['text']) 的行 (得分 > 0)")
+
+
+@_exercise("05.3")
+def _rag_gains(answer, *, out_dir, **_):
+    """(rag - zero_shot, lora_rag - lora) accuracy in this run's ``rag_metrics.json``."""
+    gain, lora_gain = (_number(v, "accuracy 之差") for v in _pair(answer, "answer_3"))
+    metrics = _json(out_dir, "rag_metrics.json")
+    acc = {method: m["accuracy"] for method, m in metrics.items()}
+    expected = (acc["rag"] - acc["zero_shot"], acc["lora_rag"] - acc["lora"])
+    if _close(gain, expected[0]) and _close(lora_gain, expected[1]):
+        tiny = _json(out_dir, "run_config.json")["base_model"] == "tiny"
+        note = (" 这是 tiny 随机模型: 这些差只是噪声; 在真实数据 (gemma3-270m profile, make demo) 上再做一次。" if tiny
+                else " 没训练过的基座能否利用例子里的标签要看实测; LoRA 只见过普通 prompt, RAG prompt 对它是新格式。")
+        return (f"rag − zero_shot = {expected[0]:+.3f}, lora_rag − lora = {expected[1]:+.3f} "
+                f"({metrics['rag']['n_test']} 行)。" + note)
+    if _close(gain, -expected[0]) and _close(lora_gain, -expected[1]):
+        raise _Wrong("符号反了: rag − zero_shot, lora_rag − lora")
+    f1 = (metrics["rag"]["macro_f1"] - metrics["zero_shot"]["macro_f1"],
+          metrics["lora_rag"]["macro_f1"] - metrics["lora"]["macro_f1"])
+    if _close(gain, f1[0]) and _close(lora_gain, f1[1]):
+        raise _Wrong("这是 macro_f1 之差; 要的是 accuracy 之差")
+    raise _Wrong("读 out_dir / 'rag_metrics.json': (rag 的 accuracy − zero_shot 的, lora_rag 的 − lora 的)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 06 approaches
+
+
+def _tfidf_accuracy(train_rows, test_rows, vectorizer) -> float:
+    """06's ``tfidf_logreg`` with another vectorizer (or fewer training rows), restricted to the candidates."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from .approaches import restricted_rows
+
+    pipe = make_pipeline(vectorizer, LogisticRegression(C=10.0, max_iter=1000))
+    pipe.fit([r["text"] for r in train_rows], [r["output"] for r in train_rows])
+    scored = restricted_rows(pipe.predict_log_proba([r["text"] for r in test_rows]), list(pipe.classes_), test_rows)
+    return _accuracy([r["output"] for r in test_rows], [s.prediction for s in scored])
+
+
+def _word_vectorizer(ngram_range):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from .rag import segment
+
+    return TfidfVectorizer(tokenizer=segment, token_pattern=None, lowercase=False, ngram_range=ngram_range,
+                           sublinear_tf=True)
+
+
+@_exercise("06.1")
+def _tfidf_variants(answer, *, out_dir, **_):
+    """(accuracy with jieba words (1, 1), with characters (1, 2)) of ``tfidf_logreg`` on 06's rows."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    words, chars = (_number(v, "accuracy") for v in _pair(answer, "answer_1"))
+    train, test = _rows(out_dir, "train"), _compared_test_rows(out_dir)
+    expected = (_tfidf_accuracy(train, test, _word_vectorizer((1, 1))),
+                _tfidf_accuracy(train, test, TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True)))
+    if _close(words, expected[0]) and _close(chars, expected[1]):
+        base = _json(out_dir, "approaches.json")["tfidf_logreg"]["accuracy"]
+        return (f"jieba 词 (1, 2): {base:.3f}, 只用词 (1, 1): {expected[0]:.3f}, 按字 (1, 2): {expected[1]:.3f}。"
+                "两个相邻的汉字大多就是一个词或词的一部分, 不需要分词器; jieba 切错的词、没见过的人名公司名在字的层面"
+                "仍和训练行有重叠。"
+                + ("合成的 tiny 样例上什么都分得开, 差别要在真实的 THUCNews 上看 (gemma3-270m profile)。"
+                   if _json(out_dir, "run_config.json")["base_model"] == "tiny" else ""))
+    if _close(words, expected[1]) and _close(chars, expected[0]):
+        raise _Wrong("顺序反了: (jieba 词 (1, 1) 的 accuracy, 按字 (1, 2) 的 accuracy)")
+    which = "jieba 词 (1, 1)" if not _close(words, expected[0]) else "按字 (1, 2)"
+    raise _Wrong(f"{which} 的不对: 除了 TfidfVectorizer 的参数, 其余和第 2 节相同 (sublinear_tf=True, "
+                 "LogisticRegression(C=10.0, max_iter=1000), restricted_rows 只在候选里选)")
+
+
+@_exercise("06.2")
+def _tfidf_on_half(answer, *, out_dir, **_):
+    """``tfidf_logreg``'s accuracy trained on the first half of the training rows."""
+    value = _number(answer, "answer_2")
+    train, test = _rows(out_dir, "train"), _compared_test_rows(out_dir)
+    expected = _tfidf_accuracy(train[:len(train) // 2], test, _word_vectorizer((1, 2)))
+    full = _json(out_dir, "approaches.json")["tfidf_logreg"]["accuracy"]
+    if _close(value, expected):
+        return (f"一半的训练行 ({len(train) // 2}): {expected:.3f}, 全部 ({len(train)}): {full:.3f}, 差 "
+                f"{full - expected:+.3f} (全部 − 一半)。TF-IDF 只认识训练行里出现过的词; 预训练模型 (seq_cls_lora) "
+                "对没见过的词也有表示, 数据少时通常掉得少: 标注数据越少, 预训练知识越重要。")
+    if _close(value, full) and not _close(full, expected):
+        raise _Wrong("这是用全部训练行的 accuracy (approaches.json); 要只用 train_rows[:len(train_rows) // 2] 重新训练")
+    raise _Wrong("和第 2 节相同的 make_pipeline(TfidfVectorizer(...), LogisticRegression(...)), 只在 "
+                 "train_rows[:len(train_rows) // 2] 上 fit, 再在同样的 test_rows 上算 accuracy")
+
+
+@_exercise("06.3")
+def _saved_head(answer, *, out_dir, **_):
+    """(the module saved whole beside the LoRA weights, its parameter count) in ``seq_cls/``."""
+    from .approaches import SEQ_CLS_HEAD
+
+    name, count = _pair(answer, "answer_3")
+    count = _integer(count, "参数个数")
+    folder = _path(out_dir, "seq_cls")
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    shapes = _adapter_shapes(folder)
+    head = {k: s for k, s in shapes.items() if f".{SEQ_CLS_HEAD}." in k and "lora_" not in k}
+    expected = sum(math.prod(s) for s in head.values())
+    lora = sum(math.prod(s) for k, s in shapes.items() if "lora_" in k)
+    if name == SEQ_CLS_HEAD and SEQ_CLS_HEAD in (config.get("modules_to_save") or []) and count == expected:
+        shape = " + ".join(str(s) for s in head.values())
+        return (f"{SEQ_CLS_HEAD!r}: {expected:,} 个参数 ({shape}, hidden_size × 标签数), 和 {lora:,} 个 LoRA 参数"
+                " 一起保存。忘了它 (task_type=None, 没有 modules_to_save), 这些参数不训练也不保存; "
+                "重新加载时基座新建一个不同的随机头, 预测和随机猜差不多, 日志里只有一行 score.weight | MISSING "
+                "(正确保存时也有这一行), 所以 "
+                "save_seq_cls 在保存前检查 modules_to_save, 06 保存后重新加载并比较预测。")
+    if name != SEQ_CLS_HEAD:
+        raise _Wrong("模块名不对: 用 safetensors.safe_open 列出 seq_cls/adapter_model.safetensors 里的张量, 找名字不含 "
+                     "lora_A / lora_B 的那个 (adapter_config.json 的 modules_to_save 里 PEFT 写了几个候选名字, "
+                     "只有模型里真有的那个被保存)")
+    if count == expected + lora:
+        raise _Wrong("这是所有保存的参数; 只数这个模块的 (名字不含 lora_ 的张量)")
+    raise _Wrong("参数个数不对: 用 safetensors.safe_open 读 seq_cls/adapter_model.safetensors, 把这个模块张量的"
+                 "形状相乘 (hidden_size × 标签数)")
