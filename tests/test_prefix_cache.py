@@ -41,7 +41,7 @@ def _first_forward_widths(model):
 
     def hook(_module, args, kwargs):
         ids = kwargs.get("input_ids")
-        if ids is not None and kwargs.get("logits_to_keep") == 1:
+        if ids is not None and isinstance(kwargs.get("logits_to_keep"), int) and kwargs["logits_to_keep"] == 1:
             widths.append(ids.shape[1])
 
     return widths, model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -78,7 +78,7 @@ def test_prefix_cache_gives_the_uncached_scores(family, tiny_dir, gemma_dir):
     prompts = encode_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], 128)
     prefix = shared_prefix_length(prompts)
     # The shared prefix is the template's opening and the system message, up to the row's own text.
-    assert tokenizer.decode(prompts[0][:prefix]).endswith("请输出文本内容的正确分类<|im_end|>\n<|im_start|>user\n文本"
+    assert tokenizer.decode(prompts[0][:prefix]).endswith("请输出文本内容的正确分类<|im_end|>\n<|im_start|>user\n文本:"
                                                           if family == "qwen2" else "请输出文本内容的正确分类\n\n文本")
     widths = _check_same(model, tokenizer, rows, 128)
     # Each batch's prompt pass ran only the rows' own tokens: the prefix came from the cache (one extra pass).
