@@ -106,3 +106,32 @@ def test_gemma_sliding_window_falls_back_to_the_uncached_path(gemma_dir):
     assert max(map(len, prompts)) > 512
     widths = _check_same(model, tokenizer, rows, 600)
     assert widths == [max(map(len, prompts))]  # no prefix pass: the whole prompts, as without the cache
+
+
+def test_compare_prefix_cache_times_both_paths_alternately(tiny_dir):
+    import math
+    import time
+
+    from qwen_cls.speed_comparison import compare_prefix_cache
+
+    model, tokenizer = load_model(tiny_dir, device="cpu")
+    rows = _rows()[:4]
+    widths, handle = _first_forward_widths(model)
+    start = time.perf_counter()
+    try:
+        got = compare_prefix_cache(model, tokenizer, rows, max_length=128, batch_size=2, pairs=2, warmup=False)
+    finally:
+        handle.remove()
+    elapsed = time.perf_counter() - start
+    prompts = encode_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], 128)
+    prefix = shared_prefix_length(prompts)
+    assert got["prefix_tokens"] == prefix and got["mean_prompt_tokens"] == sum(map(len, prompts)) / 4
+    assert got["rows"] == 4 and got["pairs"] == 2 and got["same_predictions"] is True
+    assert 0 <= got["max_abs_score_diff"] < ABS
+    # uncached (2 batches of whole prompts), cached (prefix pass + 2 batches of own tokens), twice
+    whole = [max(map(len, prompts[s:s + 2])) for s in (0, 2)]
+    own = [max(len(p) - prefix for p in prompts[s:s + 2]) for s in (0, 2)]
+    assert widths == (whole + [prefix] + own) * 2
+    low, high = got["speedup_spread"]
+    assert low <= got["speedup"] <= high and all(math.isfinite(x) and x > 0 for x in (low, high))
+    assert 4 / got["uncached_rows_per_s"] + 4 / got["cached_rows_per_s"] <= elapsed
