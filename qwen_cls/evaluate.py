@@ -9,6 +9,7 @@ Each candidate also gets a probability: the softmax of the total log-probabiliti
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -70,25 +71,57 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading token ids all ``prompts`` share (the chat template's opening and the system message,
+    up to where the rows' own text begins), keeping at least one token of its own to every prompt."""
+    if not prompts:
+        return 0
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _attention_window(model) -> int | None:
+    """The sliding-window size when some layer attends only to a window (Gemma 3's local layers), else None."""
+    config = model.config
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return config.sliding_window
+    return None
+
+
+def _prefix_cache(model, prefix: list[int], device):
+    """The KV cache of the shared prefix, computed once (one row)."""
+    ids = torch.tensor([prefix], device=device)
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+
+
 @torch.inference_mode()
 def score_candidates(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, batch_size: int = 8,
-                     progress: bool = False, examples=None) -> list[Scored]:
+                     progress: bool = False, examples=None, prefix_cache: bool = True) -> list[Scored]:
     """Score each row's candidates in batches, reusing the prompt's KV cache across candidates.
 
     ``examples``: per row, retrieved ``{text, label}`` examples for RAG prompts (see ``qwen_cls.rag``).
+    ``prefix_cache``: the tokens every row's prompt starts with (:func:`shared_prefix_length`) run once; their
+    KV cache is copied to every row of a batch, which then runs only its own tokens. The rows are padded
+    *between* the prefix and their own tokens, so the prefix sits at the same positions in every row and
+    the real tokens keep the positions they have without the prefix cache. Under a sliding attention
+    window (Gemma 3) that padding would push keys out of the window, so a batch whose padded length
+    reaches the window is scored without the prefix cache.
     """
     texts, cats = _rows_fields(rows)
     device = next(model.parameters()).device
     end, pad = end_id(tokenizer), tokenizer.pad_token_id
+    all_prompts = encode_prompts(tokenizer, texts, cats, max_length, examples=examples)
+    n_prefix = shared_prefix_length(all_prompts) if prefix_cache and len(rows) > 1 else 0
+    window = _attention_window(model)
+    prefix_kv = None  # computed by the first batch that uses it
     results: list[Scored] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="score", disable=not progress):
         b_cats = cats[start:start + batch_size]
-        b_examples = examples[start:start + batch_size] if examples is not None else None
-        prompts = encode_prompts(tokenizer, texts[start:start + batch_size], b_cats, max_length, examples=b_examples)
-        ids, mask = _left_pad(prompts, pad, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each candidate's first token
+        prompts = all_prompts[start:start + batch_size]
 
         pair_row, pair_tokens = [], []
         for i, cands in enumerate(b_cats):
@@ -96,6 +129,22 @@ def score_candidates(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, ba
                 pair_row.append(i)
                 pair_tokens.append(label_ids(tokenizer, label) + [end])
         width = max(len(t) for t in pair_tokens)
+        total = max(len(p) - n_prefix for p in prompts) + n_prefix + width  # padded length with the prefix cache
+        shared = n_prefix if window is None or total < window else 0
+        if shared and prefix_kv is None:
+            prefix_kv = _prefix_cache(model, all_prompts[0][:n_prefix], device)
+
+        ids, own_mask = _left_pad([p[shared:] for p in prompts], pad, device)
+        mask = torch.cat([torch.ones((len(prompts), shared), dtype=torch.long, device=device), own_mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if shared:
+            cache = copy.deepcopy(prefix_kv)
+            cache.batch_repeat_interleave(len(prompts))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:], cache=cache,
+                    use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each candidate's first token
+
         cand = torch.full((len(pair_tokens), width), pad, dtype=torch.long)
         cand_mask = torch.zeros_like(cand)
         for k, toks in enumerate(pair_tokens):

@@ -23,10 +23,11 @@ RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.json"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.jsonl"
+SCORING = "scoring.json"  # 04: what predictions.jsonl's scores were computed with (qwen_cls.saved_scores)
 # What the chain and `qwen-cls train` write (a folder holding only these is a run, even without params.json).
 RUN_LAYOUT = frozenset({
     PARAMS, RUN_INCOMPLETE, "notebooks", "data", "tokenized", "truncation_report.json", ADAPTER, "checkpoints",
-    RUN_CONFIG, TRAIN_LOG, "loss_curve.png", "learning_curve.png", PREDICTIONS,
+    RUN_CONFIG, TRAIN_LOG, "loss_curve.png", "learning_curve.png", PREDICTIONS, SCORING,
     METRICS, "confusion_matrix.png", "swanlog", "retriever", "rag_metrics.json", "ranks",
     "damaged-checkpoints", "calibration.png", "rag_predictions.jsonl", "rag_timing.json", "seq_cls",
     "approaches.json", "approaches.png",

@@ -4,6 +4,7 @@
   built-in loss) against :func:`qwen_cls.train.answer_only_loss`, forward + backward on the same batches.
 * :func:`compare_eval_speed`: the recipe's prediction (``generate(max_new_tokens=512)`` one row at a time)
   against :func:`qwen_cls.evaluate.score_candidates` (all candidates of a batch, prompt KV cache shared).
+* :func:`compare_prefix_cache`: candidate scoring with and without the shared-prefix KV cache.
 
 With the tiny random model the ratios show mechanics only: it has learned nothing, never stops early
 when generating, and its body is so small that the 151,936-way LM head dominates every step.
@@ -12,13 +13,15 @@ when generating, and its body is so small that the 151,936-way LM head dominates
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from .blog_recipe import full_logits_loss, per_row_generate
-from .evaluate import score_candidates
+from .evaluate import score_candidates, shared_prefix_length
 from .measure import PeakMemory, TensorMemory, stopwatch
 from .recipe import MAX_LENGTH
-from .tokenization import fit_prompts, process_batch
+from .tokenization import encode_prompts, fit_prompts, process_batch
 from .train import answer_only_loss, padding_collator
 
 
@@ -116,3 +119,55 @@ def compare_eval_speed(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, 
     return {"per_row_generate_s_per_row": slow["s"] / n, "batched_scoring_s_per_row": fast["s"] / n,
             "speedup": slow["s"] / fast["s"], "rows": n, "max_new_tokens": max_new_tokens,
             "generated_tokens": counts}
+
+
+def compare_prefix_cache(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, batch_size: int = 8,
+                         pairs: int = 2, warmup: bool = True) -> dict:
+    """Rows per second of candidate scoring with and without the shared-prefix KV cache, same rows.
+
+    After one warm-up of each (on the first batch; ``warmup=False`` when the model has just scored), the two
+    run alternately (uncached, cached, uncached, cached, ...), so a busy moment of the machine slows both sides
+    alike; ``speedup`` is the median of the ``pairs`` per-pair
+    ratios, ``speedup_spread`` their ``(min, max)``. ``max_abs_score_diff`` is the largest difference between
+    the two paths' log-probability scores over every candidate of every row; ``same_predictions`` whether
+    every row's prediction is the same. ``prefix_tokens``: the prompt tokens every row shares (run once with
+    the cache); ``mean_prompt_tokens``: a row's prompt tokens on average.
+    """
+    device = next(model.parameters()).device
+    prompts = encode_prompts(tokenizer, [r["text"] for r in rows], [list(r["category"]) for r in rows], max_length)
+    was_training = model.training
+    model.eval()
+
+    def run(cached):
+        with stopwatch(device) as t:
+            scored = score_candidates(model, tokenizer, rows, max_length=max_length, batch_size=batch_size,
+                                      prefix_cache=cached)
+        return t["s"], scored
+
+    try:
+        for cached in (False, True) if warmup else ():
+            score_candidates(model, tokenizer, rows[:batch_size], max_length=max_length, batch_size=batch_size,
+                             prefix_cache=cached)
+        seconds = {False: [], True: []}
+        for _ in range(pairs):
+            for cached in (False, True):
+                s, scored = run(cached)
+                seconds[cached].append(s)
+                if cached:
+                    with_cache = scored
+                else:
+                    without = scored
+    finally:
+        model.train(was_training)
+    ratios = sorted(u / c for u, c in zip(seconds[False], seconds[True]))
+    n = len(rows)
+    return {
+        "uncached_rows_per_s": n / statistics.median(seconds[False]),
+        "cached_rows_per_s": n / statistics.median(seconds[True]),
+        "speedup": statistics.median(ratios), "speedup_spread": (ratios[0], ratios[-1]),
+        "max_abs_score_diff": max(abs(a.scores[c] - b.scores[c])
+                                  for a, b in zip(without, with_cache) for c in a.scores),
+        "same_predictions": all(a.prediction == b.prediction for a, b in zip(without, with_cache)),
+        "prefix_tokens": shared_prefix_length(prompts), "mean_prompt_tokens": sum(map(len, prompts)) / n,
+        "rows": n, "pairs": pairs, "batch_size": batch_size,
+    }

@@ -194,6 +194,14 @@ def test_run_rag_metrics_cover_five_methods_on_the_same_test_rows(run_dir):
     # from 04's predictions.jsonl, must match.
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert rag["lora"]["accuracy"] == pytest.approx(sum(p["prediction"] == p["output"] for p in preds) / len(preds))
+    # 05 read 04's zero-shot and LoRA scores back instead of scoring the same rows again (scoring.json matched)
+    timing = json.loads((out / "rag_timing.json").read_text(encoding="utf-8"))
+    assert timing["reused"] == {"zero_shot": True, "lora": True}
+    zero_shot = [max(p["category"], key=p["zero_shot_scores"].get) for p in preds]
+    accuracy = sum(z == p["output"] for z, p in zip(zero_shot, preds)) / len(preds)
+    assert rag["zero_shot"]["accuracy"] == pytest.approx(accuracy)
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["zero_shot"]["accuracy"] == pytest.approx(
+        accuracy)
 
 
 @pytest.mark.slow
