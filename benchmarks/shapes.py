@@ -5,9 +5,12 @@ head is nearly all of its compute, which flatters the answer-only head; these ru
 shapes a user will train. On 2 CPU cores a step of Qwen2-0.5B takes seconds, so the runs are short: rows
 of ``max_length`` 128, batch 4, 5 optimizer steps per variant. The first 2 steps measure peak memory
 (:class:`qwen_cls.measure.TensorMemory`: tensor bytes, as ``torch.cuda.max_memory_allocated`` counts on a
-GPU; it slows them), the other steps are timed.
+GPU; it slows them), the other steps are timed. The variants take their steps in turn (step 1 of each, then
+step 2 of each, ...: :class:`benchmarks.paired.Turnstile`), and every ratio is the median of per-step-pair
+ratios with its spread (:func:`shape_ratios`), so a busy spell on the machine cannot fall on one side only.
 
-Training variants (each its own fresh LoRA copy of the same base weights, float32, 4 rows per optimizer step):
+Training variants (each its own fresh LoRA copy of the same frozen base weights, float32, 4 rows per optimizer
+step):
 
 * ``seed``: the blog's recipe (per-row tail-cut rows, ``enable_input_require_grads`` + ``get_peft_model``,
   ``Trainer`` + ``DataCollatorForSeq2Seq``, gradient checkpointing, full logits, the model's own loss);
