@@ -145,6 +145,7 @@ def test_tiny_ratios_pair_round_r_of_both_sides():
     assert len(r) == 16  # 8 ratios, 8 spreads
 
 
+@pytest.mark.slow
 def test_turnstile_alternates_steps_and_each_trainer_trains_as_alone(tiny_dir, tmp_path):
     """Two trainers in turn (seed recipe, project CPU layout): steps A B A B ..., and the same LoRA weights,
     losses and peak memory as the same two trainers run one after the other."""
