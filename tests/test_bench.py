@@ -220,3 +220,21 @@ def test_turnstile_hands_on_after_a_failure_and_reraises_it():
     with pytest.raises(RuntimeError, match="b failed"):
         turnstile.run({"a": job("a"), "b": job("b", fail=True), "c": job("c")})
     assert ran == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1)]
+
+
+def test_noisy_flag_names_the_tiny_runs_and_each_shapes_wide_ratios():
+    from benchmarks.cpu import _flag_noise
+
+    result = {"train_speedup": 2.0, "train_speedup_spread": [1.9, 2.1],  # quiet: 0.2 <= 0.25 x 2
+              "tokenize_speedup": 90.0, "tokenize_speedup_spread": [50.0, 100.0],  # wide
+              "shapes": {"tiny": {"noisy": True, "noisy_ratios": ["tokenize_speedup"]},  # counted at the top
+                         "qwen2-0.5b": {"noisy": True, "noisy_ratios": ["train_speedup",
+                                                                        "variants.project.speedup_vs_seed"]},
+                         "gemma3-270m": {"noisy": False, "noisy_ratios": []}}}
+    _flag_noise(result)
+    assert result["noisy"] is True
+    assert result["noisy_ratios"] == ["tokenize_speedup", "shapes.qwen2-0.5b.train_speedup",
+                                      "shapes.qwen2-0.5b.variants.project.speedup_vs_seed"]
+    quiet = {"train_speedup": 2.0, "train_speedup_spread": [1.9, 2.1], "shapes": {"tiny": {"noisy_ratios": []}}}
+    _flag_noise(quiet)
+    assert (quiet["noisy"], quiet["noisy_ratios"]) == (False, [])
