@@ -13,8 +13,9 @@ Fixtures shared by the whole session (build once, reuse; read them, never write 
   :data:`TINY_RUN_PARAMETERS` for what it ran with. Tests that use it run on one worker (below).
 * ``write_lines``: write raw lines to a file in ``tmp_path``.
 
-Markers (``pyproject.toml``): ``slow`` (trains or runs notebooks) and ``subprocess`` (starts other processes:
-the CLI, kernels, torchrun, a server); ``make test-fast`` runs the tests that are neither.
+Markers (``pyproject.toml``): ``slow`` (trains, runs notebooks or computes with Gemma 3 270M) and
+``subprocess`` (starts other processes: the CLI, kernels, torchrun, pip, a server); ``make test-fast`` runs the
+tests that are neither. Mark a new test that takes seconds with one of them.
 
 Parallel (``make test``: ``pytest -n 2 --dist loadgroup``, pytest-xdist): every test is put in an xdist group,
 its file by default, so a module's fixtures are made once, on one worker; tests that use a costly session
