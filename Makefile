@@ -37,11 +37,11 @@ train: setup
 lint: setup
 	$(VENV)/bin/ruff check qwen_cls tests benchmarks
 
-# Lint, the tests (TEST_WORKERS processes, pytest-xdist; each test file, or each costly shared fixture, on one
-# worker: tests/conftest.py), then every notebook in the tiny profile under nbval (run in notebooks/, writing
+# Lint, the tests (TEST_WORKERS processes, pytest-xdist; each test file on one worker, costly shared fixtures
+# made once: tests/conftest.py), then every notebook in the tiny profile under nbval (run in notebooks/, writing
 # runs/notebooks). `make test-fast`: the edit loop, without the tests that train, run notebooks or start processes.
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 test: setup lint
 	$(PY) -m pytest $(PYTEST_PARALLEL) tests
 	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks/

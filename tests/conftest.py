@@ -10,18 +10,19 @@ Fixtures shared by the whole session (build once, reuse; read them, never write 
 * ``tiny_run``: ONE ``qwen-cls run --profile tiny`` (the whole notebook chain 00-06, in a subprocess) on
   hand-written raw files, made on first use: ``(out, stdout, test_raw_rows)``. Every test that only reads a
   finished chain's files should take it instead of running its own chain (a chain costs a minute or more); see
-  :data:`TINY_RUN_PARAMETERS` for what it ran with. Tests that use it run on one worker (below).
+  :data:`TINY_RUN_PARAMETERS` for what it ran with. Made once per session even with several workers (below).
 * ``write_lines``: write raw lines to a file in ``tmp_path``.
 
 Markers (``pyproject.toml``): ``slow`` (trains, runs notebooks or computes with Gemma 3 270M) and
 ``subprocess`` (starts other processes: the CLI, kernels, torchrun, pip, a server); ``make test-fast`` runs the
 tests that are neither. Mark a new test that takes seconds with one of them.
 
-Parallel (``make test``: ``pytest -n 2 --dist loadgroup``, pytest-xdist): every test is put in an xdist group,
-its file by default, so a module's fixtures are made once, on one worker; tests that use a costly session
-fixture (:data:`SHARED_SESSION_FIXTURES`) go in that fixture's group instead, so it is made once for all of
-them. Each worker (and what it starts) uses ``cores // workers`` BLAS threads. Tests must not write outside
-their ``tmp_path`` (the other worker runs at the same time); ports come from ``test_dashboard.free_port``.
+Parallel (``make test``: ``pytest -n 2 --dist loadfile``, pytest-xdist): each test file runs whole on one
+worker, so a module's fixtures are made once; a costly session fixture shared by several files (``tiny_run``,
+the Gemma folder, the cache's tiny model) is made once per session under a lock in the workers' common temp
+folder, the other workers waiting for it and reusing it. Each worker (and what it starts) uses
+``cores // workers`` BLAS threads. Tests must not write outside their ``tmp_path`` (the other worker runs at
+the same time); ports come from ``test_dashboard.free_port``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
-
-# Session fixtures costly enough that every test using one runs on the same worker (its xdist group).
-SHARED_SESSION_FIXTURES = ("tiny_run",)
 
 # The shared chain run: 16 of its 20 raw training rows, 8 of its 10 test rows, seed 3; logging_steps 1000 makes
 # it a run too short to log a loss on schedule (only the first step's), which test_short_run checks.
@@ -56,22 +54,15 @@ def pytest_configure(config):
             sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """The xdist group of each test: the shared session fixture it uses, else its file."""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        shared = [name for name in SHARED_SESSION_FIXTURES if name in getattr(item, "fixturenames", ())]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+def _shared_root(tmp_path_factory) -> Path:
+    """The temp folder all workers of this session share (each worker's own sits inside it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 
 
 def _locked(tmp_path_factory, name: str):
     """An exclusive lock shared by all workers of this session (their common temp root), held while open."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' temp folders sit side by side in one session folder
-    handle = open(root / f"{name}.lock", "w")
+    handle = open(_shared_root(tmp_path_factory) / f"{name}.lock", "w")
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
 
@@ -121,20 +112,28 @@ def tiny_run(tmp_path_factory):
     (16 used), 10 test rows (8 used), :data:`TINY_RUN_PARAMETERS`. Returns ``(out, stdout, test_raw_rows)``:
     the run folder, what the command printed, and the 10 raw test rows (``_tiny_run.chain_raw_rows(10, 100)``).
     Shared by every test of the session that takes it: only read it."""
+    import json
+    import tempfile
+
     from _tiny_run import chain_raw_rows, write_raw
 
-    base = tmp_path_factory.mktemp("tiny_run")
-    train = write_raw(base / "raw_train.jsonl", chain_raw_rows(20, 0))
-    test = write_raw(base / "raw_test.jsonl", chain_raw_rows(10, 100))
-    out = base / "out"
-    params = [arg for key, value in TINY_RUN_PARAMETERS.items() for arg in ("-p", key, str(value))]
-    proc = subprocess.run(
-        [sys.executable, "-m", "qwen_cls.cli", "run", "--profile", "tiny", "--out", str(out),
-         "-p", "train_path", str(train), "-p", "test_path", str(test), *params],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout, chain_raw_rows(10, 100)
+    record = _shared_root(tmp_path_factory) / "tiny_run.json"
+    with _locked(tmp_path_factory, "tiny-run"):  # the first worker runs it; the others wait, then read it
+        if not record.is_file():
+            base = Path(tempfile.mkdtemp(prefix="tiny_run", dir=record.parent))
+            train = write_raw(base / "raw_train.jsonl", chain_raw_rows(20, 0))
+            test = write_raw(base / "raw_test.jsonl", chain_raw_rows(10, 100))
+            out = base / "out"
+            params = [arg for key, value in TINY_RUN_PARAMETERS.items() for arg in ("-p", key, str(value))]
+            proc = subprocess.run(
+                [sys.executable, "-m", "qwen_cls.cli", "run", "--profile", "tiny", "--out", str(out),
+                 "-p", "train_path", str(train), "-p", "test_path", str(test), *params],
+                capture_output=True, text=True, timeout=900,
+            )
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            record.write_text(json.dumps({"out": str(out), "stdout": proc.stdout}), encoding="utf-8")
+        done = json.loads(record.read_text(encoding="utf-8"))
+    return Path(done["out"]), done["stdout"], chain_raw_rows(10, 100)
 
 
 @pytest.fixture()
