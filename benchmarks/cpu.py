@@ -2,8 +2,10 @@
 
     python benchmarks/cpu.py --out runs/bench        # what `make bench` runs
 
-Each comparison alternates seed and project, after one warm-up round each, and keeps every repeat;
-ratios use the median. Writes ``OUT/bench.json`` (ratios + raw figures) and prints a table.
+Each comparison runs its sides in turn (seed, project, seed, project ... after one warm-up round each) and
+keeps every repeat; each ratio is the median of the per-pair ratios, written with their spread
+(``<ratio>_spread``: ``[min, max]``); a run whose spread is wide is flagged (``noisy``) and warned about
+(``benchmarks/paired.py``). Writes ``OUT/bench.json`` (ratios + raw figures) and prints a table.
 The tiny model has random weights: it learns nothing, so only speed and memory mean anything here.
 """
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.paired import NOISY_WIDTH, add_ratio, noisy_ratios  # noqa: E402
 from benchmarks.rows import synth_rows  # noqa: E402
 from benchmarks.shapes import run_shape, supervised_tokens  # noqa: E402
 from qwen_cls.blog_recipe import (  # noqa: E402
@@ -152,6 +155,26 @@ def bench_eval(folder, rows, repeats, max_length, max_new_tokens):
     return figures, {"seed_mean_generated_tokens": statistics.mean(generated_tokens)}
 
 
+def tiny_ratios(train: dict, ev: dict, tok: dict) -> dict:
+    """Every ratio of the tiny run as the median of its per-pair ratios, round ``r`` of both sides a pair (they
+    ran in turn), with ``<ratio>_spread`` = the pairs' ``[min, max]`` (:mod:`benchmarks.paired`). Memory: the one
+    exact warm-up figure per side (spread ``[r, r]``); ``eval_speedup``: the per-row 512-token generate's one
+    round against scoring's round 0."""
+    sps = {k: v["samples_per_s"] for k, v in train.items()}
+    mem = {k: v["peak_mem_mb"] for k, v in train.items()}
+    result = {}
+    add_ratio(result, "train_speedup", sps["project"], sps["seed"])
+    add_ratio(result, "train_peak_mem_ratio", mem["project"], mem["seed"])
+    add_ratio(result, "eval_speedup", ev["project_scoring"][:len(ev["seed_generate"])], ev["seed_generate"])
+    add_ratio(result, "eval_speedup_vs_batched_generate", ev["project_scoring"], ev["batched_generate"])
+    add_ratio(result, "eval_speedup_vs_batched_generate_seed_budget", ev["project_scoring"],
+              ev["batched_generate_seed_budget"])
+    add_ratio(result, "tokenize_speedup", tok["project"], tok["seed"])
+    add_ratio(result, "train_speedup_vs_fair_baseline", sps["project"], sps["fair_baseline"])
+    add_ratio(result, "train_peak_mem_ratio_vs_fair_baseline", mem["project"], mem["fair_baseline"])
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench")
@@ -191,15 +214,8 @@ def main(argv=None) -> int:
     ev, ev_extra = bench_eval(folder, rows[:args.eval_rows], args.repeats, args.max_length, args.max_new_tokens)
     print("eval done", flush=True)
 
-    med = statistics.median
-    result = {
-        "train_speedup": med(train["project"]["samples_per_s"]) / med(train["seed"]["samples_per_s"]),
-        "train_peak_mem_ratio": med(train["project"]["peak_mem_mb"]) / med(train["seed"]["peak_mem_mb"]),
-        "eval_speedup": med(ev["project_scoring"]) / med(ev["seed_generate"]),
-        "eval_speedup_vs_batched_generate": med(ev["project_scoring"]) / med(ev["batched_generate"]),
-        "eval_speedup_vs_batched_generate_seed_budget": (med(ev["project_scoring"])
-                                                         / med(ev["batched_generate_seed_budget"])),
-        "tokenize_speedup": med(tok["project"]) / med(tok["seed"]),
+    result = tiny_ratios(train, ev, tok)
+    result |= {
         "raw": {"train": train, "eval_rows_per_s": ev, "tokenize_rows_per_s": tok, **ev_extra,
                 "token_lengths": {"mean_untruncated_prompt_tokens": _mean_full_tokens(folder, rows),
                                   "rows_at_cap": report["text_truncated"], "rows": report["rows"],
@@ -211,17 +227,17 @@ def main(argv=None) -> int:
                   "train_rows": args.train_rows, "eval_rows": args.eval_rows, "tokenize_rows": args.tokenize_rows,
                   "repeats": args.repeats, "max_new_tokens": args.max_new_tokens,
                   "memory": "peak tensor bytes allocated during 2 warm-up steps (TensorMemory)",
+                  "spread": f"[min, max] of the per-pair ratios; noisy when max - min > {NOISY_WIDTH} x the ratio",
                   "wall_s": time.perf_counter() - started},
     }
-    sps = {k: med(v["samples_per_s"]) for k, v in train.items()}
-    mem = {k: med(v["peak_mem_mb"]) for k, v in train.items()}
-    result["train_speedup_vs_fair_baseline"] = sps["project"] / sps["fair_baseline"]
-    result["train_peak_mem_ratio_vs_fair_baseline"] = mem["project"] / mem["fair_baseline"]
     supervised = {"seed": supervised_tokens(train_sets["seed"]["labels"]),
                   "fair_baseline": supervised_tokens(train_sets["project"]["labels"]),
                   "project": supervised_tokens(train_sets["project"]["labels"])}
     result["supervised_tokens"] = supervised
-    result["shapes"] = {"tiny": {k: result[k] for k in SHAPE_KEYS}}
+    result["shapes"] = {"tiny": {k: result[k] for key in SHAPE_KEYS for k in (key, f"{key}_spread")}}
+    tiny_noisy = noisy_ratios(result["shapes"]["tiny"])
+    result["shapes"]["tiny"] |= {"noisy": bool(tiny_noisy), "noisy_ratios": tiny_noisy}
+    _flag_noise(result)
     result["shapes"]["tiny"]["supervised_tokens"] = supervised
     result["shapes"]["tiny"]["setup"] = {"model": result["setup"]["model"], "max_length": args.max_length,
                                          "batch_size": args.batch_size, "train_steps": args.train_steps}
@@ -236,14 +252,26 @@ def main(argv=None) -> int:
                 steps=args.shape_steps, eval_rows=args.shape_eval_rows, tokenize_rows=args.shape_tokenize_rows,
                 repeats=2, workdir=workdir, qwen_tokenize=tok)
         result["setup"]["wall_s"] = time.perf_counter() - started
+        _flag_noise(result)
         _write(out, result)
     print(shapes_table(result))
+    if result["noisy"]:
+        print(f"WARNING: noisy run: the pairs of {', '.join(result['noisy_ratios'])} spread wider than "
+              f"{NOISY_WIDTH:.0%} of the ratio (was the machine busy?); rerun on a quiet machine to trust them",
+              flush=True)
     print(f"total {result['setup']['wall_s']:.0f} s; wrote {out / 'bench.json'}")
     return 0
 
 
 SHAPE_KEYS = ("train_speedup", "train_peak_mem_ratio", "eval_speedup_vs_batched_generate", "tokenize_speedup",
               "train_speedup_vs_fair_baseline", "train_peak_mem_ratio_vs_fair_baseline")
+
+
+def _flag_noise(result: dict) -> None:
+    """``noisy`` / ``noisy_ratios`` at the top: the tiny run's wide ratios, then each real shape's."""
+    names = noisy_ratios(result) + [f"shapes.{name}.{key}" for name, shape in result["shapes"].items()
+                                    if name != "tiny" for key in shape["noisy_ratios"]]
+    result["noisy"], result["noisy_ratios"] = bool(names), names
 
 
 def _write(out: Path, result: dict) -> None:
@@ -264,14 +292,22 @@ def shapes_table(result) -> str:
                      f"{s['eval_speedup_vs_batched_generate']:>9.2f}{s['tokenize_speedup']:>8.1f}   "
                      f"{sup['seed']['tokens']} ({sup['seed']['rows']}/{sup['seed']['of_rows']}) / "
                      f"{sup['project']['tokens']} ({sup['project']['rows']}/{sup['project']['of_rows']})")
+        lines.append("  pairs min-max: train x " + "-".join(f"{v:.2f}" for v in s["train_speedup_spread"])
+                     + ", vs fair x " + "-".join(f"{v:.2f}" for v in s["train_speedup_vs_fair_baseline_spread"])
+                     + ", eval x " + "-".join(f"{v:.2f}" for v in s["eval_speedup_vs_batched_generate_spread"])
+                     + ", tok x " + "-".join(f"{v:.1f}" for v in s["tokenize_speedup_spread"])
+                     + (f"; NOISY: {', '.join(s['noisy_ratios'])}" if s.get("noisy") else ""))
         if "project_layout" in s.get("setup", {}):
             lines.append(f"  project: {s['setup']['project_layout']}")
         for k, v in s.get("variants", {}).items():
             if k not in ("seed", "fair_baseline", "project"):
-                lines.append(f"  {k}: {v['speedup_vs_seed']:.2f}x the seed's speed, "
+                low, high = v["speedup_vs_seed_spread"]
+                lines.append(f"  {k}: {v['speedup_vs_seed']:.2f}x the seed's speed (pairs {low:.2f}-{high:.2f}), "
                              f"{v['peak_mem_ratio_vs_seed']:.2f}x its peak memory")
     lines.append("x = project / seed (vs fair: / the recipe with the truncation fixed, full LM head); eval: scoring "
                  "vs batched greedy generate(8); tokenize: batched fast vs per-row (Qwen: slow tokenizer)")
+    lines.append("Each x is the median of per-pair ratios (the sides ran in turn: step i / pass i / round i of each "
+                 "a pair); min-max: the pairs' spread")
     return "\n".join(lines)
 
 
@@ -282,31 +318,38 @@ def _mean_full_tokens(folder, rows):
     return statistics.mean(len(ids) for ids in tok([r["text"] for r in rows], add_special_tokens=False)["input_ids"])
 
 
+def _spread(result: dict, key: str) -> str:
+    low, high = result[f"{key}_spread"]
+    return f"{low:>9.2f}-{high:.2f}" + (" noisy" if key in result.get("noisy_ratios", []) else "")
+
+
 def table(result) -> str:
     raw, med = result["raw"], statistics.median
     tr, ev, tk = raw["train"], raw["eval_rows_per_s"], raw["tokenize_rows_per_s"]
     s = result["setup"]
     lines = [
-        f"{'measure':<38}{'seed recipe':>14}{'project':>14}{'project/seed':>14}",
+        f"{'measure':<38}{'seed recipe':>14}{'project':>14}{'project/seed':>14}{'pairs min-max':>16}",
         f"{'train samples/s':<38}{med(tr['seed']['samples_per_s']):>14.2f}"
         f"{med(tr['project']['samples_per_s']):>14.2f}"
-        f"{result['train_speedup']:>13.1f}x",
+        f"{result['train_speedup']:>13.1f}x{_spread(result, 'train_speedup')}",
         f"{'train peak memory (MiB)':<38}{med(tr['seed']['peak_mem_mb']):>14.0f}"
         f"{med(tr['project']['peak_mem_mb']):>14.0f}"
-        f"{result['train_peak_mem_ratio']:>13.2f}x",
+        f"{result['train_peak_mem_ratio']:>13.2f}x{_spread(result, 'train_peak_mem_ratio')}",
         f"{'eval rows/s (vs per-row generate)':<38}{med(ev['seed_generate']):>14.2f}{med(ev['project_scoring']):>14.2f}"
-        f"{result['eval_speedup']:>13.1f}x",
+        f"{result['eval_speedup']:>13.1f}x{_spread(result, 'eval_speedup')}",
         f"{'eval rows/s (vs batched greedy, ' + str(s['max_new_tokens']) + ')':<38}"
         f"{med(ev['batched_generate_seed_budget']):>14.2f}{med(ev['project_scoring']):>14.2f}"
-        f"{result['eval_speedup_vs_batched_generate_seed_budget']:>13.1f}x",
+        f"{result['eval_speedup_vs_batched_generate_seed_budget']:>13.1f}x"
+        f"{_spread(result, 'eval_speedup_vs_batched_generate_seed_budget')}",
         f"{'eval rows/s (vs batched greedy, 8)':<38}{med(ev['batched_generate']):>14.2f}"
         f"{med(ev['project_scoring']):>14.2f}"
-        f"{result['eval_speedup_vs_batched_generate']:>13.1f}x",
+        f"{result['eval_speedup_vs_batched_generate']:>13.1f}x{_spread(result, 'eval_speedup_vs_batched_generate')}",
         f"{'tokenize rows/s':<38}{med(tk['seed']):>14.1f}{med(tk['project']):>14.1f}"
-        f"{result['tokenize_speedup']:>13.1f}x",
+        f"{result['tokenize_speedup']:>13.1f}x{_spread(result, 'tokenize_speedup')}",
         "",
-        f"How: {s['model']}; {s['machine']}. One process, same rows and model, seed and project alternating,",
-        f"one warm-up each, median of {s['repeats']} repeats (the 512-token per-row generate: 1 round).",
+        f"How: {s['model']}; {s['machine']}. One process, same rows and model, seed and project in turn after",
+        f"one warm-up each; sides: median of {s['repeats']} repeats; ratio: median of the per-round ratios (pairs),",
+        "min-max: their spread (the 512-token per-row generate: 1 round, 1 pair).",
         f"Rows: synthetic mix, mean {raw['token_lengths']['mean_untruncated_prompt_tokens']:.0f} text tokens; "
         f"{raw['token_lengths']['rows_at_cap']}/{raw['token_lengths']['rows']} reach the cap "
         f"(MAX_LENGTH {s['max_length']}).",

@@ -5,9 +5,12 @@ head is nearly all of its compute, which flatters the answer-only head; these ru
 shapes a user will train. On 2 CPU cores a step of Qwen2-0.5B takes seconds, so the runs are short: rows
 of ``max_length`` 128, batch 4, 5 optimizer steps per variant. The first 2 steps measure peak memory
 (:class:`qwen_cls.measure.TensorMemory`: tensor bytes, as ``torch.cuda.max_memory_allocated`` counts on a
-GPU; it slows them), the other steps are timed.
+GPU; it slows them), the other steps are timed. The variants take their steps in turn (step 1 of each, then
+step 2 of each, ...: :class:`benchmarks.paired.Turnstile`), and every ratio is the median of per-step-pair
+ratios with its spread (:func:`shape_ratios`), so a busy spell on the machine cannot fall on one side only.
 
-Training variants (each its own fresh LoRA copy of the same base weights, float32, 4 rows per optimizer step):
+Training variants (each its own fresh LoRA copy of the same frozen base weights, float32, 4 rows per optimizer
+step):
 
 * ``seed``: the blog's recipe (per-row tail-cut rows, ``enable_input_require_grads`` + ``get_peft_model``,
   ``Trainer`` + ``DataCollatorForSeq2Seq``, gradient checkpointing, full logits, the model's own loss);
@@ -32,6 +35,7 @@ import time
 
 import torch
 
+from benchmarks.paired import add_ratio, noisy_ratios
 from qwen_cls.blog_recipe import SlowQwen2Tokenizer, seed_lora_model, seed_trainer
 from qwen_cls.measure import TensorMemory, stopwatch
 
@@ -78,10 +82,12 @@ def seed_tokenize_family(dataset, tokenizer, max_length: int, *, qwen: bool):
     return dataset.map(family_process_func(tokenizer, max_length), remove_columns=dataset.column_names)
 
 
-def step_timer(track_steps: int = 0):
+def step_timer(track_steps: int = 0, turnstile=None, name: str | None = None):
     """A Trainer callback whose ``seconds`` holds the wall time of each optimizer step (forward, backward,
     optimizer step); with ``track_steps``, the first that many steps run under :class:`TensorMemory`
-    (``memory.peak_bytes``), which slows them: time only the steps after them."""
+    (``memory.peak_bytes``), which slows them: time only the steps after them. With a
+    :class:`benchmarks.paired.Turnstile`, the trainer hands the turn to the next one (``name`` is this one's)
+    at the end of each step, after the clock has stopped, and waits for its turn again before going on."""
     from transformers import TrainerCallback
 
     class StepTimes(TrainerCallback):
@@ -97,6 +103,9 @@ def step_timer(track_steps: int = 0):
             self.seconds.append(time.perf_counter() - self._t)
             if state.global_step == track_steps and track_steps:
                 self.memory.__exit__(None, None, None)
+            if turnstile is not None:
+                turnstile.pass_on(name)
+                turnstile.wait(name)
 
     return StepTimes()
 
@@ -108,8 +117,15 @@ def _dataset(rows):
     return Dataset.from_list(rows)
 
 
+def lora_copy_base(base):
+    """A copy of ``base`` whose modules are its own (LoRA wraps them) but whose weights are ``base``'s own
+    tensors: every variant freezes them, so several variants can be alive at once for the memory of one."""
+    return copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
+
+
 def make_trainer(variant: dict, base, tokenizer, train_sets: dict, steps: int, batch_size: int, workdir: str):
-    """A ``Trainer`` for one variant on a fresh LoRA copy of ``base`` (which is left untouched)."""
+    """A ``Trainer`` for one variant on a fresh LoRA copy of ``base`` (which is left untouched; its frozen
+    weights are shared, not copied: :func:`lora_copy_base`)."""
     from transformers import TrainingArguments
 
     from qwen_cls.train import (
@@ -126,7 +142,7 @@ def make_trainer(variant: dict, base, tokenizer, train_sets: dict, steps: int, b
                   max_steps=steps, learning_rate=1e-4, save_strategy="no",
                   report_to="none", logging_steps=10_000, disable_tqdm=True, seed=0, dataloader_num_workers=0,
                   use_cpu=not torch.cuda.is_available())
-    model = copy.deepcopy(base)
+    model = lora_copy_base(base)
     if variant["kind"] == "seed":  # the recipe: checkpointing through TrainingArguments, full logits, own loss
         model = seed_lora_model(model)
         args = TrainingArguments(output_dir=workdir, gradient_checkpointing=True, **common)
@@ -139,23 +155,38 @@ def make_trainer(variant: dict, base, tokenizer, train_sets: dict, steps: int, b
 
 def bench_train_variants(variants: dict, base, tokenizer, train_sets: dict, steps: int, batch_size: int,
                          workdir: str, track_steps: int = 2) -> dict:
-    """Per variant: one ``train()`` of ``steps`` optimizer steps of ``batch_size`` rows. Peak memory: the tensor
-    bytes allocated and alive at once during the first ``track_steps`` steps (:class:`TensorMemory`, the CPU
-    counterpart of ``torch.cuda.max_memory_allocated``); samples/s from the median of the steps after them."""
+    """Per variant: one ``train()`` of ``steps`` optimizer steps of ``batch_size`` rows, the variants taking
+    their steps in turn (A B C A B C ...: :class:`benchmarks.paired.Turnstile`, each ``train()`` in its own
+    thread, one running at a time), so step ``i`` of every variant falls in the same minute. Peak memory: the
+    tensor bytes allocated and alive at once during the first ``track_steps`` steps (:class:`TensorMemory`, the
+    CPU counterpart of ``torch.cuda.max_memory_allocated``); ``step_s``: every step's seconds, of which the
+    ones after ``track_steps`` are timed; samples/s from their median."""
+    from benchmarks.paired import Turnstile
+
+    trainers = {name: make_trainer(variant, base, tokenizer, train_sets, steps, batch_size, workdir)
+                for name, variant in variants.items()}
+    turnstile = Turnstile(variants)
+    timers = {}
+    for name, trainer in trainers.items():
+        timers[name] = step_timer(track_steps, turnstile, name)
+        trainer.add_callback(timers[name])
+    turnstile.run({name: trainer.train for name, trainer in trainers.items()})
     figures = {}
     for name, variant in variants.items():
-        trainer = make_trainer(variant, base, tokenizer, train_sets, steps, batch_size, workdir)
-        timer = step_timer(track_steps)
-        trainer.add_callback(timer)
-        trainer.train()
+        timer = timers[name]
         timed = timer.seconds[track_steps:] or timer.seconds
         figures[name] = {"samples_per_s": batch_size / statistics.median(timed), "step_s": timer.seconds,
                          "timed_steps": len(timed), "peak_mem_mb": timer.memory.peak_bytes / 2**20,
                          **{k: v for k, v in variant.items() if k != "rows"}, "rows": variant["rows"]}
         print(f"  train {name}: {figures[name]['samples_per_s']:.3f} samples/s, "
               f"{figures[name]['peak_mem_mb']:.0f} MiB", flush=True)
-        del trainer
+    del trainers
     return figures
+
+
+def timed_steps(figures: dict, track_steps: int) -> list[float]:
+    """A variant's timed step seconds (those after the memory-measuring steps; all when there are no others)."""
+    return figures["step_s"][track_steps:] or figures["step_s"]
 
 
 def bench_tokenize_shape(folder_or_tok, rows, max_length, repeats: int, *, qwen: bool) -> dict:
@@ -182,9 +213,10 @@ def bench_tokenize_shape(folder_or_tok, rows, max_length, repeats: int, *, qwen:
     return times
 
 
-def bench_eval_shape(model, tokenizer, rows, max_length, batch_size: int = 8) -> dict:
+def bench_eval_shape(model, tokenizer, rows, max_length, batch_size: int = 8, repeats: int = 2) -> dict:
     """rows/s of batched greedy generation (8 new tokens: about what a trained model writes) vs the project's
-    batched candidate scoring, same rows and model; one warm-up row each, then one timed pass."""
+    batched candidate scoring, same rows and model; one warm-up row each, then ``repeats`` timed passes of
+    each, in turn (generate, score, generate, score ...): lists of rows/s, pass ``i`` of both a pair."""
     from qwen_cls.evaluate import generate_answers, score_candidates
 
     model.eval()
@@ -194,12 +226,36 @@ def bench_eval_shape(model, tokenizer, rows, max_length, batch_size: int = 8) ->
                                                            batch_size=batch_size)}
     for fn in runs.values():
         fn(rows[:1])
-    out = {}
-    for name, fn in runs.items():
-        with stopwatch() as t:
-            fn(rows)
-        out[name] = len(rows) / t["s"]
+    out = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            with stopwatch() as t:
+                fn(rows)
+            out[name].append(len(rows) / t["s"])
     return out
+
+
+def shape_ratios(train: dict, ev: dict, tok: dict, batch_size: int, track_steps: int) -> dict:
+    """Every ratio of a shape as the median of its per-pair ratios, with ``<ratio>_spread`` = their
+    ``[min, max]`` (:mod:`benchmarks.paired`): training, timed step ``i`` of both variants (they ran in turn);
+    memory, the one exact figure per variant (spread ``[r, r]``); eval and tokenize, pass ``i`` of both sides.
+    Then ``noisy`` / ``noisy_ratios`` (the wide ones) and ``variants`` (each variant against the seed)."""
+    step_rate = {k: [batch_size / s for s in timed_steps(v, track_steps)] for k, v in train.items()}
+    mem = {k: [v["peak_mem_mb"]] for k, v in train.items()}
+    result = {}
+    add_ratio(result, "train_speedup", step_rate["project"], step_rate["seed"])
+    add_ratio(result, "train_peak_mem_ratio", mem["project"], mem["seed"])
+    add_ratio(result, "eval_speedup_vs_batched_generate", ev["project_scoring"], ev["batched_generate"])
+    add_ratio(result, "tokenize_speedup", tok["project"], tok["seed"])
+    add_ratio(result, "train_speedup_vs_fair_baseline", step_rate["project"], step_rate["fair_baseline"])
+    add_ratio(result, "train_peak_mem_ratio_vs_fair_baseline", mem["project"], mem["fair_baseline"])
+    variants = {}
+    for k in train:
+        variants[k] = {}
+        add_ratio(variants[k], "speedup_vs_seed", step_rate[k], step_rate["seed"])
+        add_ratio(variants[k], "peak_mem_ratio_vs_seed", mem[k], mem["seed"])
+    noisy = noisy_ratios(result) + [n for k, v in variants.items() for n in noisy_ratios(v, f"variants.{k}.")]
+    return result | {"noisy": bool(noisy), "noisy_ratios": noisy, "variants": variants}
 
 
 def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, eval_rows: int,
@@ -261,28 +317,18 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
     micro = variants["project"].get("micro_batch", batch_size)
     print(f"  train done ({time.perf_counter() - started:.0f} s)", flush=True)
     attention = getattr(base.config, "_attn_implementation", None)
-    ev = bench_eval_shape(base, tokenizer, rows[:eval_rows], max_length)
+    ev = bench_eval_shape(base, tokenizer, rows[:eval_rows], max_length, repeats=repeats)
     print(f"  eval done ({time.perf_counter() - started:.0f} s)", flush=True)
     del base
 
-    med = statistics.median
-    sps = {k: v["samples_per_s"] for k, v in train.items()}
-    mem = {k: v["peak_mem_mb"] for k, v in train.items()}
-    result = {
-        "train_speedup": sps["project"] / sps["seed"],
-        "train_peak_mem_ratio": mem["project"] / mem["seed"],
-        "eval_speedup_vs_batched_generate": ev["project_scoring"] / ev["batched_generate"],
-        "tokenize_speedup": med(tok["project"]) / med(tok["seed"]),
-        "train_speedup_vs_fair_baseline": sps["project"] / sps["fair_baseline"],
-        "train_peak_mem_ratio_vs_fair_baseline": mem["project"] / mem["fair_baseline"],
+    result = shape_ratios(train, ev, tok, batch_size, track_steps)
+    result |= {
         "supervised_tokens": {"seed": supervised["seed"], "fair_baseline": supervised["project"],
                               "project": supervised["project"]},
-        "variants": {k: {"speedup_vs_seed": sps[k] / sps["seed"], "peak_mem_ratio_vs_seed": mem[k] / mem["seed"]}
-                     for k in train},
         "raw": {"train": train, "eval_rows_per_s": ev, "tokenize_rows_per_s": tok, "truncation": report},
         "setup": {"model": model_note, "attention": attention, "max_length": max_length,
                   "batch_size": batch_size, "train_steps": steps, "timed_steps": train["project"]["timed_steps"],
-                  "eval_rows": eval_rows, "tokenize": tokenize_note,
+                  "eval_rows": eval_rows, "eval_repeats": repeats, "tokenize": tokenize_note,
                   "project_layout": (f"{micro} row(s) per forward x {batch_size // micro} accumulated, "
                                      f"gradient checkpointing {variants['project']['ckpt']}"),
                   "memory": (f"peak tensor bytes allocated during the first {track_steps} optimizer steps "

@@ -1,4 +1,5 @@
-"""Helpers for the tests that train the tiny model: training rows, fast settings, subprocess commands."""
+"""Helpers for the tests that train the tiny model: training rows, fast settings, subprocess commands, and the
+raw rows of the shared tiny chain run (the ``tiny_run`` fixture of ``conftest.py``)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,28 @@ def subprocess_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", QWEN_CLS_OFFLINE="1",
                HF_HUB_OFFLINE="1")
     return env
+
+
+# --- the shared tiny chain run (conftest.tiny_run): hand-written raw rows in the schema -----------------------
+
+CHAIN_LABELS = ("Sports", "Economy", "Art", "Military")
+CHAIN_TOPICS = {"Sports": "足球比赛冠军球队", "Economy": "市场经济增长银行", "Art": "画家展览美术馆",
+                "Military": "军队演习舰艇"}
+
+
+def chain_raw_rows(n: int, offset: int) -> list[dict]:
+    """``n`` raw rows over :data:`CHAIN_LABELS`; some exceed 384 tokens, and the candidates come both as a JSON
+    list and as a comma-separated string (the schema allows both)."""
+    rows = []
+    for i in range(n):
+        answer = CHAIN_LABELS[(i + offset) % len(CHAIN_LABELS)]
+        others = [label for label in CHAIN_LABELS if label != answer][: 1 + i % 3]
+        category = others + [answer] if i % 2 else [answer] + others
+        text = f"第{i + offset}条新闻：" + CHAIN_TOPICS[answer] * (1 + (i * 37) % 60)  # some rows exceed 384 tokens
+        rows.append({"text": text, "category": category if i % 3 else ", ".join(category), "output": answer})
+    return rows
+
+
+def write_raw(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -17,6 +17,7 @@ def test_console_script_is_installed():
     assert shutil.which("qwen-cls") or (__import__("pathlib").Path(sys.executable).parent / "qwen-cls").exists()
 
 
+@pytest.mark.subprocess
 def test_convert_ok_with_label_inventory(tmp_path):
     raw, out = tmp_path / "raw.jsonl", tmp_path / "out.jsonl"
     raw.write_text(GOOD * 2, encoding="utf-8")
@@ -27,6 +28,7 @@ def test_convert_ok_with_label_inventory(tmp_path):
     assert [json.loads(line)["output"] for line in out.read_text(encoding="utf-8").splitlines()] == ["Space"] * 2
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", ["bad_row", "missing", "directory"])
 def test_convert_user_errors_exit_2_with_path_line(tmp_path, case):
     out = tmp_path / "out.jsonl"
@@ -47,6 +49,7 @@ def test_convert_user_errors_exit_2_with_path_line(tmp_path, case):
     assert not out.exists()
 
 
+@pytest.mark.subprocess
 def test_labels_command(tmp_path):
     raw = tmp_path / "raw.jsonl"
     raw.write_text(GOOD + GOOD.replace('"output": "Space"', '"output": "Military"') + GOOD, encoding="utf-8")
@@ -160,6 +163,7 @@ def test_predict_refuses_a_run_folder_marked_incomplete(predict_args, tmp_path, 
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.subprocess
 def test_a_file_where_a_folder_is_needed_is_named_not_just_file_exists(tmp_path):
     (tmp_path / "f").write_text("x")
     result = qwen_cls("tiny-model", "--out", tmp_path / "f" / "tiny")

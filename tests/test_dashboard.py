@@ -26,6 +26,8 @@ from PIL import Image
 
 from qwen_cls import tracking
 
+pytestmark = pytest.mark.subprocess  # every test talks to a running `qwen-cls dashboard`
+
 CHROMIUM = Path("/usr/bin/chromium")
 EXPERIMENT = "dash-test"  # the run directory's name: notebook 03 names the training experiment after it
 EVAL_EXPERIMENT = f"{EXPERIMENT}-eval"  # notebook 04's experiment, started in its own kernel

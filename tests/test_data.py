@@ -189,6 +189,7 @@ def test_special_files_and_file_parents_are_refused(tmp_path):
     assert list(tmp_path.iterdir()) and not fifo.is_file()
 
 
+@pytest.mark.subprocess
 def test_dev_stdout_is_refused_whatever_stdout_is(tmp_path):
     """/dev/stdout is a link into /proc: a pipe, a terminal or a file; as an output path it is refused unless
     it names a regular file."""

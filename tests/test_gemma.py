@@ -76,6 +76,7 @@ def test_build_is_cached_and_resolved_by_name(gemma_dir):
     assert time.monotonic() - start < 1
 
 
+@pytest.mark.slow
 def test_saved_weights_are_the_gguf_weights_dequantized(gemma_dir, tmp_path):
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -152,6 +153,7 @@ def test_pretrained_gemma_reads_chinese(gemma):
     assert "Berlin" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
 
 
+@pytest.mark.slow
 def test_candidate_scoring_tells_sports_from_finance_zero_shot(gemma):
     from _reference import score_candidates_reference
 

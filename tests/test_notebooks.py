@@ -191,6 +191,7 @@ def test_rule_functions_are_written_out_in_the_notebook(name, rule, must_call, l
         assert rule in _called(functions[user]), f"{name}: {user}() does not use {rule}()"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name, maker", [("02_tokenization.ipynb", "01_data_conversion"),
                                          ("03_lora_training.ipynb", "02_tokenization"),
                                          ("04_evaluation.ipynb", "01_data_conversion"),
@@ -205,6 +206,7 @@ def test_opened_alone_without_inputs_names_the_notebook_that_makes_them(name, ma
     assert info.value.ename == "FileNotFoundError" and maker in info.value.evalue
 
 
+@pytest.mark.subprocess
 def test_rag_notebook_opened_alone_names_the_notebooks_that_make_its_inputs(tmp_path):
     """05 needs 01's data files, then 02/03's adapter and run_config.json: each gap names its maker."""
     import papermill

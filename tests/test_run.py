@@ -10,30 +10,12 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from _tiny_run import CHAIN_LABELS
 
 from qwen_cls.cli import main
 from qwen_cls.pipeline import NOTEBOOKS, parse_value, resolve_parameters
 
-LABELS = ("Sports", "Economy", "Art", "Military")
-TOPICS = {"Sports": "足球比赛冠军球队", "Economy": "市场经济增长银行", "Art": "画家展览美术馆",
-          "Military": "军队演习舰艇"}
-
-
-def raw_rows(n: int, offset: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        answer = LABELS[(i + offset) % len(LABELS)]
-        others = [label for label in LABELS if label != answer][: 1 + i % 3]
-        category = others + [answer] if i % 2 else [answer] + others
-        text = f"第{i + offset}条新闻：" + TOPICS[answer] * (1 + (i * 37) % 60)  # some rows exceed 384 tokens
-        # the schema allows a JSON list or a comma-separated string of candidates
-        rows.append({"text": text, "category": category if i % 3 else ", ".join(category), "output": answer})
-    return rows
-
-
-def write_raw(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+LABELS = CHAIN_LABELS
 
 
 def candidates_of(row: dict) -> list[str]:
@@ -41,21 +23,10 @@ def candidates_of(row: dict) -> list[str]:
     return cat if isinstance(cat, list) else [c.strip() for c in cat.split(",")]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """One tiny-profile run on hand-written raw files: 20 train rows (16 used), 10 test rows (8 used)."""
-    base = tmp_path_factory.mktemp("run")
-    train = write_raw(base / "raw_train.jsonl", raw_rows(20, 0))
-    test = write_raw(base / "raw_test.jsonl", raw_rows(10, 100))
-    out = base / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "qwen_cls.cli", "run", "--profile", "tiny", "--out", str(out),
-         "-p", "train_path", str(train), "-p", "test_path", str(test),
-         "-p", "max_train_samples", "16", "-p", "max_test_samples", "8", "-p", "seed", "3"],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout, raw_rows(10, 100)
+@pytest.fixture()
+def run_dir(tiny_run):
+    """The session's one tiny-profile chain run (conftest.tiny_run): (out, stdout, the 10 raw test rows)."""
+    return tiny_run
 
 
 @pytest.mark.slow

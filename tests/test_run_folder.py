@@ -223,6 +223,7 @@ def start_half_way(finished: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.subprocess
 def test_kill_9_half_way_then_next_run_restores_the_previous_run(finished, capsys):
     """A real ``qwen-cls run`` process, killed with SIGKILL in notebook 03 while replacing a finished run."""
     before = snapshot(finished)
@@ -243,6 +244,7 @@ def test_kill_9_half_way_then_next_run_restores_the_previous_run(finished, capsy
     assert not previous_path(finished).exists()
 
 
+@pytest.mark.subprocess
 def test_sigterm_is_handled_like_ctrl_c(finished):
     before = snapshot(finished)
     proc = start_half_way(finished)

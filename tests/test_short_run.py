@@ -13,12 +13,12 @@ from qwen_cls.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_chain_finishes_when_no_loss_is_logged_on_schedule(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("QWEN_CLS_SWANLAB_MODE", "disabled")
-    out = tmp_path / "short"
-    # the command: 16 rows in batches of 4, 2 epochs = 8 steps, far fewer than logging_steps
-    assert main(["run", "--quiet", "--out", str(out), "-p", "logging_steps", "1000", "-p", "max_train_samples", "16",
-                 "-p", "max_test_samples", "8"]) == 0
+def test_chain_finishes_when_no_loss_is_logged_on_schedule(tiny_run):
+    out, _, _ = tiny_run
+    # the session's tiny chain is the command: 16 rows in batches of 4, 2 epochs = 8 steps, far fewer
+    # than its logging_steps 1000 (conftest.TINY_RUN_PARAMETERS)
+    params = json.loads((out / "params.json").read_text(encoding="utf-8"))
+    assert (params["logging_steps"], params["max_train_samples"], params["max_test_samples"]) == (1000, 16, 8)
     log = json.loads((out / "train_log.json").read_text(encoding="utf-8"))
     losses = [e for e in log if "loss" in e]
     assert [e["step"] for e in losses] == [1]  # only the first step is logged

