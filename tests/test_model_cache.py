@@ -240,6 +240,7 @@ def kill_a_build(kind: str, out: Path) -> list[Path]:
     return left
 
 
+@pytest.mark.subprocess
 def test_temp_folders_of_a_killed_build_are_removed_by_the_next_one(tiny_dir, tmp_path, capsys):
     out = tmp_path / "models" / "tiny"
     left = kill_a_build("tiny", out)
@@ -257,6 +258,7 @@ def test_temp_folders_of_a_killed_build_are_removed_by_the_next_one(tiny_dir, tm
     assert snapshot(out) == snapshot(tiny_dir)
 
 
+@pytest.mark.subprocess
 def test_gemma_scratch_of_a_killed_build_is_removed_by_the_next_one(tmp_path, capsys, monkeypatch):
     out = tmp_path / "models" / "gemma"
     left = kill_a_build("gemma", out)

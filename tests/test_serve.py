@@ -23,7 +23,7 @@ from test_dashboard import CHROMIUM, free_port, raw_get, stop_group
 
 from qwen_cls.cli import main
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.subprocess]  # servers run as subprocesses
 
 LIMITS = {"--max-body-bytes": 100_000, "--max-rows": 60, "--max-text-chars": 3000, "--max-candidates": 6}
 KEY = "k" * 12 + "-serve-test"
