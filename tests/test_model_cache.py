@@ -208,7 +208,10 @@ def test_gemma_cache_without_config_is_reported(real_gemma, cache, tmp_path, cap
     (folder / "config.json").unlink()
     rc, err = predict(capsys, tmp_path, "--model", "gemma3-270m")
     assert rc == 2 and "config.json: missing" in err and "qwen-cls gemma-model" in err
-    assert "model_type" not in err and not (folder / F.MANIFEST).exists()
+    assert "model_type" not in err
+    # nothing recorded: a folder built before manifests (no manifest) gets none while it is damaged; a built one
+    # (make setup on a fresh machine writes the manifest) keeps its own
+    assert (folder / F.MANIFEST).exists() == (real_gemma / F.MANIFEST).exists()
 
 
 KILLED_BUILD = textwrap.dedent("""
