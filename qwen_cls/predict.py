@@ -191,11 +191,16 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="classify raw JSONL rows with a run dir or an exported model")
-    source = p.add_mutually_exclusive_group(required=True)
+def add_model_source(parser) -> None:
+    """``--run RUN_DIR`` or ``--model FOLDER`` (exactly one): the model ``predict`` and ``serve`` classify with."""
+    source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run dir (adapter/ + run_config.json)")
     source.add_argument("--model", help="model folder, e.g. from `qwen-cls export`")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="classify raw JSONL rows with a run dir or an exported model")
+    add_model_source(p)
     p.add_argument("--input", required=True, help="raw JSONL {text, category[, output]}")
     p.add_argument("--output", required=True,
                    help="JSONL: each row + prediction + scores + probabilities (written atomically)")

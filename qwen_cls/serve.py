@@ -46,7 +46,7 @@ from typing import Iterator
 
 from .data import validate_row
 from .hub import TINY
-from .predict import check_device, check_min_confidence, load_exported, load_run, predict_rows
+from .predict import add_model_source, check_device, check_min_confidence, load_exported, load_run, predict_rows
 from .recipe import MAX_LENGTH
 from .run_record import check_run_finished
 
@@ -556,9 +556,7 @@ def cmd_serve(args) -> int:
 def register(subparsers) -> None:
     """Add ``qwen-cls serve (--run DIR | --model FOLDER) [--host H] [--port N] ...``."""
     p = subparsers.add_parser("serve", help="classify over HTTP: a JSON API and a page, on 127.0.0.1")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run dir (adapter/ + run_config.json)")
-    source.add_argument("--model", help="model folder, e.g. from `qwen-cls export`")
+    add_model_source(p)
     p.add_argument("--host", default=HOST, help=f"address to listen on (default {HOST}; any other needs --api-key)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--api-key", default=None, metavar="KEY",
