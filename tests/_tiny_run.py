@@ -29,6 +29,16 @@ def train_rows_file(folder: Path, n: int = 16) -> Path:
 FAST = ["--max-length", "128", "--batch-size", "2", "--grad-accum", "1", "--logging-steps", "1", "--limit", "24"]
 
 
+def three_step_run(folder: Path) -> Path:
+    """``folder/run``: a run dir made by the library, 3 LoRA steps of the tiny model on 8 training rows."""
+    from qwen_cls.training_run import train_run
+
+    out = folder / "run"
+    train_run(train_rows_file(folder), out, model="tiny", max_length=128, max_steps=3, batch_size=2,
+              grad_accum=1, learning_rate=1e-2, save_steps=100, limit=8, seed=1)
+    return out
+
+
 def train_command(*args: str) -> list[str]:
     """``qwen-cls train ARGS`` as a subprocess command line (this interpreter, so the venv's packages)."""
     return [sys.executable, "-m", "qwen_cls", "train", *args]

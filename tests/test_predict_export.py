@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_run import SAMPLE_TEST, train_rows_file
+from _tiny_run import SAMPLE_TEST, three_step_run
 from safetensors import safe_open
 
 from qwen_cls.cli import main
@@ -24,12 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run dir made by the library: 3 LoRA steps of the tiny model, plus a hand-written metrics.json."""
-    from qwen_cls.training_run import train_run
-
-    folder = tmp_path_factory.mktemp("runs")
-    out = folder / "run"
-    train_run(train_rows_file(folder), out, model="tiny", max_length=128, max_steps=3, batch_size=2,
-              grad_accum=1, learning_rate=1e-2, save_steps=100, limit=8, seed=1)
+    out = three_step_run(tmp_path_factory.mktemp("runs"))
     (out / "metrics.json").write_text(json.dumps({"accuracy": 0.25, "macro_f1": 0.125, "n_test": 4,
                                                   "tiny_model": True}))
     return out

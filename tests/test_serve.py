@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _tiny_run import SAMPLE_TEST, SAMPLE_TRAIN, subprocess_env, train_rows_file
+from _tiny_run import SAMPLE_TEST, SAMPLE_TRAIN, subprocess_env, three_step_run
 from test_dashboard import CHROMIUM, free_port, raw_get, stop_group
 
 from qwen_cls.cli import main
@@ -32,13 +32,7 @@ KEY = "k" * 12 + "-serve-test"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run dir made by the library: 3 LoRA steps of the tiny model."""
-    from qwen_cls.training_run import train_run
-
-    folder = tmp_path_factory.mktemp("runs")
-    out = folder / "run"
-    train_run(train_rows_file(folder), out, model="tiny", max_length=128, max_steps=3, batch_size=2,
-              grad_accum=1, learning_rate=1e-2, save_steps=100, limit=8, seed=1)
-    return out
+    return three_step_run(tmp_path_factory.mktemp("runs"))
 
 
 def sample_rows(n: int = 50) -> list[dict]:
