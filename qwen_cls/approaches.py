@@ -69,9 +69,11 @@ def approach_entry(y_true: Sequence[str], predictions: Sequence[str], *, train_s
 
 # --- the base model with a sequence-classification head --------------------------------------------------------
 
-def load_seq_cls_base(base_model: str, labels: Sequence[str], *, device=None):
+def load_seq_cls_base(base_model: str, labels: Sequence[str], *, device=None, dtype: torch.dtype | None = None):
     """(model, tokenizer): ``base_model`` under ``AutoModelForSequenceClassification`` with a new head of
-    ``len(labels)`` outputs (random until trained), its pad token set so the last real token is found."""
+    ``len(labels)`` outputs (random until trained), its pad token set so the last real token is found.
+    ``dtype``: the body's (default ``pick_dtype``); the head stays float32, so training updates it in full
+    precision (the body runs under autocast, :func:`seq_cls_scores` too)."""
     from transformers import AutoModelForSequenceClassification
 
     from .model import load_tokenizer, pick_device, pick_dtype, resolve_model
@@ -81,9 +83,10 @@ def load_seq_cls_base(base_model: str, labels: Sequence[str], *, device=None):
     tokenizer = load_tokenizer(folder)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(folder), num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)}, dtype=pick_dtype(device),
+        label2id={label: i for i, label in enumerate(labels)}, dtype=dtype or pick_dtype(device),
         trust_remote_code=False, use_safetensors=True,
     )
+    getattr(model, SEQ_CLS_HEAD).float()
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token of each row
     return model.to(device), tokenizer
 
@@ -107,14 +110,24 @@ def seq_cls_scores(model, tokenizer, rows, labels: Sequence[str], *, max_length:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    low = body_dtype(model)
     logits = []
     for start in range(0, len(rows), batch_size):
         texts = [r["text"] for r in rows[start:start + batch_size]]
         batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        logits.append(model(**batch.to(device)).logits.float().cpu())
+        with torch.autocast(device.type, dtype=low, enabled=low != torch.float32):  # a bfloat16 body, float32 head
+            logits.append(model(**batch.to(device)).logits.float().cpu())
     model.train(was_training)
     matrix = torch.cat(logits) if logits else torch.zeros((0, len(labels)))
     return restricted_rows(matrix, labels, rows)
+
+
+def body_dtype(model) -> torch.dtype:
+    """The dtype most of ``model``'s weights are in (a bfloat16 body beside float32 LoRA and head: bfloat16)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get)
 
 
 def save_seq_cls(model, tokenizer, folder: str | os.PathLike, *, base_model: str, labels: Sequence[str],
@@ -129,18 +142,24 @@ def save_seq_cls(model, tokenizer, folder: str | os.PathLike, *, base_model: str
     with atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        write_json_atomic({"base_model": base_model, "labels": list(labels), "max_length": max_length},
-                          tmp / SEQ_CLS_FILE)
+        write_json_atomic({"base_model": base_model, "labels": list(labels), "max_length": max_length,
+                           "dtype": str(body_dtype(model)).removeprefix("torch.")}, tmp / SEQ_CLS_FILE)
     return folder
 
 
-def load_seq_cls(folder: str | os.PathLike, *, device=None):
+def load_seq_cls(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None):
     """(model, tokenizer, labels, max_length) saved by :func:`save_seq_cls`: the base, the adapter and the
-    trained head."""
+    trained head; the body in ``dtype`` (default: the one it was trained in where the device computes it
+    natively, as :func:`qwen_cls.predict.run_dtype`)."""
     from peft import PeftModel
+
+    from .model import pick_device, pick_dtype
+    from .run_record import run_precision
 
     folder = Path(folder)
     meta = json.loads((folder / SEQ_CLS_FILE).read_text(encoding="utf-8"))
-    model, tokenizer = load_seq_cls_base(meta["base_model"], meta["labels"], device=device)
+    if dtype is None:
+        dtype = pick_dtype(device if device is not None else pick_device(), run_precision(meta))
+    model, tokenizer = load_seq_cls_base(meta["base_model"], meta["labels"], device=device, dtype=dtype)
     model = PeftModel.from_pretrained(model, str(folder))
     return model.eval(), tokenizer, meta["labels"], meta["max_length"]

@@ -146,10 +146,12 @@ def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge ``run_dir``'s adapter into its base model and save it (safetensors) to ``out_dir``."""
+    import torch
+
     run_dir, out = Path(run_dir), Path(out_dir)
     check_run_finished(run_dir)  # as predict: not a run still being written, failed, or never evaluated
     check_out_dir(run_dir, out)
-    model, tokenizer, config = load_run(run_dir, device="cpu")
+    model, tokenizer, config = load_run(run_dir, device="cpu", dtype=torch.float32)  # merged in float32, not rounded
     merged = model.merge_and_unload()
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
@@ -157,7 +159,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     with atomic_dir(out) as tmp:  # a failure leaves no half-written export
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        exported = {**config, "exported_from": str(run_dir), "merged": True}
+        exported = {**config, "dtype": "float32", "exported_from": str(run_dir), "merged": True}
         (tmp / RUN_CONFIG).write_text(json.dumps(exported, ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config, metrics, run_dir), encoding="utf-8")
         marker = {"exported_from": str(run_dir.resolve()), "files": manifest(tmp)}
@@ -188,6 +190,8 @@ def export_seq_cls(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     """Merge ``run_dir/seq_cls`` (06's adapter and trained head) into its base and save it to ``out_dir`` as a
     ``*ForSequenceClassification`` folder with ``id2label`` / ``label2id``, under the same ``--out`` rules as
     :func:`export_run` (same checks, same marker)."""
+    import torch
+
     from .approaches import SEQ_CLS_FILE, load_seq_cls
 
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -197,7 +201,7 @@ def export_seq_cls(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         raise FileNotFoundError(f"{folder / SEQ_CLS_FILE}: no sequence-classification model in this run; notebook "
                                 "06 (06_approaches) writes it: run it with this run folder as out_dir first")
     check_out_dir(run_dir, out)
-    model, tokenizer, labels, max_length = load_seq_cls(folder, device="cpu")
+    model, tokenizer, labels, max_length = load_seq_cls(folder, device="cpu", dtype=torch.float32)  # merged unrounded
     merged = model.merge_and_unload()  # the LoRA deltas into the weights, the trained head in place of the new one
     merged.config.id2label = dict(enumerate(labels))
     merged.config.label2id = {label: i for i, label in enumerate(labels)}

@@ -12,24 +12,38 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .data import read_raw_rows
 from .files import read_jsonl, write_jsonl_atomic
 from .hub import TINY
 from .recipe import MAX_LENGTH
-from .run_record import ADAPTER, RUN_CONFIG, adapter_dir, check_run_finished, read_run_config
+from .run_record import ADAPTER, RUN_CONFIG, adapter_dir, check_run_finished, read_run_config, run_precision
+
+if TYPE_CHECKING:
+    import torch
 
 
 class AdapterMismatch(ValueError):
     """The adapter's shapes do not fit the base model: it was trained on another base."""
 
 
-def load_run(run_dir: str | os.PathLike, *, device=None, verify: bool = False):
-    """(model, tokenizer, config) for a run dir: its ``base_model`` with the LoRA ``adapter/`` on top."""
+def run_dtype(run_dir: str | os.PathLike, device=None) -> torch.dtype:
+    """The dtype to load ``run_dir``'s model in on ``device``: the one it was trained in where the device computes
+    it natively (``run_config.json`` ``dtype``, :func:`~qwen_cls.run_record.run_precision`), else float32."""
+    from .model import pick_device, pick_dtype
+
+    return pick_dtype(device if device is not None else pick_device(), run_precision(read_run_config(run_dir)))
+
+
+def load_run(run_dir: str | os.PathLike, *, device=None, verify: bool = False, dtype: torch.dtype | None = None):
+    """(model, tokenizer, config) for a run dir: its ``base_model`` with the LoRA ``adapter/`` on top, in ``dtype``
+    (default: the run's own, :func:`~qwen_cls.run_record.run_precision`, so the numbers are the notebooks')."""
     from .model import load_model
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    dtype = dtype or run_dtype(run_dir, device)
     adapter = adapter_dir(run_dir)
     mismatch = AdapterMismatch(
         f"{adapter}: this adapter does not fit the base model {config['base_model']!r} (its layers or tensor "
@@ -37,7 +51,8 @@ def load_run(run_dir: str | os.PathLike, *, device=None, verify: bool = False):
         f"{run_dir / RUN_CONFIG} at the model it was trained on"
     )
     try:
-        model, tokenizer = load_model(config["base_model"], device=device, adapter=str(adapter), verify=verify)
+        model, tokenizer = load_model(config["base_model"], device=device, adapter=str(adapter), verify=verify,
+                                      dtype=dtype)
     except RuntimeError as exc:
         if "size mismatch" in str(exc):
             raise mismatch from None

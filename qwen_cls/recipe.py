@@ -19,3 +19,6 @@ RECIPE = dict(
 )
 MAX_LENGTH = RECIPE["max_length"]
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The ``precision`` parameter (qwen_cls.model.pick_dtype): "auto" = bfloat16 where the hardware computes it
+# natively (a CUDA card with bf16, a CPU with AMX or AVX-512 BF16), float32 elsewhere.
+PRECISIONS = ("auto", "float32", "bfloat16")

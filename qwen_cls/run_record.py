@@ -38,16 +38,20 @@ REQUIRED_KEYS = ("base_model", "max_length")  # what predict/export need to rebu
 def run_config(*, profile: str | None, base_model: str, max_length: int, lora_config, args, seed: int,
                gradient_checkpointing: bool, train_rows: int, train_file: str | os.PathLike | None = None,
                eval_rows: int | None = None, world_size: int = 1, global_step: int | None = None,
-               train_seconds: float | None = None, resumed_from: str | None = None) -> dict:
+               train_seconds: float | None = None, resumed_from: str | None = None,
+               dtype: str | None = None) -> dict:
     """The ``run_config.json`` of a training: the same keys, top level and nested, for every path.
 
     ``lora_config`` is the ``peft.LoraConfig`` trained, ``args`` the ``TrainingArguments``; ``profile`` is
     ``None`` for ``qwen-cls train`` (no profile), ``train_file`` the raw rows trained on (fingerprinted).
+    ``dtype``: the base model's weights while training (``"float32"`` or ``"bfloat16"``; default: bfloat16
+    when ``args.bf16``); ``predict`` and ``serve`` load the run in it (:func:`run_precision`).
     """
     return {
         "profile": profile,
         "base_model": str(base_model),
         "max_length": max_length,
+        "dtype": dtype or ("bfloat16" if args.bf16 else "float32"),
         "lora": {"r": lora_config.r, "lora_alpha": lora_config.lora_alpha, "lora_dropout": lora_config.lora_dropout,
                  "target_modules": sorted(lora_config.target_modules)},
         "training": {
@@ -103,6 +107,13 @@ def read_run_config(folder: str | os.PathLike) -> dict:
         if key not in config:
             raise DataError(path, None, f"lacks {key!r}; the run-dir contract needs base_model and max_length")
     return config
+
+
+def run_precision(config: dict) -> str | None:
+    """The ``precision`` (:func:`qwen_cls.model.pick_dtype`) to load a run in: ``"auto"`` for a run trained in
+    bfloat16 (bfloat16 again where the device computes it natively, float32 where it would be emulated),
+    ``"float32"`` for a float32 run, ``None`` (the device's default) for runs that did not record it."""
+    return {"bfloat16": "auto", "float32": "float32"}.get(config.get("dtype"))
 
 
 def adapter_dir(run_dir: str | os.PathLike) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
 from .evaluate import score_candidates
@@ -156,6 +157,32 @@ class ClassificationEvalCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._log(state)
+
+
+class StepProgress(TrainerCallback):
+    """A progress bar over the optimizer steps with the latest logged loss: a live bar in JupyterLab, one final
+    line in a notebook run by ``qwen-cls run`` (``tqdm.auto``, see ``qwen_cls/__init__.py``). For a Trainer with
+    ``disable_tqdm=True``, whose own bar would also print a table row (or a dict) at every log."""
+
+    def __init__(self, desc: str = "train"):
+        self.desc, self.bar = desc, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def training_arguments(output_dir, **overrides):
