@@ -84,7 +84,7 @@ def shared_prefix_length(prompts: list[list[int]]) -> int:
     return n
 
 
-def _attention_window(model) -> int | None:
+def attention_window(model) -> int | None:
     """The sliding-window size when some layer attends only to a window (Gemma 3's local layers), else None."""
     config = model.config
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
@@ -116,7 +116,7 @@ def score_candidates(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, ba
     end, pad = end_id(tokenizer), tokenizer.pad_token_id
     all_prompts = encode_prompts(tokenizer, texts, cats, max_length, examples=examples)
     n_prefix = shared_prefix_length(all_prompts) if prefix_cache and len(rows) > 1 else 0
-    window = _attention_window(model)
+    window = attention_window(model)
     prefix_kv = None  # computed by the first batch that uses it
     results: list[Scored] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="score", disable=not progress):

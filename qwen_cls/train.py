@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
-from .evaluate import score_candidates
+from .evaluate import attention_window, score_candidates
 from .metrics import classification_metrics
 from .recipe import LORA_TARGET_MODULES, MAX_LENGTH, RECIPE
 from .tokenization import IGNORE_INDEX
@@ -75,28 +75,75 @@ def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, shifted[shifted != IGNORE_INDEX]
 
 
-def answer_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy over answer tokens, computing logits only at the positions that predict them."""
+def batch_shared_prefix(inputs: dict, mask: torch.Tensor, model=None) -> int:
+    """How many leading tokens every row of a (right-padded) batch shares and may run once: real tokens
+    (no padding), none of them predicting an answer token, at least one token of its own left to each row;
+    0 for a single row, and 0 when the padded batch reaches a sliding attention window (Gemma 3's local layers)
+    or the model recomputes activations (gradient checkpointing keeps no cache)."""
+    ids = inputs["input_ids"]
+    if ids.shape[0] < 2:
+        return 0
+    if model is not None:
+        window = attention_window(model)
+        if (window is not None and ids.shape[1] >= window) or getattr(model, "is_gradient_checkpointing", False):
+            return 0
+    same = (ids == ids[:1]).all(dim=0)
+    attention = inputs.get("attention_mask")
+    if attention is not None:
+        same &= attention.bool().all(dim=0)
+    same &= ~mask.any(dim=0)
+    differs = (~same).nonzero()
+    n = int(differs[0]) if len(differs) else ids.shape[1]
+    return min(n, ids.shape[1] - 1)
+
+
+def _logits_with_shared_prefix(model, inputs: dict, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The answer positions' logits, the first ``n`` tokens run once for the whole batch: their KV cache
+    (with its autograd graph) is repeated for every row, which then runs only its own tokens at their own
+    positions. The same numbers as one forward over the whole batch (gradients flow back through the cache
+    into the one prefix pass), except that LoRA dropout draws one mask for the prefix, shared by the rows."""
+    ids, attention = inputs["input_ids"], inputs.get("attention_mask")
+    rows, width = ids.shape
+    if attention is None:
+        attention = torch.ones_like(ids)
+    cache = model(input_ids=ids[:1, :n], attention_mask=attention[:1, :n], use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(rows)
+    positions = torch.arange(n, width, device=ids.device).expand(rows, -1)
+    return model(input_ids=ids[:, n:], attention_mask=attention, position_ids=positions, cache=cache,
+                 use_cache=True, logits_to_keep=mask[:, n:]).logits
+
+
+def answer_only_loss(model, inputs: dict, num_items_in_batch=None, *, share_prefix: bool = False) -> torch.Tensor:
+    """Cross-entropy over answer tokens, computing logits only at the positions that predict them.
+
+    ``share_prefix``: the tokens every row of the batch starts with (the chat template and system message)
+    run once for the batch instead of once per row (:func:`batch_shared_prefix`)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     mask, targets = answer_positions(labels)
-    logits = model(**inputs, logits_to_keep=mask, use_cache=False).logits  # (n_answer_tokens, vocab)
+    n = batch_shared_prefix(inputs, mask, model) if share_prefix else 0
+    if n:
+        logits = _logits_with_shared_prefix(model, inputs, mask, n)
+    else:
+        logits = model(**inputs, logits_to_keep=mask, use_cache=False).logits  # (n_answer_tokens, vocab)
     loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     denominator = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     return loss / denominator
 
 
 class AnswerOnlyTrainer(Trainer):
-    """``Trainer`` whose loss is :func:`answer_only_loss`, normalised over the whole accumulated batch."""
+    """``Trainer`` whose loss is :func:`answer_only_loss`, normalised over the whole accumulated batch;
+    ``share_prefix=True`` runs the prompt opening all rows of a batch share once per batch."""
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, share_prefix: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # have Trainer count answer tokens across grad-accum steps
+        self.share_prefix = share_prefix
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = answer_only_loss(model, inputs, num_items_in_batch)
+        loss = answer_only_loss(model, inputs, num_items_in_batch, share_prefix=self.share_prefix)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
