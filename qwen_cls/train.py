@@ -106,7 +106,8 @@ def _logits_with_shared_prefix(model, inputs: dict, mask: torch.Tensor, n: int) 
     rows, width = ids.shape
     if attention is None:
         attention = torch.ones_like(ids)
-    cache = model(input_ids=ids[:1, :n], attention_mask=attention[:1, :n], use_cache=True, logits_to_keep=1).cache
+    body = model.get_decoder()  # the layers without the LM head (the prefix predicts no answer token)
+    cache = body(input_ids=ids[:1, :n], attention_mask=attention[:1, :n], use_cache=True).cache
     cache.batch_repeat_interleave(rows)
     positions = torch.arange(n, width, device=ids.device).expand(rows, -1)
     return model(input_ids=ids[:, n:], attention_mask=attention, position_ids=positions, cache=cache,

@@ -86,8 +86,8 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(family, tiny_dir, gemma
     assert n == expected and n > 20  # the chat template's opening and the system message
 
     calls = []
-    handle = model.register_forward_pre_hook(lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)),
-                                             with_kwargs=True)
+    handle = model.get_decoder().register_forward_pre_hook(  # the layers: the prefix pass skips the LM head
+        lambda _m, _a, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     try:
         shared_loss, shared_grads = _loss_and_grads(model, batch, share=True)
     finally:
@@ -127,8 +127,8 @@ def test_trainer_with_shared_prefix_reaches_the_same_adapter(tiny_dir, tmp_path)
                                   num_train_epochs=1, report_to="none", use_cpu=True, save_strategy="no",
                                   disable_tqdm=True, seed=3, data_seed=3)
         batches = []
-        handle = model.register_forward_pre_hook(lambda _m, _a, kw: batches.append(kw["input_ids"].shape[0]),
-                                                 with_kwargs=True)
+        handle = model.get_decoder().register_forward_pre_hook(
+            lambda _m, _a, kw: batches.append(kw["input_ids"].shape[0]), with_kwargs=True)
         AnswerOnlyTrainer(model=model, args=args, train_dataset=dataset, data_collator=padding_collator(tokenizer),
                           share_prefix=share).train()
         handle.remove()
