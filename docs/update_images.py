@@ -1,23 +1,137 @@
-"""Copy the README's pictures from a finished `make demo` run and print its headline numbers.
+"""Put a finished `make demo` run into the README and the notebooks: its pictures, its headline numbers and
+the measured time of every notebook.
 
-    .venv/bin/python docs/update_images.py [RUN_DIR]     # default runs/demo; `make docs-images` runs it
+    .venv/bin/python docs/update_images.py [RUN_DIR [TINY_RUN_DIR]]   # default runs/demo runs/demo-tiny
 
-Refuses a run that is not a finished gemma3-270m run (the README shows real learning, never the tiny model's).
+`make docs-images` runs it (run it on the machine that ran the demo: the CPU named beside the times is this
+machine's). It copies the learning curve and the approaches chart into `docs/images/`, rewrites the README's
+headline block (between `<!-- headline:start -->` and `<!-- headline:end -->`) from the run's `metrics.json`,
+`approaches.json` and `run_config.json`, the time column of the README's notebook table, and the
+`**实测用时 (measured time)**` line in each notebook's header, from the papermill durations saved in the run's
+executed notebooks (and the tiny run's, when it exists). Refuses a run that is not a finished gemma3-270m run
+(the README shows real learning, never the tiny model's).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PICTURES = ("learning_curve.png", "approaches.png")
+HEADLINE = re.compile(r"(<!-- headline:start -->\n).*?(<!-- headline:end -->)", re.S)
+MEASURED = "**实测用时 (measured time)**："
+
+
+def notebook_seconds(run: Path) -> dict[str, float]:
+    """Notebook stem -> seconds papermill took to execute it, from the run's executed notebooks."""
+    times = {}
+    for path in sorted((run / "notebooks").glob("*.ipynb")):
+        duration = json.loads(path.read_text(encoding="utf-8"))["metadata"].get("papermill", {}).get("duration")
+        if duration is not None:
+            times[path.stem] = float(duration)
+    return times
+
+
+def english_time(seconds: float) -> str:
+    """``"3 min 05 s"`` / ``"41 s"``."""
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def chinese_time(seconds: float) -> str:
+    """``"3 分 05 秒"`` / ``"41 秒"``."""
+    seconds = round(seconds)
+    return f"{seconds // 60} 分 {seconds % 60:02d} 秒" if seconds >= 60 else f"{seconds} 秒"
+
+
+def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """``"2-core AMD EPYC"``: the core count and model name of this machine."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "CPU"
+    return f"{os.cpu_count()}-core {model}"
+
+
+def headline(run: Path, metrics: dict, approaches: dict, config: dict, total: float, cpu: str, day: str) -> str:
+    """The README's headline block: the two pictures and the run's numbers, with model, data and machine."""
+    best = max(approaches.items(), key=lambda item: item[1]["accuracy"])
+    methods = ", ".join(f"`{name}` {entry['accuracy']:.3f}" for name, entry in approaches.items())
+    n_compare = next(iter(approaches.values()))["n_test"]
+    return (
+        "| what one epoch of LoRA changed (notebook 03) | six approaches on the same rows (notebook 06) |\n"
+        "|---|---|\n"
+        "| ![accuracy on 100 test headlines before and after training](docs/images/learning_curve.png) "
+        "| ![accuracy and speed of six approaches](docs/images/approaches.png) |\n\n"
+        f"A `make demo` run ({day}, {cpu}, {config.get('dtype', 'float32')}, {english_time(total)} for notebooks "
+        f"00-07): after one epoch of LoRA on {config['training']['train_rows']} THUCNews headlines, Gemma 3 270M "
+        f"classifies {metrics['n_test']} test headlines with **accuracy {metrics['accuracy']:.3f}** (macro-F1 "
+        f"{metrics['macro_f1']:.3f}), against {metrics['zero_shot']['accuracy']:.3f} zero-shot (adapter off) and "
+        f"{metrics['chance_accuracy']:.3f} chance. On {n_compare} of those rows notebook 06 compares {methods}; "
+        f"best: `{best[0]}`. `make docs-images` writes this paragraph, the pictures and the times below from "
+        "your own `runs/demo`.\n"
+    )
+
+
+def update_readme(text: str, block: str, times: dict[str, float], tiny: dict[str, float]) -> str:
+    """``text`` with the headline block replaced and each notebook row's last cell set to its measured times."""
+    if not HEADLINE.search(text):
+        raise ValueError("README.md has no <!-- headline:start --> ... <!-- headline:end --> block")
+    text = HEADLINE.sub(lambda m: m.group(1) + block + m.group(2), text)
+
+    def row(match: re.Match) -> str:
+        stem = match.group(2)
+        if stem not in times:
+            return match.group(0)
+        gemma = english_time(times[stem])
+        small = english_time(tiny[stem]) if stem in tiny else "—"
+        return f"{match.group(1)}{gemma} / {small} |"
+
+    return re.sub(r"^(\| \[`(\d\d_\w+)`\].*\| )[^|]*\|$", row, text, flags=re.M)
+
+
+def update_notebook(path: Path, line: str) -> bool:
+    """Set the ``**实测用时 (measured time)**`` line of the notebook's first cell (after its ``**用时`` line);
+    True when the file changed. The notebook stays clean: only that source line changes."""
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    source = notebook["cells"][0]["source"]
+    lines = "".join(source).split("\n")
+    new = [x for x in lines if not x.startswith(MEASURED)]
+    at = next((i for i, x in enumerate(new) if x.startswith("**用时 (time)**")), None)
+    if at is None:
+        raise ValueError(f"{path}: its first cell has no **用时 (time)** line")
+    new.insert(at + 1, line)
+    if new == lines:
+        return False
+    text = "\n".join(new)
+    notebook["cells"][0]["source"] = text.splitlines(keepends=True)
+    write_text(path, json.dumps(notebook, ensure_ascii=False, indent=1) + "\n")
+    return True
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write beside ``path``, then rename: never a half-written README or notebook."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def measured_line(stem: str, times: dict[str, float], tiny: dict[str, float], cpu: str, day: str) -> str:
+    parts = [f"`gemma3-270m`（默认）{chinese_time(times[stem])}"]
+    if stem in tiny:
+        parts.append(f"`tiny` {chinese_time(tiny[stem])}")
+    return f"{MEASURED}{'，'.join(parts)}（`qwen-cls run` 在 {cpu} 上，{day}；`make docs-images` 写入）。"
 
 
 def main(argv: list[str]) -> int:
     run = Path(argv[0]) if argv else ROOT / "runs" / "demo"
+    tiny_run = Path(argv[1]) if len(argv) > 1 else ROOT / "runs" / "demo-tiny"
     metrics_file = run / "metrics.json"
     if not metrics_file.is_file() or (run / "RUN_INCOMPLETE").exists():
         print(f"error: {run} is not a finished run (no metrics.json, or RUN_INCOMPLETE): run `make demo` first",
@@ -28,7 +142,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {run} is a {metrics.get('profile')!r} run; the README's pictures come from gemma3-270m "
               "(`make demo`)", file=sys.stderr)
         return 2
-    missing = [name for name in PICTURES if not (run / name).is_file()]
+    missing = [name for name in (*PICTURES, "approaches.json", "run_config.json") if not (run / name).is_file()]
     if missing:
         print(f"error: {run} has no {', '.join(missing)}", file=sys.stderr)
         return 2
@@ -38,10 +152,23 @@ def main(argv: list[str]) -> int:
         shutil.copyfile(run / name, out / name)
         print(f"{run / name} -> {out / name}")
     approaches = json.loads((run / "approaches.json").read_text(encoding="utf-8"))
-    print(f"accuracy {metrics['accuracy']:.3f} (LoRA, {metrics['n_test']} test rows), zero-shot "
-          f"{metrics['zero_shot']['accuracy']:.3f}, chance {metrics['chance_accuracy']:.3f}, macro-F1 "
-          f"{metrics['macro_f1']:.3f}, ECE {metrics['ece']:.3f}")
-    print("approaches:", ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in approaches.items()))
+    config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
+    times = notebook_seconds(run)
+    finished = tiny_run / "metrics.json"
+    tiny = notebook_seconds(tiny_run) if finished.is_file() and not (tiny_run / "RUN_INCOMPLETE").exists() else {}
+    cpu = cpu_name()
+    from datetime import date
+
+    day = date.fromtimestamp(metrics_file.stat().st_mtime).isoformat()
+    readme = ROOT / "README.md"
+    block = headline(run, metrics, approaches, config, sum(times.values()), cpu, day)
+    write_text(readme, update_readme(readme.read_text(encoding="utf-8"), block, times, tiny))
+    print(f"{readme}: headline and notebook times")
+    for stem in times:
+        path = ROOT / "notebooks" / f"{stem}.ipynb"
+        if path.is_file() and update_notebook(path, measured_line(stem, times, tiny, cpu, day)):
+            print(f"{path}: measured time")
+    print(block)
     return 0
 
 
