@@ -267,6 +267,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _contiguous_input(_module, args):
+    """Forward pre-hook of the LM head: a contiguous input. ``logits_to_keep=1`` (as ``generate`` passes) hands the
+    head a (rows, 1, hidden) view of the last position; behind a PEFT wrapper in bfloat16 on a CPU that view made
+    each call copy the whole tied embedding once per row (Gemma 3: 17 s instead of 1 s for 16 rows)."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None, adapter: str | None = None,
                verify: bool = False, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a resolved folder (checked: :func:`resolve_model`, SHA-256 too with ``verify``), on
@@ -283,6 +290,9 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
     tokenizer = load_tokenizer(folder)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = chat_family(model.config).chat_template

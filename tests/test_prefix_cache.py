@@ -36,25 +36,36 @@ def _rows():
 
 
 def _first_forward_widths(model):
-    """Record the token width of every forward that starts a batch (the prompt pass, not the candidates')."""
-    widths = []
+    """Record the token width of every forward that starts a batch (the prompt pass, not the candidates'), and of
+    the prefix pass: the decoder calls that start from no cache or from the prefix cache alone. The candidates'
+    pass starts from a cache holding the prefix and the row's own tokens."""
+    calls = []
 
     def hook(_module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is not None and isinstance(kwargs.get("logits_to_keep"), int) and kwargs["logits_to_keep"] == 1:
-            widths.append(ids.shape[1])
+        ids, cache = kwargs.get("input_ids"), kwargs.get("cache")
+        calls.append((ids.shape[0], ids.shape[1], cache.get_seq_length() if cache is not None else 0))
 
-    return widths, model.register_forward_pre_hook(hook, with_kwargs=True)
+    class Widths(list):
+        def finish(self):
+            prefix = None  # the width of the latest prefix pass (one row, no cache; the tests' batches hold more)
+            for rows, width, cached in calls:
+                if cached == 0 or cached == prefix:
+                    self.append(width)
+                if rows == 1 and cached == 0:
+                    prefix = width
+
+    return Widths(), calls, model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _check_same(model, tokenizer, rows, max_length, **kwargs):
     plain = score_candidates(model, tokenizer, rows, max_length=max_length, batch_size=4, prefix_cache=False,
                              **kwargs)
-    widths, handle = _first_forward_widths(model)
+    widths, _calls, handle = _first_forward_widths(model)
     try:
         cached = score_candidates(model, tokenizer, rows, max_length=max_length, batch_size=4, **kwargs)
     finally:
         handle.remove()
+    widths.finish()
     assert [s.prediction for s in cached] == [s.prediction for s in plain]
     for a, b in zip(cached, plain):
         assert a.scores.keys() == b.scores.keys()
@@ -116,12 +127,13 @@ def test_compare_prefix_cache_times_both_paths_alternately(tiny_dir):
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
     rows = _rows()[:4]
-    widths, handle = _first_forward_widths(model)
+    widths, _calls, handle = _first_forward_widths(model)
     start = time.perf_counter()
     try:
         got = compare_prefix_cache(model, tokenizer, rows, max_length=128, batch_size=2, pairs=2, warmup=False)
     finally:
         handle.remove()
+    widths.finish()
     elapsed = time.perf_counter() - start
     prompts = encode_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], 128)
     prefix = shared_prefix_length(prompts)
