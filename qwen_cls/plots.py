@@ -12,6 +12,7 @@ Importing this module registers a Simplified-Chinese font (Noto Sans SC, from th
 from __future__ import annotations
 
 import importlib.resources
+import math
 import os
 import unicodedata
 from pathlib import Path
@@ -258,14 +259,26 @@ def approaches_cost(table: Mapping[str, Mapping], *, chance: float | None = None
     milliseconds per row (right, log scale), one labelled point per method of ``approaches.json``."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    placed = {left: [], right: []}  # labelled points per panel: a close neighbour's label goes below its point
+    xs = {left: [], right: []}
     for k, (method, m) in enumerate(table.items()):
         color = colors[k % len(colors)]
         ms_per_row = 1000 / m["rows_per_second"] if m["rows_per_second"] else float("nan")
         for ax, x in ((left, m["train_seconds"]), (right, ms_per_row)):
-            ax.scatter([x], [m["accuracy"]], color=color, s=40, zorder=3)
-            ax.annotate(method, (x, m["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            y = m["accuracy"]
+            ax.scatter([x], [y], color=color, s=40, zorder=3)
+            near = any(abs(y - py) < 0.05 and abs(math.log10(1 + x) - math.log10(1 + px)) < 0.6
+                       for px, py in placed[ax])
+            ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, -11 if near else 4), fontsize=8)
+            placed[ax].append((x, y))
+            xs[ax].append(x)
     left.set_xscale("symlog", linthresh=1.0)  # 0 s (nothing to train) stays on the axis
     right.set_xscale("log")
+    finite = [x for x in xs[left] if math.isfinite(x)]
+    left.set_xlim(-0.3, max(finite + [1.0]) * 6)  # room right of the points for their labels; no negative ticks
+    shown = [x for x in xs[right] if math.isfinite(x) and x > 0]
+    if shown:
+        right.set_xlim(min(shown) / 2, max(shown) * 6)
     left.set_xlabel("training seconds (0: nothing to train)")
     right.set_xlabel("inference milliseconds per test row")
     left.set_ylabel("accuracy")
