@@ -38,12 +38,14 @@ def run_dtype(run_dir: str | os.PathLike, device=None) -> torch.dtype:
 
 def load_run(run_dir: str | os.PathLike, *, device=None, verify: bool = False, dtype: torch.dtype | None = None):
     """(model, tokenizer, config) for a run dir: its ``base_model`` with the LoRA ``adapter/`` on top, in ``dtype``
-    (default: the run's own, :func:`~qwen_cls.run_record.run_precision`, so the numbers are the notebooks')."""
+    (default :func:`~qwen_cls.model.pick_dtype`: float32 on a CPU, even for a run trained in bfloat16). ``predict``
+    and ``serve`` keep that default: in bfloat16 a row's scores depend on the rows batched with it (padding changes
+    the rounding by about 1e-2), so ``serve``, which batches whatever arrives together, could not give ``predict``'s
+    numbers. The notebooks load in the run's dtype (:func:`run_dtype`) for speed."""
     from .model import load_model
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    dtype = dtype or run_dtype(run_dir, device)
     adapter = adapter_dir(run_dir)
     mismatch = AdapterMismatch(
         f"{adapter}: this adapter does not fit the base model {config['base_model']!r} (its layers or tensor "

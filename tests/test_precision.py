@@ -1,6 +1,6 @@
 """The ``precision`` parameter: bfloat16 where the CPU (or GPU) computes it natively, float32 elsewhere; a run
-records the dtype it trained in and ``predict`` / ``serve`` / 04-07 load it in that dtype; exports merge in
-float32; 06's head stays float32 beside a bfloat16 body."""
+records the dtype it trained in and notebooks 04-06 load it in that dtype (``predict`` and ``serve`` stay
+float32 on a CPU); exports merge in float32; 06's head stays float32 beside a bfloat16 body."""
 
 from __future__ import annotations
 
@@ -85,17 +85,19 @@ def bf16_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_a_bf16_run_loads_in_bf16_only_where_the_cpu_has_it(bf16_run, monkeypatch, native):
+def test_a_bf16_run_loads_in_bf16_only_where_the_cpu_has_it_and_predict_stays_float32(bf16_run, monkeypatch, native):
     from qwen_cls.predict import load_run, run_dtype
 
     monkeypatch.setattr(M, "cpu_has_native_bf16", lambda *a, **k: native)
     expected = torch.bfloat16 if native else torch.float32
     assert run_dtype(bf16_run, "cpu") == expected
-    model, _, _ = load_run(bf16_run, device="cpu")
+    model, _, _ = load_run(bf16_run, device="cpu", dtype=run_dtype(bf16_run, "cpu"))  # as notebooks 04-06 load it
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     body = [d for name, d in dtypes.items() if "lora_" not in name]
     assert set(body) == {expected}
     assert {d for name, d in dtypes.items() if "lora_" in name} == {torch.float32}  # the adapter stays float32
+    served, _, _ = load_run(bf16_run, device="cpu")  # predict and serve: float32, batching cannot move the numbers
+    assert {p.dtype for p in served.parameters()} == {torch.float32}
 
 
 def test_export_of_a_bf16_run_merges_in_float32(bf16_run, tmp_path, monkeypatch):
