@@ -154,4 +154,4 @@ def test_run_injects_only_the_run_folder_for_the_committed_profile(tmp_path, mon
     run_chain("tiny", tmp_path / "tiny", {"seed": 3}, progress=False, log_output=False)
     parameters, _ = calls["03_lora_training.ipynb"]
     assert parameters["learning_rate"] == 5e-3 and parameters["seed"] == 3 and parameters["base_model"] == "tiny"
-    assert len(parameters) == 17
+    assert len(parameters) == 18  # every key 03 declares, precision included

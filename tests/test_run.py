@@ -98,9 +98,10 @@ def test_notebook_and_cli_write_the_same_run_config_keys(run_dir, tmp_path):
     notebook = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
     cli = json.loads((cli_out / "run_config.json").read_text(encoding="utf-8"))
     assert _key_paths(notebook) == _key_paths(cli)
-    assert {"profile", "base_model", "max_length", "lora", "training", "seed"} == set(cli)
+    assert {"profile", "base_model", "max_length", "dtype", "lora", "training", "seed"} == set(cli)
     # the values say what each path really did
     assert (notebook["profile"], cli["profile"]) == ("tiny", None)
+    assert notebook["dtype"] == cli["dtype"] == "float32"  # the tiny profile's precision; the CLI's CPU default
     assert cli["training"]["max_steps"] == 2 and cli["training"]["global_step"] == 2
     assert cli["training"]["train_rows"] == 8 and cli["max_length"] == 128
     assert cli["training"]["train_sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
