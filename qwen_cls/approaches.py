@@ -139,11 +139,13 @@ def save_seq_cls(model, tokenizer, folder: str | os.PathLike, *, base_model: str
         raise ValueError(f"the LoRA config does not save the head {SEQ_CLS_HEAD!r} (modules_to_save={saved}); "
                          "reloaded, it would be a new random head")
     folder = Path(folder)
+    from .model import dtype_name
+
     with atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_json_atomic({"base_model": base_model, "labels": list(labels), "max_length": max_length,
-                           "dtype": str(body_dtype(model)).removeprefix("torch.")}, tmp / SEQ_CLS_FILE)
+                           "dtype": dtype_name(body_dtype(model))}, tmp / SEQ_CLS_FILE)
     return folder
 
 
