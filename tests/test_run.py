@@ -255,6 +255,9 @@ def test_ctrl_c_during_a_notebook_is_one_line_exit_130(tmp_path):
         [sys.executable, "-m", "qwen_cls.cli", "run", "--out", str(out), "--quiet", "-p", "swanlab_mode", "disabled",
          "-p", "max_train_samples", "8", "-p", "max_test_samples", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as from a terminal: SIGINT at its default. A child inherits an ignored SIGINT (POSIX; Python then keeps
+        # it ignored), and an earlier test in the same pytest worker can leave it so: the chain then ran to the end.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 600
     while not (out / "notebooks" / "03_lora_training.ipynb").exists():
