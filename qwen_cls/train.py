@@ -44,8 +44,9 @@ def recipe_lora_config(model=None, **overrides):
 
 
 def prepare_lora_model(model, lora_config, *, gradient_checkpointing: bool = True):
-    """Wrap ``model`` with LoRA; with gradient (activation) checkpointing, make the frozen embeddings'
-    output require grad so gradients reach the LoRA weights of the first layer."""
+    """Wrap ``model`` with LoRA (its dropout: :func:`use_fast_dropout`); with gradient (activation)
+    checkpointing, make the frozen embeddings' output require grad so gradients reach the LoRA weights of the
+    first layer."""
     from peft import get_peft_model
 
     if gradient_checkpointing:
@@ -53,7 +54,39 @@ def prepare_lora_model(model, lora_config, *, gradient_checkpointing: bool = Tru
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         model.config.use_cache = False
-    return get_peft_model(model, lora_config)
+    return use_fast_dropout(get_peft_model(model, lora_config))
+
+
+class FastDropout(torch.nn.Dropout):
+    """``nn.Dropout`` (the same ``p``, the same scaling by ``1 / (1 - p)``) whose mask on a CPU comes from 64-bit
+    random integers cut in four: torch's CPU generator makes one number per call, and ``F.dropout`` draws one per
+    element (with LoRA dropout on the seven projections of every layer, about a fifth of a Gemma 3 270M training
+    step on 2 cores). An element is kept when its 16-bit number is at least ``round(p * 2**16)`` above the
+    smallest, so ``p`` is rounded to a multiple of 2**-16 (0.1 becomes 0.100006). Seeded like everything else
+    (``torch.manual_seed``). On other devices, and in eval mode, it is ``nn.Dropout``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1:
+            return torch.zeros_like(x)
+        n = x.numel()
+        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        keep = words.view(torch.int16)[:n].view(x.shape) >= round(self.p * 2**16) - 2**15
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
+def use_fast_dropout(model):
+    """Give every LoRA layer of a PEFT ``model`` a :class:`FastDropout` with its own ``p`` in place of its
+    ``nn.Dropout`` (its dropout stays what the LoraConfig says; only the random numbers come faster on a CPU).
+    Returns ``model``."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is torch.nn.Dropout:
+                    dropouts[name] = FastDropout(dropout.p)
+    return model
 
 
 def padding_collator(tokenizer):

@@ -93,8 +93,37 @@ def test_prefix_cache_gives_the_uncached_scores(family, tiny_dir, gemma_dir):
                                                           if family == "qwen2" else "请输出文本内容的正确分类\n\n文本")
     widths = _check_same(model, tokenizer, rows, 128)
     # Each batch's prompt pass ran only the rows' own tokens: the prefix came from the cache (one extra pass).
-    own = [max(len(p) - prefix for p in prompts[s:s + 4]) for s in range(0, len(rows), 4)]
+    # The rows are batched in order of prompt length (a stable sort: ties keep the file order).
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    own = [max(len(prompts[i]) - prefix for i in order[s:s + 4]) for s in range(0, len(rows), 4)]
     assert widths == [prefix] + own
+
+
+def test_rows_are_batched_by_prompt_length_and_come_back_in_their_order(tiny_dir):
+    model, tokenizer = load_model(tiny_dir, device="cpu")
+    rows = _rows()
+    prompts = encode_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], 128)
+    prefix = shared_prefix_length(prompts)
+    assert sorted(map(len, prompts)) != [len(p) for p in prompts]  # the file order is not the length order
+    passes, padded = {}, {}
+    for by_length in (False, True):
+        widths, _calls, handle = _first_forward_widths(model)
+        try:
+            passes[by_length] = score_candidates(model, tokenizer, rows, max_length=128, batch_size=4,
+                                                 by_length=by_length)
+        finally:
+            handle.remove()
+        widths.finish()
+        order = sorted(range(len(rows)), key=lambda i: len(prompts[i])) if by_length else range(len(rows))
+        order = list(order)
+        assert widths == [prefix] + [max(len(prompts[i]) - prefix for i in order[s:s + 4])
+                                     for s in range(0, len(rows), 4)]
+        padded[by_length] = sum(widths[1:])  # the tokens the batches' prompt passes ran, padding included
+    assert padded[True] < padded[False]
+    for a, b, row in zip(passes[True], passes[False], rows):  # each result is its own row's, in the rows' order
+        assert a.scores.keys() == b.scores.keys() == set(row["category"])
+        assert a.prediction == b.prediction
+        assert a.scores == pytest.approx(b.scores, abs=ABS)
 
 
 def test_prefix_cache_with_rag_examples(tiny_dir):
@@ -140,9 +169,11 @@ def test_compare_prefix_cache_times_both_paths_alternately(tiny_dir):
     assert got["prefix_tokens"] == prefix and got["mean_prompt_tokens"] == sum(map(len, prompts)) / 4
     assert got["rows"] == 4 and got["pairs"] == 2 and got["same_predictions"] is True
     assert 0 <= got["max_abs_score_diff"] < ABS
-    # uncached (2 batches of whole prompts), cached (prefix pass + 2 batches of own tokens), twice
-    whole = [max(map(len, prompts[s:s + 2])) for s in (0, 2)]
-    own = [max(len(p) - prefix for p in prompts[s:s + 2]) for s in (0, 2)]
+    # uncached (2 batches of whole prompts), cached (prefix pass + 2 batches of own tokens), twice; the rows
+    # batched in order of prompt length
+    by_length = sorted(prompts, key=len)
+    whole = [max(map(len, by_length[s:s + 2])) for s in (0, 2)]
+    own = [max(len(p) - prefix for p in by_length[s:s + 2]) for s in (0, 2)]
     assert widths == (whole + [prefix] + own) * 2
     low, high = got["speedup_spread"]
     assert low <= got["speedup"] <= high and all(math.isfinite(x) and x > 0 for x in (low, high))
