@@ -51,7 +51,7 @@ PROFILES: dict[str, dict] = {
         "rag_max_length": 0,  # 05's RAG prompts: the training max_length
         "rag_test_rows": 0,  # 05 compares on all 30 test rows
         "show_rows": 3,
-        "speed_rows": 3,
+        "speed_rows": 1,  # 04's per-row generate: the random model never stops, 512 tokens a row
         "sweep_dir": "",  # 03's last section shows this finished sweep's table ("": none)
         "seq_cls_epochs": 2,  # 06's sequence-classification head: as many epochs as 03, the same big steps
         "seq_cls_learning_rate": 5e-3,

@@ -13,8 +13,6 @@ import ast
 import inspect
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -117,15 +115,10 @@ def test_unknown_exercise_is_refused():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """One tiny-profile run of the whole chain (the committed notebooks, check cells included), small."""
-    out = tmp_path_factory.mktemp("exercises") / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "qwen_cls.cli", "run", "--profile", "tiny", "--out", str(out),
-         "-p", "max_train_samples", "16", "-p", "max_test_samples", "8", "-p", "speed_rows", "1"],
-        capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+def run(tiny_run) -> Path:
+    """The session's tiny chain run (conftest.tiny_run: the committed notebooks, check cells included, 16 training
+    and 8 test rows), shared with the other tests that only read a finished chain."""
+    return tiny_run[0]
 
 
 @pytest.fixture(scope="module")
