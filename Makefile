@@ -38,15 +38,15 @@ train: setup
 lint: setup
 	$(VENV)/bin/ruff check qwen_cls tests benchmarks docs
 
-# Lint, the tests (TEST_WORKERS processes, pytest-xdist; each test file on one worker, costly shared fixtures
-# made once: tests/conftest.py), then every notebook in the tiny profile under nbval (copies in runs/nbval,
-# writing runs/notebooks). `make test-fast`: the edit loop, without the tests that train, run notebooks or start
-# processes.
+# Lint, then in one pytest session on TEST_WORKERS processes (pytest-xdist) the tests and every notebook in the tiny
+# profile under nbval (copies in runs/nbval, writing runs/notebooks): each test file, and the notebooks together in
+# order, on one worker, the costliest first; costly shared fixtures made once (tests/conftest.py).
+# `make test-fast`: the edit loop, without the tests that train, run notebooks or start processes.
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 test: setup lint prepare-nbval
-	$(PY) -m pytest $(PYTEST_PARALLEL) tests
-	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider runs/nbval/
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -p no:cacheprovider \
+	    --nbval-lax --nbval-current-env tests runs/nbval
 
 # Copies of notebooks 00-07 with the tiny profile injected (papermill's prepare-only mode; the committed ones hold
 # gemma3-270m): they differ from the committed notebooks only by the injected-parameters cell.
