@@ -38,18 +38,19 @@ train: setup
 lint: setup
 	$(VENV)/bin/ruff check qwen_cls tests benchmarks docs
 
-# Lint, then in one pytest session on TEST_WORKERS processes (pytest-xdist) the tests and every notebook in the tiny
-# profile under nbval (copies in runs/nbval, writing runs/notebooks): each test file, and the notebooks together in
-# order, on one worker, the costliest first; costly shared fixtures made once (tests/conftest.py).
-# `make test-fast`: the edit loop, without the tests that train, run notebooks or start processes.
+# Lint, then the tests on TEST_WORKERS processes (pytest-xdist; each test file on one worker, the costliest first,
+# costly shared fixtures made once: tests/conftest.py); among them tests/test_nbval.py runs every notebook in the
+# tiny profile under nbval (copies with its own run folder). `make test-fast`: the edit loop, without the tests that
+# train, run notebooks or start processes.
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
-test: setup lint prepare-nbval
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -p no:cacheprovider \
-	    --nbval-lax --nbval-current-env tests runs/nbval
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+test: setup lint
+	$(PY) -m pytest $(PYTEST_PARALLEL) tests
 
 # Copies of notebooks 00-07 with the tiny profile injected (papermill's prepare-only mode; the committed ones hold
-# gemma3-270m): they differ from the committed notebooks only by the injected-parameters cell.
+# gemma3-270m): they differ from the committed notebooks only by the injected-parameters cell. To run them under
+# nbval by hand: .venv/bin/python -m pytest --nbval-lax --nbval-current-env runs/nbval (make test does it in
+# tests/test_nbval.py).
 prepare-nbval: setup
 	rm -rf runs/nbval  # its own folder: never a stale or edited copy under test
 	$(VENV)/bin/qwen-cls lab --profile tiny --dir runs/nbval --prepare-only

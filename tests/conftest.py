@@ -17,11 +17,10 @@ Markers (``pyproject.toml``): ``slow`` (trains, runs notebooks or computes with 
 ``subprocess`` (starts other processes: the CLI, kernels, torchrun, pip, a server); ``make test-fast`` runs the
 tests that are neither. Mark a new test that takes seconds with one of them.
 
-Parallel (``make test``: ``pytest -n 2 --dist loadgroup``, pytest-xdist, the nbval notebooks in the same session):
-each test file runs whole on one worker (:func:`pytest_collection_modifyitems`), so a module's fixtures are made
-once; a costly session fixture shared by several files (``tiny_run``,
-the Gemma folder, the cache's tiny model) is made once per session under a lock in the workers' common temp
-folder, the other workers waiting for it and reusing it. Each worker (and what it starts) uses
+Parallel (``make test``: ``pytest -n 2 --dist loadfile``, pytest-xdist, the costliest files first): each test file
+runs whole on one worker, so a module's fixtures are made once; a costly session fixture shared by several files
+(``tiny_run``, the Gemma folder, the cache's tiny model) is made once per session under a lock in the workers'
+common temp folder, the other workers waiting for it and reusing it. Each worker (and what it starts) uses
 ``cores // workers`` BLAS threads. Tests must not write outside their ``tmp_path`` (the other worker runs at
 the same time); ports come from ``test_dashboard.free_port``.
 """
@@ -56,24 +55,15 @@ def pytest_configure(config):
 
 
 # The costliest test files (pytest --durations), scheduled first so that no worker is left alone with one at the
-# end; "nbval" stands for the notebooks make test runs under nbval (runs/nbval).
-COSTLY_FIRST = ("test_sweep.py", "test_run.py", "nbval", "test_short_run.py", "test_labels.py", "test_resume.py",
-                "test_serve.py")
+# end (make test: --no-loadscope-reorder keeps this order; xdist would otherwise put the files with most tests first).
+COSTLY_FIRST = ("test_sweep.py", "test_run.py", "test_nbval.py", "test_short_run.py", "test_labels.py",
+                "test_resume.py", "test_serve.py")
 
 
-def _group(item) -> str:
-    return "nbval" if item.path.suffix == ".ipynb" else item.path.name
-
-
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Each test file is one ``xdist_group`` (``make test``: ``--dist loadgroup``), so its module fixtures are made
-    once; the notebooks under nbval are one group too, run in order (each reads what the one before wrote). The
-    costly groups come first (:data:`COSTLY_FIRST`; ``--no-loadscope-reorder`` keeps this order)."""
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group(item)))
+    """The files of :data:`COSTLY_FIRST` first, in that order; each file keeps its own order."""
     rank = {name: i for i, name in enumerate(COSTLY_FIRST)}
-    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: each file keeps its own order
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def _shared_root(tmp_path_factory) -> Path:
