@@ -592,7 +592,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="execute the notebook chain 00-06 with papermill into a run folder")
     p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
                    help="parameter set: tiny (offline mechanics, 1 min), gemma3-270m (a real model learning on CPU, "
-                        "offline after make setup, about 10 min on 2 cores) or qwen2-0.5b (the real recipe; network + "
+                        "offline after make setup, about 9 min on 2 cores) or qwen2-0.5b (the real recipe; network + "
                         "GPU advisable)")
     p.add_argument("--out", default=None, help="run folder (default: the profile's out_dir)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),

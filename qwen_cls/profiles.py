@@ -20,7 +20,7 @@ from .tracking import MODES
 
 # The gemma3-270m profile's training, chosen by measurement (see the issue note and README): the most rows
 # and the learning rate that learn best within make demo's time on 2 CPU cores (chosen in float32; with bfloat16
-# and the shared prefix the demo takes about 10 minutes on an AMD EPYC, benchmarks/RESULTS.md).
+# and the shared prefix the demo takes about 9 minutes on an AMD EPYC, benchmarks/RESULTS.md).
 GEMMA_TRAIN_ROWS = 800
 GEMMA_LEARNING_RATE = 1e-3
 
@@ -62,7 +62,7 @@ PROFILES: dict[str, dict] = {
         "out_dir": "../runs/notebooks",
     },
     # Offline after `make setup`: Google's pretrained Gemma 3 270M (PyPI GGUF chunks) on THUCNews headlines,
-    # sized to really learn on 2 CPU cores (make demo: 9 min 52 s on an AMD EPYC, bfloat16). Real numbers, a small
+    # sized to really learn on 2 CPU cores (make demo: 8 min 55 s on an AMD EPYC, bfloat16). Real numbers, a small
     # model.
     GEMMA: {
         **RECIPE,
