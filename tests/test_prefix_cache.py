@@ -114,8 +114,7 @@ def test_rows_are_batched_by_prompt_length_and_come_back_in_their_order(tiny_dir
         finally:
             handle.remove()
         widths.finish()
-        order = sorted(range(len(rows)), key=lambda i: len(prompts[i])) if by_length else range(len(rows))
-        order = list(order)
+        order = sorted(range(len(rows)), key=lambda i: len(prompts[i])) if by_length else list(range(len(rows)))
         assert widths == [prefix] + [max(len(prompts[i]) - prefix for i in order[s:s + 4])
                                      for s in range(0, len(rows), 4)]
         padded[by_length] = sum(widths[1:])  # the tokens the batches' prompt passes ran, padding included
