@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from .files import atomic_dir, file_sha256
+from .files import atomic_dir, file_sha256, save_tokenizer
 from .hub import TINY
 from .predict import load_run
 from .run_record import ADAPTER, PARAMS, RUN_CONFIG, check_run_finished
@@ -158,7 +158,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     with atomic_dir(out) as tmp:  # a failure leaves no half-written export
         merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         exported = {**config, "dtype": "float32", "exported_from": str(run_dir), "merged": True}
         (tmp / RUN_CONFIG).write_text(json.dumps(exported, ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config, metrics, run_dir), encoding="utf-8")
@@ -210,7 +210,7 @@ def export_seq_cls(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
             "labels": list(labels), "max_length": max_length}
     with atomic_dir(out) as tmp:  # a failure leaves no half-written export
         merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / SEQ_CLS_FILE).write_text(json.dumps({**meta, "exported_from": str(run_dir), "merged": True},
                                                    ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(seq_cls_card(meta, run_dir, type(merged).__name__), encoding="utf-8")

@@ -168,6 +168,22 @@ def write_json_atomic(obj, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """``tokenizer.save_pretrained(folder)``, its added tokens also listed in ``tokenizer_config.json``
+    (``added_tokens_decoder``, as transformers 4 wrote it and published checkpoints carry it): without that
+    list, transformers 5 parses the whole ``tokenizer.json`` in Python at every load to find them (Gemma 3's
+    33 MB: a load took 2.4-2.5 s with the list and 3.4-4.1 s without, on a 2-core AMD EPYC)."""
+    tokenizer.save_pretrained(str(folder))
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    write_json_atomic(config, config_path)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it takes ``path``'s place (an existing ``path`` is

