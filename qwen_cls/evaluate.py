@@ -159,7 +159,8 @@ def score_candidates(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, ba
             cache.batch_repeat_interleave(len(prompts))
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions[:, shared:], cache=cache,
                     use_cache=True, logits_to_keep=last_position(ids))
-        first = torch.log_softmax(out.logits.float(), dim=-1)  # (rows, vocab): predicts each candidate's first token
+        first = out.logits  # (rows, vocab): predicts each candidate's first token
+        first_norm = first.float().logsumexp(-1)  # log-softmax = logit - this; only the candidates' tokens are needed
 
         cand = torch.full((len(pair_tokens), width), pad, dtype=torch.long)
         cand_mask = torch.zeros_like(cand)
@@ -182,10 +183,12 @@ def score_candidates(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, ba
             use_cache=True,
             logits_to_keep=needed,
         )
-        logp = torch.log_softmax(cont.logits.float(), dim=-1)  # (number of needed positions, vocab)
+        later = cont.logits  # (number of needed positions, vocab)
         token_logp = torch.zeros_like(cand, dtype=torch.float)
-        token_logp[:, 0] = first[row_index].gather(1, cand[:, :1]).squeeze(1)
-        token_logp[:, 1:][needed[:, :-1]] = logp.gather(1, cand[:, 1:][needed[:, :-1]][:, None]).squeeze(1)
+        token_logp[:, 0] = first[row_index, cand[:, 0]].float() - first_norm[row_index]
+        later_ids = cand[:, 1:][needed[:, :-1]]
+        token_logp[:, 1:][needed[:, :-1]] = (later.gather(1, later_ids[:, None]).squeeze(1).float()
+                                             - later.float().logsumexp(-1))
         totals = (token_logp * cand_mask).sum(1).tolist()
 
         k = 0
