@@ -278,8 +278,10 @@ def _contiguous_input(_module, args):
 def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None, adapter: str | None = None,
                verify: bool = False, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a resolved folder (checked: :func:`resolve_model`, SHA-256 too with ``verify``), on
-    ``device`` in ``dtype`` (default :func:`pick_dtype`), optionally with a LoRA adapter (its weights stay float32);
-    a tokenizer without a chat template gets its model family's."""
+    ``device`` in ``dtype`` (default :func:`pick_dtype`), optionally with a LoRA adapter, loaded in that dtype too
+    (PEFT's default keeps it float32, which training needs; for inference in bfloat16 that costs a float32 copy of
+    every LoRA layer's input and output: candidate scoring took 1.34x the base model's time, 1.15x with the adapter
+    in bfloat16, on a 2-core AMD EPYC); a tokenizer without a chat template gets its model family's."""
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model(path, verify=verify)
@@ -290,7 +292,7 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = PeftModel.from_pretrained(model, str(adapter), autocast_adapter_dtype=False)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(_contiguous_input)
