@@ -88,7 +88,7 @@ PROFILES: dict[str, dict] = {
         "max_new_tokens": 5,
         "generate_rows": 100,  # 04's free generation (slower than scoring) on the first 100 of the 500 test rows
         "rag_k": 3,
-        "rag_test_rows": 200,  # 05 compares its four model methods on the first 200 test rows
+        "rag_test_rows": 150,  # 05 compares its four model methods on the first 150 test rows (06 its six approaches)
         "rag_max_length": 256,  # room for k=3 retrieved headlines beside the query (128 would cut them)
         "show_rows": 3,
         "speed_rows": 1,  # 04's per-row generate(512) without the adapter never stops: ~35 s a row on CPU
