@@ -67,7 +67,8 @@ def headline(run: Path, metrics: dict, approaches: dict, config: dict, total: fl
     return (
         "| what one epoch of LoRA changed (notebook 03) | six approaches on the same rows (notebook 06) |\n"
         "|---|---|\n"
-        "| ![accuracy on 100 test headlines before and after training](docs/images/learning_curve.png) "
+        f"| ![accuracy on {config['training']['eval_rows']} test headlines before and after training]"
+        "(docs/images/learning_curve.png) "
         "| ![accuracy and speed of six approaches](docs/images/approaches.png) |\n\n"
         f"A `make demo` run ({day}, {cpu}, {config.get('dtype', 'float32')}, {english_time(total)} for notebooks "
         f"00-07): after one epoch of LoRA on {config['training']['train_rows']} THUCNews headlines, Gemma 3 270M "

@@ -1,4 +1,4 @@
-"""``qwen-cls lab``: one switch for the whole chain. Working copies of notebooks 00-06 with a profile injected
+"""``qwen-cls lab``: one switch for the whole chain. Working copies of notebooks 00-07 with a profile injected
 (:func:`~qwen_cls.pipeline.prepare_notebooks`), then JupyterLab on them, listening on 127.0.0.1 only.
 
 The committed notebooks hold the ``gemma3-270m`` profile; ``qwen-cls lab --profile tiny`` moves all seven to
@@ -58,7 +58,7 @@ def cmd_lab(args) -> int:
 def register(subparsers) -> None:
     """Add ``qwen-cls lab`` to the CLI."""
     p = subparsers.add_parser(
-        "lab", help="copies of notebooks 00-06 with a profile injected, opened in JupyterLab on 127.0.0.1")
+        "lab", help="copies of notebooks 00-07 with a profile injected, opened in JupyterLab on 127.0.0.1")
     p.add_argument("--profile", choices=sorted(PROFILES), default=COMMITTED_PROFILE,
                    help=f"parameter set injected into every notebook (default {COMMITTED_PROFILE}, the committed "
                         "notebooks' values): tiny (a 1-minute mechanics pass) or qwen2-0.5b (the recipe, on a GPU)")

@@ -1,4 +1,4 @@
-"""Run the notebook chain (00 -> 06, see :data:`NOTEBOOKS`) with papermill into one run directory (``qwen-cls run``).
+"""Run the notebook chain (00 -> 07, see :data:`NOTEBOOKS`) with papermill into one run directory (``qwen-cls run``).
 
 Each notebook receives the parameters its ``parameters`` cell declares, taken from a profile
 (:mod:`qwen_cls.profiles`) and ``-p KEY VALUE`` overrides, checked against :data:`~qwen_cls.profiles.SCHEMA`
@@ -589,10 +589,10 @@ def cmd_run(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``qwen-cls run`` to the CLI."""
-    p = subparsers.add_parser("run", help="execute the notebook chain 00-06 with papermill into a run folder")
+    p = subparsers.add_parser("run", help="execute the notebook chain 00-07 with papermill into a run folder")
     p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
                    help="parameter set: tiny (offline mechanics, 1 min), gemma3-270m (a real model learning on CPU, "
-                        "offline after make setup, about 9 min on 2 cores) or qwen2-0.5b (the real recipe; network + "
+                        "offline after make setup, about 7 min on 2 cores) or qwen2-0.5b (the real recipe; network + "
                         "GPU advisable)")
     p.add_argument("--out", default=None, help="run folder (default: the profile's out_dir)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),

@@ -20,7 +20,7 @@ from .tracking import MODES
 
 # The gemma3-270m profile's training, chosen by measurement (see the issue note and README): the most rows
 # and the learning rate that learn best within make demo's time on 2 CPU cores (chosen in float32; with bfloat16
-# and the shared prefix the demo takes about 9 minutes on an AMD EPYC, benchmarks/RESULTS.md).
+# and the shared prefix the demo takes 6.5-7 minutes on a 2-core AMD EPYC, benchmarks/RESULTS.md).
 GEMMA_TRAIN_ROWS = 800
 GEMMA_LEARNING_RATE = 1e-3
 
@@ -62,7 +62,7 @@ PROFILES: dict[str, dict] = {
         "out_dir": "../runs/notebooks",
     },
     # Offline after `make setup`: Google's pretrained Gemma 3 270M (PyPI GGUF chunks) on THUCNews headlines,
-    # sized to really learn on 2 CPU cores (make demo: 8 min 55 s on an AMD EPYC, bfloat16). Real numbers, a small
+    # sized to really learn on 2 CPU cores (make demo: 6 min 29 s on an AMD EPYC, bfloat16). Real numbers, a small
     # model.
     GEMMA: {
         **RECIPE,
@@ -93,7 +93,7 @@ PROFILES: dict[str, dict] = {
         "show_rows": 3,
         "speed_rows": 1,  # 04's per-row generate(512) without the adapter never stops: ~35 s a row on CPU
         "sweep_dir": "",
-        "seq_cls_epochs": 1,  # 06 trains the head on the same 800 rows as 03, briefly (about 80 s)
+        "seq_cls_epochs": 1,  # 06 trains the head on the same 800 rows as 03, briefly (45-55 s)
         "seq_cls_learning_rate": GEMMA_LEARNING_RATE,
         "seq_cls_max_length": 64,  # the text alone, no prompt: a headline takes about 20-30 Gemma tokens
         "serve_rows": 32,  # 07: predict's baseline and the concurrent clients on the first 32 test rows

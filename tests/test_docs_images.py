@@ -57,13 +57,14 @@ def test_headline_names_model_data_machine_and_the_computed_numbers(tmp_path):
     metrics = {"n_test": 500, "accuracy": 0.8876, "macro_f1": 0.8871, "zero_shot": {"accuracy": 0.35},
                "chance_accuracy": 0.3236}
     approaches = {"lora": {"accuracy": 0.905, "n_test": 200}, "tfidf_logreg": {"accuracy": 0.78, "n_test": 200}}
-    config = {"dtype": "bfloat16", "training": {"train_rows": 800}}
+    config = {"dtype": "bfloat16", "training": {"train_rows": 800, "eval_rows": 50}}
     text = U.headline(tmp_path, metrics, approaches, config, 431.0, "2-core AMD EPYC", "2026-12-04")
     assert "(2026-12-04, 2-core AMD EPYC, bfloat16, 7 min 11 s for notebooks 00-07)" in text
     assert "LoRA on 800 THUCNews headlines, Gemma 3 270M classifies 500 test headlines with **accuracy 0.888**" in text
     assert "(macro-F1 0.887), against 0.350 zero-shot (adapter off) and 0.324 chance" in text
     assert "On 200 of those rows notebook 06 compares `lora` 0.905, `tfidf_logreg` 0.780; best: `lora`" in text
     assert "docs/images/learning_curve.png" in text and "docs/images/approaches.png" in text
+    assert "![accuracy on 50 test headlines before and after training]" in text  # 03's eval_rows
 
 
 def test_notebook_measured_line_goes_after_the_time_line_and_is_replaced_not_repeated(tmp_path):
