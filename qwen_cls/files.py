@@ -356,6 +356,25 @@ def read_manifest(folder: Path) -> dict | None:
     return data
 
 
+def earlier_builds(out: Path, model: str, version: str) -> list[Path]:
+    """Folders beside ``out`` holding a whole build of ``model`` of another version (their manifest says so): a
+    version bump leaves the old build in the cache, unused. Only listed; whoever built them decides."""
+    found = []
+    for folder in sorted(Path(out).parent.iterdir()) if Path(out).parent.is_dir() else []:
+        manifest = read_manifest(folder) if folder != Path(out) and folder.is_dir() else None
+        if manifest and manifest["model"] == model and manifest.get("version") != version:
+            found.append(folder)
+    return found
+
+
+def note_earlier_builds(out: Path, model: str, version: str) -> None:
+    """One stderr note per :func:`earlier_builds` folder: its size and that it may be deleted."""
+    for folder in earlier_builds(out, model, version):
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        print(f"note: {folder} holds an earlier build of {model} ({size / 2**20:,.0f} MiB) that this version "
+              "no longer reads; delete it to free the space", file=sys.stderr)
+
+
 def manifest_problems(folder: Path, manifest: dict, *, hashes: bool = False) -> list[str]:
     """What differs from the manifest: ``name: missing``, ``name: N bytes, expected M``, changed content."""
     problems = []

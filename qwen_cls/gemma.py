@@ -27,6 +27,7 @@ from .files import (
     check_output_folder,
     folder_state,
     mark_owner,
+    note_earlier_builds,
     remove_stale_builds,
     save_tokenizer,
     settle,
@@ -154,6 +155,7 @@ def build_gemma_model(out_dir: str | os.PathLike | None = None, *, verify: bool 
             (tmp / "README.md").write_text(model_card(model.num_parameters(), terms is not None), encoding="utf-8")
             (tmp / OWNER_FILE).unlink()
             write_manifest(tmp, GEMMA, GEMMA_VERSION)  # last: a folder with it is whole
+    note_earlier_builds(out, GEMMA, GEMMA_VERSION)
     return out
 
 

@@ -25,6 +25,7 @@ from .files import (
     folder_state,
     manifest_problems,
     mark_owner,
+    note_earlier_builds,
     read_manifest,
     remove_stale_builds,
     safetensors_problem,
@@ -151,6 +152,7 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
         )
         (tmp / OWNER_FILE).unlink()
         write_manifest(tmp, TINY, TINY_VERSION)  # last: a folder with it is whole
+    note_earlier_builds(out, TINY, TINY_VERSION)
     return out
 
 

@@ -76,6 +76,25 @@ def test_a_tokenizer_without_chat_template_gets_its_model_familys(tiny_dir, tmp_
     assert tok.chat_template == QWEN2_CHAT_TEMPLATE
 
 
+def test_a_new_build_names_an_earlier_versions_build_beside_it_and_leaves_it(tmp_path, capsys):
+    """After a version bump the old build stays in the cache, unused: the new build says where and how big."""
+    from qwen_cls.files import write_manifest
+
+    old = tmp_path / "tiny-qwen2-v1-seed0"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"x" * 3 * 2**20)
+    write_manifest(old, M.TINY, "1")
+    foreign = tmp_path / "mine"  # no manifest: not a build
+    foreign.mkdir()
+    other_seed = M.build_tiny_model(tmp_path / "tiny-other-seed", seed=1)  # this version: not earlier
+    capsys.readouterr()
+    built = M.build_tiny_model(tmp_path / f"tiny-qwen2-v{M.TINY_VERSION}-seed0")
+    err = capsys.readouterr().err
+    assert f"note: {old} holds an earlier build of tiny (3 MiB) that this version no longer reads" in err
+    assert err.count("note:") == 1 and str(other_seed) not in err and str(foreign) not in err
+    assert (old / "model.safetensors").stat().st_size == 3 * 2**20 and built.is_dir()
+
+
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
