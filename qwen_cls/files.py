@@ -359,12 +359,10 @@ def read_manifest(folder: Path) -> dict | None:
 def earlier_builds(out: Path, model: str, version: str) -> list[Path]:
     """Folders beside ``out`` holding a whole build of ``model`` of another version (their manifest says so): a
     version bump leaves the old build in the cache, unused. Only listed; whoever built them decides."""
-    found = []
-    for folder in sorted(Path(out).parent.iterdir()) if Path(out).parent.is_dir() else []:
-        manifest = read_manifest(folder) if folder != Path(out) and folder.is_dir() else None
-        if manifest and manifest["model"] == model and manifest.get("version") != version:
-            found.append(folder)
-    return found
+    out = Path(out)
+    return [folder for folder in sorted(out.parent.iterdir())
+            if folder != out and folder.is_dir() and (manifest := read_manifest(folder))
+            and manifest["model"] == model and manifest.get("version") != version]
 
 
 def note_earlier_builds(out: Path, model: str, version: str) -> None:
