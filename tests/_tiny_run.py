@@ -58,6 +58,18 @@ CHAIN_TOPICS = {"Sports": "足球比赛冠军球队", "Economy": "市场经济�
                 "Military": "军队演习舰艇"}
 
 
+# The shared chain run: 16 of its 20 raw training rows, 8 of its 10 test rows, seed 3; logging_steps 1000 makes
+# it a run too short to log a loss on schedule (only the first step's), which test_short_run checks.
+TINY_RUN_PARAMETERS = {"max_train_samples": 16, "max_test_samples": 8, "seed": 3, "logging_steps": 1000}
+
+
+def tiny_run_inputs(out: Path) -> dict:
+    """Every parameter the shared tiny run (run folder ``out``) gets besides the tiny profile's: its raw files,
+    which sit beside ``out``, and :data:`TINY_RUN_PARAMETERS`."""
+    return {"train_path": str(out.parent / "raw_train.jsonl"), "test_path": str(out.parent / "raw_test.jsonl"),
+            **TINY_RUN_PARAMETERS}
+
+
 def chain_raw_rows(n: int, offset: int) -> list[dict]:
     """``n`` raw rows over :data:`CHAIN_LABELS`; some exceed 384 tokens, and the candidates come both as a JSON
     list and as a comma-separated string (the schema allows both)."""

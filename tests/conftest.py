@@ -10,7 +10,7 @@ Fixtures shared by the whole session (build once, reuse; read them, never write 
 * ``tiny_run``: ONE ``qwen-cls run --profile tiny`` (the whole notebook chain 00-06, in a subprocess) on
   hand-written raw files, made on first use: ``(out, stdout, test_raw_rows)``. Every test that only reads a
   finished chain's files should take it instead of running its own chain (a chain costs a minute or more); see
-  :data:`TINY_RUN_PARAMETERS` for what it ran with. Made once per session even with several workers (below).
+  :data:`_tiny_run.TINY_RUN_PARAMETERS` for what it ran with. Made once per session even with several workers (below).
 * ``write_lines``: write raw lines to a file in ``tmp_path``.
 
 Markers (``pyproject.toml``): ``slow`` (trains, runs notebooks or computes with Gemma 3 270M) and
@@ -38,9 +38,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 
-# The shared chain run: 16 of its 20 raw training rows, 8 of its 10 test rows, seed 3; logging_steps 1000 makes
-# it a run too short to log a loss on schedule (only the first step's), which test_short_run checks.
-TINY_RUN_PARAMETERS = {"max_train_samples": 16, "max_test_samples": 8, "seed": 3, "logging_steps": 1000}
 
 
 def pytest_configure(config):
@@ -121,26 +118,27 @@ def gemma_tokenizer(gemma_dir):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny-profile ``qwen-cls run`` (subprocess, the whole chain) on hand-written raw files: 20 train rows
-    (16 used), 10 test rows (8 used), :data:`TINY_RUN_PARAMETERS`. Returns ``(out, stdout, test_raw_rows)``:
+    (16 used), 10 test rows (8 used), :data:`_tiny_run.TINY_RUN_PARAMETERS` (all of its inputs:
+    :func:`_tiny_run.tiny_run_inputs`). Returns ``(out, stdout, test_raw_rows)``:
     the run folder, what the command printed, and the 10 raw test rows (``_tiny_run.chain_raw_rows(10, 100)``).
     Shared by every test of the session that takes it: only read it."""
     import json
     import tempfile
 
-    from _tiny_run import chain_raw_rows, write_raw
+    from _tiny_run import chain_raw_rows, subprocess_env, tiny_run_inputs, write_raw
 
     record = _shared_root(tmp_path_factory) / "tiny_run.json"
     with _locked(tmp_path_factory, "tiny-run"):  # the first worker runs it; the others wait, then read it
         if not record.is_file():
             base = Path(tempfile.mkdtemp(prefix="tiny_run", dir=record.parent))
-            train = write_raw(base / "raw_train.jsonl", chain_raw_rows(20, 0))
-            test = write_raw(base / "raw_test.jsonl", chain_raw_rows(10, 100))
             out = base / "out"
-            params = [arg for key, value in TINY_RUN_PARAMETERS.items() for arg in ("-p", key, str(value))]
-            proc = subprocess.run(
-                [sys.executable, "-m", "qwen_cls.cli", "run", "--profile", "tiny", "--out", str(out),
-                 "-p", "train_path", str(train), "-p", "test_path", str(test), *params],
-                capture_output=True, text=True, timeout=900,
+            inputs = tiny_run_inputs(out)
+            write_raw(Path(inputs["train_path"]), chain_raw_rows(20, 0))
+            write_raw(Path(inputs["test_path"]), chain_raw_rows(10, 100))
+            params = [arg for key, value in inputs.items() for arg in ("-p", key, str(value))]
+            proc = subprocess.run(  # one BLAS thread, as the nbval run that must train the same adapter
+                [sys.executable, "-m", "qwen_cls.cli", "run", "--profile", "tiny", "--out", str(out), *params],
+                capture_output=True, text=True, timeout=900, env=subprocess_env(),
             )
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             record.write_text(json.dumps({"out": str(out), "stdout": proc.stdout}), encoding="utf-8")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_chain_finishes_when_no_loss_is_logged_on_schedule(tiny_run):
     out, _, _ = tiny_run
     # the session's tiny chain is the command: 16 rows in batches of 4, 2 epochs = 8 steps, far fewer
-    # than its logging_steps 1000 (conftest.TINY_RUN_PARAMETERS)
+    # than its logging_steps 1000 (_tiny_run.TINY_RUN_PARAMETERS)
     params = json.loads((out / "params.json").read_text(encoding="utf-8"))
     assert (params["logging_steps"], params["max_train_samples"], params["max_test_samples"]) == (1000, 16, 8)
     log = json.loads((out / "train_log.json").read_text(encoding="utf-8"))

@@ -2,8 +2,9 @@
 folder that resumes: finished points are skipped, broken ones run again, Ctrl+C keeps what finished.
 
 Most tests replace papermill by a fake that writes what notebooks 03 and 04 write (seconds); the slow ones
-run the issue's command for real on the tiny profile, its rerun, a broken point, and the dashboard of the
-sweep folder showing every point.
+run the issue's command for real on the tiny profile: stopped with Ctrl+C in its second point and run again
+(the finished point skipped, the interrupted one run again), then its rerun, and the dashboard of the sweep
+folder showing every point.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -283,15 +285,31 @@ def test_a_second_sweep_into_a_busy_folder_exits_2(tmp_path, monkeypatch, capsys
 
 @pytest.fixture(scope="module")
 def real_sweep(tmp_path_factory):
-    """The issue's command (+ speed_rows 1), run for real (papermill, tiny model, SwanLab local); returns
-    (DIR, seconds, stdout)."""
+    """The issue's command (+ speed_rows 1), run for real (papermill, tiny model, SwanLab local) the way a user
+    may: Ctrl+C once the second point's first notebook runs, then the same command again, which resumes. Returns
+    (DIR, seconds of both, stdout of each, a snapshot of the first point after the interruption)."""
     out = tmp_path_factory.mktemp("sweep") / "lr"
+    command = [sys.executable, "-m", "qwen_cls", *REAL_CMD, "--out", str(out), "--quiet"]
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "qwen_cls", *REAL_CMD, "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=1200, env=real_env())
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=real_env(),
+                            start_new_session=True,  # SIGINT to its group, as Ctrl+C in a terminal (test_run)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    second = out / POINTS[1] / "notebooks" / "00_check_environment.ipynb"
+    deadline = time.monotonic() + 600
+    while not second.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(2)  # inside 00
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, interrupted[-3000:] + err[-3000:]
+    assert err.rstrip().splitlines()[-1].startswith(f"interrupted at point {POINTS[1]}; ")
+    assert (out / POINTS[1] / RUN_INCOMPLETE).is_file() and not (out / "sweep.csv").exists()
+    kept = snapshot(out / POINTS[0])
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=real_env())
     seconds = time.monotonic() - started
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, seconds, proc.stdout
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return out, seconds, (interrupted, resumed.stdout), kept
 
 
 def real_env() -> dict:
@@ -301,7 +319,7 @@ def real_env() -> dict:
 
 @pytest.mark.slow
 def test_real_sweep_table_matches_each_points_own_files(real_sweep):
-    out, _, stdout = real_sweep
+    out, _, (_, stdout), _ = real_sweep
     rows = read_csv(out / "sweep.csv")
     assert len(rows) == 2 and {"learning_rate", "accuracy", "macro_f1", "zero_shot", "train_seconds"} <= set(rows[0])
     for row, name in zip(rows, POINTS):
@@ -328,7 +346,7 @@ def test_real_sweep_points_log_into_one_swanlab_folder_the_dashboard_serves(real
 
     from qwen_cls.dashboard import find_log_dir
 
-    out, _, _ = real_sweep
+    out, _, _, _ = real_sweep
     assert find_log_dir(out) == out / "swanlog"
     assert not any((out / name / "swanlog").exists() for name in POINTS)  # no log of their own
     port = free_port()
@@ -351,7 +369,7 @@ def test_real_sweep_points_log_into_one_swanlab_folder_the_dashboard_serves(real
 
 @pytest.mark.slow
 def test_real_rerun_is_fast_and_changes_nothing(real_sweep):
-    out, first, _ = real_sweep
+    out, first, _, _ = real_sweep
     before = snapshot(out)
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "qwen_cls", *REAL_CMD, "--out", str(out), "--quiet"],
@@ -364,16 +382,13 @@ def test_real_rerun_is_fast_and_changes_nothing(real_sweep):
 
 
 @pytest.mark.slow
-def test_real_broken_point_runs_again_and_the_other_is_untouched(real_sweep):
-    out, _, _ = real_sweep
-    broken, kept = out / POINTS[0], out / POINTS[1]
-    (broken / "metrics.json").unlink()
-    kept_before = snapshot(kept)
-    proc = subprocess.run([sys.executable, "-m", "qwen_cls", *REAL_CMD, "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=1200, env=real_env())
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"{POINTS[0]}: its run has no metrics.json; running it again" in proc.stdout
-    assert snapshot(kept) == kept_before
-    metrics = json.loads((broken / "metrics.json").read_text(encoding="utf-8"))
-    row = read_csv(out / "sweep.csv")[0]
-    assert row["point"] == POINTS[0] and float(row["accuracy"]) == metrics["accuracy"]
+def test_real_interrupted_point_runs_again_and_the_finished_one_is_untouched(real_sweep):
+    out, _, (interrupted, resumed), kept = real_sweep
+    assert f"[point 2/2] {POINTS[1]}: new" in interrupted
+    assert f"[point 1/2] {POINTS[0]}: finished with these parameters; skipped" in resumed
+    assert f"[point 2/2] {POINTS[1]}: its last run did not finish; running it again" in resumed
+    assert snapshot(out / POINTS[0]) == kept  # byte for byte, same mtimes
+    assert not (out / POINTS[1] / RUN_INCOMPLETE).exists()
+    metrics = json.loads((out / POINTS[1] / "metrics.json").read_text(encoding="utf-8"))
+    row = read_csv(out / "sweep.csv")[1]
+    assert row["point"] == POINTS[1] and float(row["accuracy"]) == metrics["accuracy"]
