@@ -53,8 +53,8 @@ def pytest_configure(config):
 
 # The costliest test files (pytest --durations), scheduled first so that no worker is left alone with one at the
 # end (make test: --no-loadscope-reorder keeps this order; xdist would otherwise put the files with most tests first).
-COSTLY_FIRST = ("test_sweep.py", "test_run.py", "test_nbval.py", "test_short_run.py", "test_labels.py",
-                "test_resume.py", "test_serve.py")
+COSTLY_FIRST = ("test_sweep.py", "test_run.py", "test_nbval.py", "test_recipe_chain.py", "test_resume.py",
+                "test_serve.py")
 
 
 def pytest_collection_modifyitems(config, items):
