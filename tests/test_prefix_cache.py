@@ -139,7 +139,7 @@ def test_gemma_sliding_window_falls_back_to_the_uncached_path(gemma_dir):
     window (512) that would hide keys the uncached path sees, so such batches run without the prefix cache."""
     model, tokenizer = load_model(gemma_dir, device="cpu")
     assert model.config.sliding_window == 512
-    rows = [r.to_dict() | {"output": r.output} for r in read_raw_rows(SAMPLE)][:3]  # long texts: ~600 tokens
+    rows = [r.to_dict() | {"output": r.output} for r in read_raw_rows(SAMPLE)][1:2]  # a long text: ~600 tokens
     rows.append({"text": "短", "category": ["Sports", "Finance"], "output": "Sports"})  # pads the batch
     prompts = encode_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], 600)
     assert max(map(len, prompts)) > 512
