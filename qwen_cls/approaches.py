@@ -155,13 +155,12 @@ def load_seq_cls(folder: str | os.PathLike, *, device=None, dtype: torch.dtype |
     natively, as :func:`qwen_cls.predict.run_dtype`)."""
     from peft import PeftModel
 
-    from .model import pick_device, pick_dtype
-    from .run_record import run_precision
+    from .model import trained_dtype
 
     folder = Path(folder)
     meta = json.loads((folder / SEQ_CLS_FILE).read_text(encoding="utf-8"))
     if dtype is None:
-        dtype = pick_dtype(device if device is not None else pick_device(), run_precision(meta))
+        dtype = trained_dtype(meta, device)
     model, tokenizer = load_seq_cls_base(meta["base_model"], meta["labels"], device=device, dtype=dtype)
     model = PeftModel.from_pretrained(model, str(folder))
     return model.eval(), tokenizer, meta["labels"], meta["max_length"]

@@ -219,13 +219,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def refuse_non_empty(out: Path) -> None:
-    """Build into a new or empty folder only: never over files this package did not write."""
-    if out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: not empty and not a built model; nothing was changed: choose a new or "
-                              "empty folder for --out")
-
-
 # --- the lock of a folder a long command writes (`run`, `sweep`, `train`) ------------------------------------------
 
 class FolderBusy(ValueError):

@@ -265,6 +265,15 @@ def pick_dtype(device: torch.device | str, precision: str | None = None) -> torc
     return torch.float32
 
 
+def trained_dtype(record: dict, device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype to load a trained model in on ``device`` (default :func:`pick_device`): the one ``record``
+    (``run_config.json``, ``seq_cls.json``) says it was trained in where the device computes it natively, else
+    float32 (:func:`~qwen_cls.run_record.run_precision`)."""
+    from .run_record import run_precision
+
+    return pick_dtype(device if device is not None else pick_device(), run_precision(record))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``"bfloat16"`` for ``torch.bfloat16`` (the name ``run_config.json`` records)."""
     return str(dtype).removeprefix("torch.")

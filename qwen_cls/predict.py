@@ -18,7 +18,7 @@ from .data import read_raw_rows
 from .files import read_jsonl, write_jsonl_atomic
 from .hub import TINY
 from .recipe import MAX_LENGTH
-from .run_record import ADAPTER, RUN_CONFIG, adapter_dir, check_run_finished, read_run_config, run_precision
+from .run_record import ADAPTER, RUN_CONFIG, adapter_dir, check_run_finished, read_run_config
 
 if TYPE_CHECKING:
     import torch
@@ -31,9 +31,9 @@ class AdapterMismatch(ValueError):
 def run_dtype(run_dir: str | os.PathLike, device=None) -> torch.dtype:
     """The dtype to load ``run_dir``'s model in on ``device``: the one it was trained in where the device computes
     it natively (``run_config.json`` ``dtype``, :func:`~qwen_cls.run_record.run_precision`), else float32."""
-    from .model import pick_device, pick_dtype
+    from .model import trained_dtype
 
-    return pick_dtype(device if device is not None else pick_device(), run_precision(read_run_config(run_dir)))
+    return trained_dtype(read_run_config(run_dir), device)
 
 
 def load_run(run_dir: str | os.PathLike, *, device=None, verify: bool = False, dtype: torch.dtype | None = None):
