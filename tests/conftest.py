@@ -7,10 +7,16 @@ Fixtures shared by the whole session (build once, reuse; read them, never write 
   is built once before any test runs (:func:`_model_cache_ready`), so parallel workers never race to build it.
 * ``gemma_dir`` / ``gemma_tokenizer``: the Gemma 3 270M folder in the model cache (``make setup`` builds it; a
   worker that finds it missing builds it under a lock the other workers wait on).
-* ``tiny_run``: ONE ``qwen-cls run --profile tiny`` (the whole notebook chain 00-06, in a subprocess) on
-  hand-written raw files, made on first use: ``(out, stdout, test_raw_rows)``. Every test that only reads a
-  finished chain's files should take it instead of running its own chain (a chain costs a minute or more); see
-  :data:`_tiny_run.TINY_RUN_PARAMETERS` for what it ran with. Made once per session even with several workers (below).
+* ``tiny_run``: ONE ``qwen-cls run --profile tiny`` (the whole notebook chain 00-07, in a subprocess, one BLAS
+  thread) on hand-written raw files, made on first use: ``(out, stdout, test_raw_rows)``. Every test that only
+  reads a finished chain's files should take it instead of running its own chain (a chain costs a minute on 2
+  cores); see :func:`_tiny_run.tiny_run_inputs` for what it ran with. ``test_nbval`` runs lab's copies on the same
+  inputs and checks both trained the same adapter. Made once per session even with several workers (below).
+
+The other chains of ``make test``, each a module fixture its tests share: the real sweep (two points, stopped with
+Ctrl+C and resumed: ``test_sweep``), nbval (``test_nbval``), the qwen2-0.5b profile on unseen labels
+(``test_recipe_chain``); and ``test_run``'s Ctrl+C in notebook 03. A scenario that needs a chain of its own should
+first ask whether one of these can serve it.
 * ``write_lines``: write raw lines to a file in ``tmp_path``.
 
 Markers (``pyproject.toml``): ``slow`` (trains, runs notebooks or computes with Gemma 3 270M) and

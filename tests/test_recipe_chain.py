@@ -16,7 +16,7 @@ from test_labels import TEST, TRAIN, write_raw
 
 from qwen_cls import data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 @pytest.fixture(scope="module")
