@@ -193,8 +193,13 @@ def test_a_rerun_skips_finished_points_and_changes_nothing(swept, monkeypatch, c
     assert snapshot(swept) == before  # byte for byte, same mtimes: tables and plot not rewritten
 
 
-@pytest.mark.parametrize("damage", ["no metrics.json", "marked incomplete", "parameters changed"])
-def test_a_broken_point_runs_again_and_the_finished_one_is_untouched(swept, damage):
+@pytest.mark.parametrize("damage, why", [
+    ("no metrics.json", "its run has no metrics.json; running it again"),
+    ("marked incomplete", "its last run did not finish; running it again"),
+    ("parameters changed", "its parameters changed; running it again (the finished run is kept until the new one "
+                           "succeeds)"),
+])
+def test_a_broken_point_runs_again_and_the_finished_one_is_untouched(swept, damage, why, capsys):
     broken, kept = swept / POINTS[0], swept / POINTS[1]
     if damage == "no metrics.json":
         (broken / "metrics.json").unlink()
@@ -204,7 +209,11 @@ def test_a_broken_point_runs_again_and_the_finished_one_is_untouched(swept, dama
         params = json.loads((broken / "params.json").read_text())
         (broken / "params.json").write_text(json.dumps({**params, "seed": 7}))
     kept_before = snapshot(kept)
+    capsys.readouterr()
     assert sweep(swept) == 0
+    out = capsys.readouterr().out
+    assert f"[point 1/2] {POINTS[0]}: {why} -> {broken}" in out
+    assert f"[point 2/2] {POINTS[1]}: finished with these parameters; skipped" in out
     assert snapshot(kept) == kept_before
     assert not (broken / RUN_INCOMPLETE).exists()
     assert json.loads((broken / "metrics.json").read_text())["accuracy"] == pytest.approx(0.1)
