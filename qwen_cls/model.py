@@ -125,8 +125,6 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
     Like :func:`~qwen_cls.gemma.build_gemma_model`: an existing build is checked against its manifest (sizes;
     SHA-256 with ``verify``) and rebuilt when damaged (reported instead without ``rebuild``); another folder is
     refused; temp folders of killed builds are removed."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     out = Path(out_dir).expanduser() if out_dir else tiny_dir(seed)
     check_folder_path(out, "--out")
     state, problems = tiny_state(out, hashes=verify)
@@ -136,6 +134,8 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TI
     check_output_folder(out)
     for stale in remove_stale_builds(out):
         print(f"note: removed {stale}, left by a build that was killed", file=sys.stderr)
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # here: a finished build is found without them (2 s)
+
     with atomic_dir(out) as tmp:  # a half-built model never sits at ``out``
         mark_owner(tmp)
         torch.manual_seed(seed)
