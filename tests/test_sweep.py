@@ -198,7 +198,7 @@ def test_a_rerun_skips_finished_points_and_changes_nothing(swept, monkeypatch, c
     ("marked incomplete", "its last run did not finish; running it again"),
     ("parameters changed", "its parameters changed; running it again (the finished run is kept until the new one "
                            "succeeds)"),
-])
+], ids=["no metrics.json", "marked incomplete", "parameters changed"])
 def test_a_broken_point_runs_again_and_the_finished_one_is_untouched(swept, damage, why, capsys):
     broken, kept = swept / POINTS[0], swept / POINTS[1]
     if damage == "no metrics.json":
