@@ -12,12 +12,12 @@ Fixtures shared by the whole session (build once, reuse; read them, never write 
   reads a finished chain's files should take it instead of running its own chain (a chain costs a minute on 2
   cores); see :func:`_tiny_run.tiny_run_inputs` for what it ran with. ``test_nbval`` runs lab's copies on the same
   inputs and checks both trained the same adapter. Made once per session even with several workers (below).
+* ``write_lines``: write raw lines to a file in ``tmp_path``.
 
 The other chains of ``make test``, each a module fixture its tests share: the real sweep (two points, stopped with
 Ctrl+C and resumed: ``test_sweep``), nbval (``test_nbval``), the qwen2-0.5b profile on unseen labels
 (``test_recipe_chain``); and ``test_run``'s Ctrl+C in notebook 03. A scenario that needs a chain of its own should
 first ask whether one of these can serve it.
-* ``write_lines``: write raw lines to a file in ``tmp_path``.
 
 Markers (``pyproject.toml``): ``slow`` (trains, runs notebooks or computes with Gemma 3 270M) and
 ``subprocess`` (starts other processes: the CLI, kernels, torchrun, pip, a server); ``make test-fast`` runs the
@@ -43,7 +43,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
-
 
 
 def pytest_configure(config):
