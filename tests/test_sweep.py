@@ -299,18 +299,21 @@ def real_sweep(tmp_path_factory):
     (DIR, seconds of both, stdout of each, a snapshot of the first point after the interruption)."""
     out = tmp_path_factory.mktemp("sweep") / "lr"
     command = [sys.executable, "-m", "qwen_cls", *REAL_CMD, "--out", str(out), "--quiet"]
+    logs = tmp_path_factory.mktemp("sweep-logs")
     started = time.monotonic()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=real_env(),
-                            start_new_session=True,  # SIGINT to its group, as Ctrl+C in a terminal (test_run)
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    second = out / POINTS[1] / "notebooks" / "00_check_environment.ipynb"
-    deadline = time.monotonic() + 600
-    while not second.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    time.sleep(2)  # inside 00
-    os.killpg(proc.pid, signal.SIGINT)
-    interrupted, err = proc.communicate(timeout=120)
+    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:  # files: a pipe nobody
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=real_env(),  # reads could fill up
+                                start_new_session=True,  # SIGINT to its group, as Ctrl+C in a terminal (test_run)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        second = out / POINTS[1] / "notebooks" / "00_check_environment.ipynb"
+        deadline = time.monotonic() + 600
+        while not second.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (logs / "stderr").read_bytes()[-3000:]
+            time.sleep(0.2)
+        time.sleep(2)  # inside 00
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    interrupted, err = ((logs / name).read_text(encoding="utf-8") for name in ("stdout", "stderr"))
     assert proc.returncode == 130, interrupted[-3000:] + err[-3000:]
     assert err.rstrip().splitlines()[-1].startswith(f"interrupted at point {POINTS[1]}; ")
     assert (out / POINTS[1] / RUN_INCOMPLETE).is_file() and not (out / "sweep.csv").exists()
