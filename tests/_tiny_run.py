@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +52,29 @@ def subprocess_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", QWEN_CLS_OFFLINE="1",
                HF_HUB_OFFLINE="1")
     return env
+
+
+def ctrl_c_when(command: list[str], started: Path, settle: float, logs: Path, env: dict | None = None):
+    """Run ``command``; once the file ``started`` exists and ``settle`` seconds have passed, send SIGINT to its
+    process group, as Ctrl+C in a terminal does. Returns (exit status, stdout, stderr). Its output goes to files in
+    ``logs``, not to pipes nobody reads while it runs (a full pipe would stall it)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
+        proc = subprocess.Popen(
+            command, stdout=stdout, stderr=stderr, env=env, start_new_session=True,
+            # as from a terminal: SIGINT at its default. A child inherits an ignored SIGINT (POSIX; Python then keeps
+            # it ignored), and an earlier test in the same pytest worker can leave it so: the chain then ran to the end.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        deadline = time.monotonic() + 600
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (logs / "stderr").read_bytes()[-3000:]
+            time.sleep(0.2)
+        time.sleep(settle)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    out, err = ((logs / name).read_text(encoding="utf-8") for name in ("stdout", "stderr"))
+    return proc.returncode, out, err
 
 
 # --- the shared tiny chain run (conftest.tiny_run): hand-written raw rows in the schema -----------------------

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from _tiny_run import CHAIN_LABELS
+from _tiny_run import CHAIN_LABELS, ctrl_c_when
 
 from qwen_cls.cli import main
 from qwen_cls.pipeline import NOTEBOOKS, parse_value, resolve_parameters
@@ -243,29 +242,14 @@ def test_rerun_over_the_finished_run_is_refused_byte_identical(run_dir, capsys):
 @pytest.mark.slow
 def test_ctrl_c_during_a_notebook_is_one_line_exit_130(tmp_path):
     """SIGINT to the process group while notebook 03 runs a cell: no kernel traceback, the folder marked."""
-    import os
-    import signal
-    import time
-
     from qwen_cls.pipeline import RUN_INCOMPLETE
 
     out = tmp_path / "run"
-    proc = subprocess.Popen(
+    status, _, err = ctrl_c_when(
         [sys.executable, "-m", "qwen_cls.cli", "run", "--out", str(out), "--quiet", "-p", "swanlab_mode", "disabled",
          "-p", "max_train_samples", "8", "-p", "max_test_samples", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        # as from a terminal: SIGINT at its default. A child inherits an ignored SIGINT (POSIX; Python then keeps
-        # it ignored), and an earlier test in the same pytest worker can leave it so: the chain then ran to the end.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 600
-    while not (out / "notebooks" / "03_lora_training.ipynb").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    time.sleep(3)  # inside a cell of 03
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C in a terminal does
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+        out / "notebooks" / "03_lora_training.ipynb", 3, tmp_path / "logs")  # 3 s: inside a cell of 03
+    assert status == 130, err[-3000:]
     assert "Traceback" not in err and "ZMQError" not in err, err[-3000:]
     expected = f"interrupted; {out} is marked incomplete ({RUN_INCOMPLETE}); rerun to replace it"
     assert err.rstrip().splitlines()[-1] == expected

@@ -13,7 +13,6 @@ import csv
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import papermill
 import pytest
+from _tiny_run import ctrl_c_when
 from PIL import Image
 
 from qwen_cls.cli import main
@@ -299,22 +299,11 @@ def real_sweep(tmp_path_factory):
     (DIR, seconds of both, stdout of each, a snapshot of the first point after the interruption)."""
     out = tmp_path_factory.mktemp("sweep") / "lr"
     command = [sys.executable, "-m", "qwen_cls", *REAL_CMD, "--out", str(out), "--quiet"]
-    logs = tmp_path_factory.mktemp("sweep-logs")
     started = time.monotonic()
-    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:  # files: a pipe nobody
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=real_env(),  # reads could fill up
-                                start_new_session=True,  # SIGINT to its group, as Ctrl+C in a terminal (test_run)
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        second = out / POINTS[1] / "notebooks" / "00_check_environment.ipynb"
-        deadline = time.monotonic() + 600
-        while not second.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (logs / "stderr").read_bytes()[-3000:]
-            time.sleep(0.2)
-        time.sleep(2)  # inside 00
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=120)
-    interrupted, err = ((logs / name).read_text(encoding="utf-8") for name in ("stdout", "stderr"))
-    assert proc.returncode == 130, interrupted[-3000:] + err[-3000:]
+    status, interrupted, err = ctrl_c_when(  # once the second point's first notebook runs
+        command, out / POINTS[1] / "notebooks" / "00_check_environment.ipynb", 2, tmp_path_factory.mktemp("logs"),
+        env=real_env())
+    assert status == 130, interrupted[-3000:] + err[-3000:]
     assert err.rstrip().splitlines()[-1].startswith(f"interrupted at point {POINTS[1]}; ")
     assert (out / POINTS[1] / RUN_INCOMPLETE).is_file() and not (out / "sweep.csv").exists()
     kept = snapshot(out / POINTS[0])
