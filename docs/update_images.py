@@ -1,15 +1,18 @@
 """Put a finished `make demo` run into the README and the notebooks: its pictures, its headline numbers and
 the measured time of every notebook.
 
-    .venv/bin/python docs/update_images.py [RUN_DIR [TINY_RUN_DIR]]   # default runs/demo runs/demo-tiny
+    .venv/bin/python docs/update_images.py [RUN_DIR [TINY_RUN_DIR [QWEN_RUN_DIR]]]
+    # default runs/demo runs/demo-tiny runs/demo-qwen
 
 `make docs-images` runs it (run it on the machine that ran the demo: the CPU named beside the times is this
 machine's). It copies the learning curve and the approaches chart into `docs/images/`, rewrites the README's
 headline block (between `<!-- headline:start -->` and `<!-- headline:end -->`) from the run's `metrics.json`,
 `approaches.json` and `run_config.json`, the time column of the README's notebook table, and the
 `**实测用时 (measured time)**` line in each notebook's header, from the papermill durations saved in the run's
-executed notebooks (and the tiny run's, when it exists). Refuses a run that is not a finished gemma3-270m run
-(the README shows real learning, never the tiny model's).
+executed notebooks (and the tiny run's, when it exists), and the README's table of the real profiles (between
+`<!-- profiles:start -->` and `<!-- profiles:end -->`: accuracy, zero-shot, chain time, peak memory and machine of
+the gemma3-270m run and, when `make demo-qwen` finished, the qwen2.5-coder-0.5b run). Refuses a run that is not a
+finished gemma3-270m run (the README shows real learning, never the tiny model's).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PICTURES = ("learning_curve.png", "approaches.png")
 HEADLINE = re.compile(r"(<!-- headline:start -->\n).*?(<!-- headline:end -->)", re.S)
+PROFILES = re.compile(r"(<!-- profiles:start -->\n).*?(<!-- profiles:end -->)", re.S)
+REAL = {"gemma3-270m": "Gemma 3 270M (Google, pretrained; PyPI GGUF chunks)",
+        "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct (Qwen; the Qwen2-0.5B architecture; Qwen's GGUF)"}
 MEASURED = "**实测用时 (measured time)**："
 
 
@@ -97,6 +103,37 @@ def update_readme(text: str, block: str, times: dict[str, float], tiny: dict[str
     return re.sub(r"^(\| \[`(\d\d_\w+)`\].*\| )[^|]*\|$", row, text, flags=re.M)
 
 
+def finished(run: Path) -> dict | None:
+    """``metrics.json`` of a finished run (``None`` when absent or unfinished)."""
+    path = run / "metrics.json"
+    if not path.is_file() or (run / "RUN_INCOMPLETE").exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def profile_row(run: Path, metrics: dict) -> str:
+    """One real profile's measured row: model, data, accuracy vs zero-shot, chain time, peak memory, machine."""
+    config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
+    chain_file = run / "chain.json"
+    chain = json.loads(chain_file.read_text(encoding="utf-8")) if chain_file.is_file() else None
+    seconds = chain["seconds"] if chain else sum(notebook_seconds(run).values())
+    memory = f"{chain['peak_kernel_rss_mib'] / 1024:.1f} GiB" if chain else "not recorded"
+    where = f"{chain['cpu']}, {chain['date']}" if chain else "this machine"
+    training = config["training"]
+    return (f"| `{metrics['profile']}` | {REAL.get(metrics['profile'], metrics['base_model'])} | "
+            f"{training['train_rows']} train / {metrics['n_test']} test THUCNews headlines; lr "
+            f"{training['learning_rate']:g}, {training['num_train_epochs']:g} epoch(s), {config['dtype']} | "
+            f"**{metrics['accuracy']:.3f}** (zero-shot {metrics['zero_shot']['accuracy']:.3f}, chance "
+            f"{metrics['chance_accuracy']:.3f}) | {english_time(seconds)} | {memory} | {where} |")
+
+
+def profiles_table(runs: list[tuple[Path, dict]]) -> str:
+    """The README's measured table of the real profiles, one row per finished run."""
+    return ("| profile | model | data and training | test accuracy | chain 00-07 | peak memory (largest kernel) "
+            "| measured on |\n|---|---|---|---|---|---|---|\n"
+            + "".join(profile_row(run, metrics) + "\n" for run, metrics in runs))
+
+
 def update_notebook(path: Path, line: str) -> bool:
     """Set the ``**实测用时 (measured time)**`` line of the notebook's first cell (after its ``**用时`` line);
     True when the file changed. The notebook stays clean: only that source line changes."""
@@ -163,7 +200,13 @@ def main(argv: list[str]) -> int:
     day = date.fromtimestamp(metrics_file.stat().st_mtime).isoformat()
     readme = ROOT / "README.md"
     block = headline(run, metrics, approaches, config, sum(times.values()), cpu, day)
-    write_text(readme, update_readme(readme.read_text(encoding="utf-8"), block, times, tiny))
+    text = update_readme(readme.read_text(encoding="utf-8"), block, times, tiny)
+    qwen_run = Path(argv[2]) if len(argv) > 2 else ROOT / "runs" / "demo-qwen"
+    qwen = finished(qwen_run)
+    real = [(run, metrics)] + ([(qwen_run, qwen)] if qwen and qwen.get("profile") == "qwen2.5-coder-0.5b" else [])
+    if PROFILES.search(text):
+        text = PROFILES.sub(lambda m: m.group(1) + profiles_table(real) + m.group(2), text)
+    write_text(readme, text)
     print(f"{readme}: headline and notebook times")
     for stem in times:
         path = ROOT / "notebooks" / f"{stem}.ipynb"

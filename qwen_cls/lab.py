@@ -2,7 +2,8 @@
 (:func:`~qwen_cls.pipeline.prepare_notebooks`), then JupyterLab on them, listening on 127.0.0.1 only.
 
 The committed notebooks hold the ``gemma3-270m`` profile; ``qwen-cls lab --profile tiny`` moves all eight to
-the tiny model (a quick mechanics pass on a weak laptop), ``--profile qwen2-0.5b`` to the recipe (a GPU),
+the tiny model (a quick mechanics pass on a weak laptop), ``--profile qwen2.5-coder-0.5b`` to Qwen's own model of
+the Qwen2-0.5B shape (offline, a CPU), ``--profile qwen2-0.5b`` to the recipe (a GPU),
 without editing a cell. The copies live in ``runs/lab-<profile>/notebooks`` (git-ignored); a copy the learner
 changed is kept as it is, never overwritten.
 """

@@ -525,12 +525,37 @@ def run_chain(profile: str = DEFAULT_PROFILE, out: str | os.PathLike | None = No
         if log_output:
             logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
             logging.getLogger("papermill").setLevel(logging.INFO)
+        started, seconds = time.perf_counter(), {}
         for k, name in enumerate(notebooks, 1):
             target = run_dir / "notebooks" / name
             print(f"[{k}/{len(notebooks)}] {name} -> {target}", flush=True)
+            begun = time.perf_counter()
             _execute(folder / name, target, injected_parameters(profile, params, defaults[name], overrides),
                      cwd=folder, progress=progress, log_output=log_output, run_dir=run_dir)
+            seconds[name.removesuffix(".ipynb")] = round(time.perf_counter() - begun, 1)
+        write_json_atomic(chain_record(profile, time.perf_counter() - started, seconds), run_dir / CHAIN)
     return run_dir
+
+
+CHAIN = "chain.json"
+
+
+def chain_record(profile: str, total: float, seconds: dict) -> dict:
+    """``chain.json``: what the whole chain cost on this machine: wall seconds (in all and per notebook, kernel
+    start included), the peak memory of the largest kernel (``getrusage`` of the finished children), the CPU."""
+    import platform
+    import resource
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    return {"profile": profile, "seconds": round(total, 1), "notebook_seconds": seconds,
+            "peak_kernel_rss_mib": round(peak / 1024), "cpu": f"{os.cpu_count()}-core {cpu}",
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def _execute(notebook: Path, target: Path, parameters: dict, *, cwd: Path, progress: bool, log_output: bool,

@@ -1,5 +1,6 @@
-"""Parameter sets for the notebook chain: ``tiny`` (offline mechanics), ``gemma3-270m`` (a real pretrained
-model that learns on a CPU, offline after ``make setup``) and ``qwen2-0.5b`` (the recipe).
+"""Parameter sets for the notebook chain: ``tiny`` (offline mechanics), ``gemma3-270m`` and ``qwen2.5-coder-0.5b``
+(real pretrained models that learn on a CPU, offline after ``make setup``, ``make setup QWEN=1``) and
+``qwen2-0.5b`` (the recipe).
 
 Keys are the notebooks' ``parameters`` cells (every profile holds every key a notebook declares, so an injected
 profile fixes every notebook value); each notebook receives the keys it declares. The committed notebooks hold

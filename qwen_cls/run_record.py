@@ -30,7 +30,7 @@ RUN_LAYOUT = frozenset({
     RUN_CONFIG, TRAIN_LOG, "loss_curve.png", "learning_curve.png", PREDICTIONS, SCORING,
     METRICS, "confusion_matrix.png", "swanlog", "retriever", "rag_metrics.json", "ranks",
     "damaged-checkpoints", "calibration.png", "rag_predictions.jsonl", "rag_timing.json", "seq_cls",
-    "approaches.json", "approaches.png", "serve_metrics.json",
+    "approaches.json", "approaches.png", "serve_metrics.json", "chain.json",
 })
 REQUIRED_KEYS = ("base_model", "max_length")  # what predict/export need to rebuild the model
 
