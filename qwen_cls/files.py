@@ -5,7 +5,8 @@ module that writes or reads a file uses these.
 
 Writes go to a temp file (or folder) beside the target and are renamed into place, so nothing is ever
 half-written; new files get the umask's mode, an overwritten file keeps its own; symlinks are written
-through; devices, pipes and sockets are refused.
+through; devices, pipes and sockets are refused. Weights saved through :func:`save_weights` get the umask's mode
+too (the safetensors writer alone makes them 0600).
 """
 
 from __future__ import annotations
@@ -182,6 +183,21 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
         for i, t in sorted(tokenizer.added_tokens_decoder.items())
     }
     write_json_atomic(config, config_path)
+
+
+def umask_modes(paths: Iterable[Path]) -> None:
+    """Give each regular file of ``paths`` the mode a new file gets from the umask (0666 & ~umask)."""
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def save_weights(model, folder: str | os.PathLike, **kwargs) -> None:
+    """``model.save_pretrained(folder, **kwargs)`` (a transformers or PEFT model), then its ``*.safetensors``
+    files get the umask's mode like the files beside them (the safetensors writer makes them 0600)."""
+    model.save_pretrained(folder, **kwargs)
+    umask_modes(Path(folder).rglob("*.safetensors"))
 
 
 @contextmanager

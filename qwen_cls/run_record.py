@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .files import DataError, atomic_dir, file_sha256, lock_holder, save_tokenizer, write_json_atomic
+from .files import DataError, atomic_dir, file_sha256, lock_holder, save_tokenizer, save_weights, write_json_atomic
 from .hub import ModelNotFound
 
 # What a run folder holds (docs/ARCHITECTURE.md lists who writes each).
@@ -82,7 +82,7 @@ def save_training(out_dir: str | os.PathLike, model, tokenizer, config: dict, lo
     ``train_log.json`` into ``out_dir``, each atomically; return the names written."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir / ADAPTER) as tmp:  # never a half-written adapter
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        save_weights(model, str(tmp), safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
     write_json_atomic(config, out_dir / RUN_CONFIG)
     write_json_atomic(log_history, out_dir / TRAIN_LOG)
