@@ -9,7 +9,8 @@ run whose every file is one the export wrote, unchanged. :data:`MARKER`, written
 manifest of those files (relative name, size, SHA-256); a file it does not list or that no longer matches (the
 user's notes, an edited card, a copied or hand-written marker's folder) is refused with its name, and nothing
 changes. A run folder, a folder inside a run, or a folder holding the run is refused too, and so is a run that
-is not finished (:func:`~qwen_cls.run_record.check_run_finished`, the check ``predict`` makes).
+is not finished or whose adapter is damaged (the checks ``predict`` makes:
+:func:`~qwen_cls.run_record.check_run_finished`, :func:`~qwen_cls.predict.check_run_files`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from .files import atomic_dir, file_sha256, save_tokenizer
 from .hub import TINY
-from .predict import load_run
+from .predict import check_run_files, load_run
 from .run_record import ADAPTER, PARAMS, RUN_CONFIG, check_run_finished
 
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
@@ -150,6 +151,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     run_dir, out = Path(run_dir), Path(out_dir)
     check_run_finished(run_dir)  # as predict: not a run still being written, failed, or never evaluated
+    check_run_files(run_dir)  # its run_config.json and adapter readable, as predict and serve check them
     check_out_dir(run_dir, out)
     model, tokenizer, config = load_run(run_dir, device="cpu", dtype=torch.float32)  # merged in float32, not rounded
     merged = model.merge_and_unload()

@@ -433,3 +433,44 @@ def test_a_lone_params_json_above_does_not_make_a_run(run_dir, tmp_path):
     (home / "params.json").write_text('{"my": "settings"}')  # a user's file that happens to share the name
     assert main(["export", "--run", str(run_dir), "--out", str(home / "exports" / "merged")]) == 0
     assert (home / "exports" / "merged" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ issue 33: damaged inputs, bad --out, modes
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Fail the test if a model starts loading (the checks must come first)."""
+    import qwen_cls.model
+
+    def never(*args, **kwargs):
+        pytest.fail("a model started loading before the check")
+
+    monkeypatch.setattr(qwen_cls.model, "load_model", never)
+    monkeypatch.setattr(qwen_cls.model, "resolve_model", never)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config not JSON", "config lacks keys"])
+@pytest.mark.parametrize("command", ["predict", "serve", "export"])
+def test_a_damaged_adapter_is_named_before_any_model_loads(run_dir, raw_file, tmp_path, capsys, no_model_loads,
+                                                           damage, command):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    weights, config = run / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_config.json"
+    if damage == "truncated weights":  # a copy or download cut short: the header says more bytes than there are
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        named, why = weights, "from its header (truncated or changed)"
+    elif damage == "config not JSON":
+        config.write_text('{"peft_type": "LORA", "r": 8,\n  oops\n')
+        named, why = f"{config}:2", "invalid JSON"
+    else:
+        kept = {k: v for k, v in json.loads(config.read_text()).items() if k not in ("peft_type", "target_modules")}
+        config.write_text(json.dumps(kept))
+        named, why = config, "lacks 'peft_type', 'target_modules'"
+    argv = {"predict": ["predict", "--run", str(run), "--input", str(raw_file[0]), "--output", str(tmp_path / "p")],
+            "serve": ["serve", "--run", str(run), "--port", "0"],
+            "export": ["export", "--run", str(run), "--out", str(tmp_path / "merged")]}[command]
+    before = tree_digest(tmp_path)
+    err = _fails(argv, capsys, status=2)
+    assert err.startswith(f"{named}: ") and why in err and "retrain the run" in err and "Traceback" not in err
+    assert tree_digest(tmp_path) == before  # nothing written: no output, no export, the run as it was

@@ -101,3 +101,28 @@ def test_seq_cls_export_needs_06s_folder_and_keeps_out_rules(run_dir, tmp_path, 
     assert main(["export", "--run", str(run_dir), "--seq-cls", "--out", str(taken)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def seq_cls_export(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seq-export") / "classifier"
+    assert main(["export", "--run", str(run_dir), "--seq-cls", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_predict_and_serve_refuse_a_sequence_classifier_by_name(seq_cls_export, tmp_path, capsys, monkeypatch,
+                                                                command):
+    import qwen_cls.model
+
+    monkeypatch.setattr(qwen_cls.model, "load_model", lambda *a, **k: pytest.fail("loaded as a causal LM"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "球队赢得冠军。", "category": ["Sports", "Art"]}, ensure_ascii=False) + "\n")
+    argv = (["predict", "--model", str(seq_cls_export), "--input", str(rows), "--output", str(tmp_path / "p.jsonl")]
+            if command == "predict" else ["serve", "--model", str(seq_cls_export), "--port", "0"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {seq_cls_export}: a sequence-classification model "
+                          "(Qwen2ForSequenceClassification, id2label: ")
+    assert "not a causal language model" in err and "--run RUN" in err and "text-classification" in err
+    assert "Traceback" not in err and not (tmp_path / "p.jsonl").exists()
