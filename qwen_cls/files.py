@@ -92,10 +92,11 @@ def check_folder_path(folder: Path, option: str) -> None:
             return
 
 
-def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Path:
+def check_output_folder(folder: str | os.PathLike, option: str = "--out", *, spared: str = "fetched or built") -> Path:
     """Refuse, before any fetch or build, a ``folder`` that is a file (or lies under one) or that cannot be
     written: the nearest existing folder at or above it is tried with a real temp folder (root ignores modes,
-    so ``os.access`` would not tell). Returns the folder as a ``Path``."""
+    so ``os.access`` would not tell). ``spared`` says in the error what did not happen ("nothing was fetched or
+    built"). Returns the folder as a ``Path``."""
     folder = Path(folder).expanduser()
     check_folder_path(folder, option)
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
@@ -105,7 +106,7 @@ def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Pat
             Path(tempfile.mkdtemp(prefix=".qwen-cls-write-check.", dir=where)).rmdir()
         except OSError as exc:
             raise DataError(folder, None, f"cannot write there ({where}: {exc.strerror or exc}); nothing was "
-                                          f"fetched or built: choose another {option}") from None
+                                          f"{spared}: choose another {option}") from None
     return folder
 
 

@@ -474,3 +474,63 @@ def test_a_damaged_adapter_is_named_before_any_model_loads(run_dir, raw_file, tm
     err = _fails(argv, capsys, status=2)
     assert err.startswith(f"{named}: ") and why in err and "retrain the run" in err and "Traceback" not in err
     assert tree_digest(tmp_path) == before  # nothing written: no output, no export, the run as it was
+
+
+@pytest.mark.parametrize("out", ["a dangling link", "an unwritable place"])
+def test_an_out_export_cannot_write_is_refused_before_the_merge(run_dir, tmp_path, capsys, no_model_loads, out):
+    if out == "a dangling link":
+        target = tmp_path / "elsewhere" / "merged"
+        link = tmp_path / "merged"
+        link.symlink_to(target, target_is_directory=True)
+        before = tree_digest(tmp_path)
+        err = _fails(["export", "--run", str(run_dir), "--out", str(link)], capsys, status=2)
+        assert err.startswith(f"error: --out {link}: a symbolic link to {target}, which does not exist; ")
+        assert tree_digest(tmp_path) == before and link.is_symlink() and not target.exists()
+    else:
+        sysfs = Path("/sys/qwen-cls-test-export")  # not writable, not even by root
+        err = _fails(["export", "--run", str(run_dir), "--out", str(sysfs)], capsys, status=2)
+        assert f"{sysfs}: cannot write there (/sys: " in err and "nothing was merged: choose another --out" in err
+        assert not sysfs.exists()
+    assert "Traceback" not in err
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_every_file_of_an_export_gets_the_umasks_mode(run_dir, tmp_path, mask):
+    out = tmp_path / "merged"
+    with umask(mask):
+        assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert modes["model.safetensors"] == oct(0o666 & ~mask)  # the safetensors writer alone made it 0600
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+
+
+@pytest.mark.parametrize("forgery", ["a hand-written marker with the right hashes",
+                                     "a real export's marker with the user's file added"])
+def test_a_marker_export_did_not_sign_never_makes_it_delete_a_users_file(run_dir, tmp_path, capsys, forgery):
+    out = tmp_path / "work"
+    if forgery == "a hand-written marker with the right hashes":
+        out.mkdir()
+        (out / "thesis.tex").write_text("\\chapter{Results}")
+        marker = {"exported_from": str(run_dir.resolve()), "kind": "causal_lm", "files": {}}
+    else:
+        assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+        (out / "thesis.tex").write_text("\\chapter{Results}")
+        marker = json.loads((out / "qwen_cls_export.json").read_text())  # its signature covers the files before
+    data = (out / "thesis.tex").read_bytes()
+    marker["files"]["thesis.tex"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (out / "qwen_cls_export.json").write_text(json.dumps(marker))
+    before = tree_digest(tmp_path)
+    capsys.readouterr()
+    err = _fails(["export", "--run", str(run_dir), "--out", str(out)], capsys, status=2)
+    assert err.startswith(f"error: --out {out}: its qwen_cls_export.json is not signed by this user's "
+                          "`qwen-cls export`") and "nothing was changed" in err
+    assert tree_digest(tmp_path) == before and (out / "thesis.tex").read_bytes() == data
