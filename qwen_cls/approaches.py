@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import torch
 
 from .evaluate import Scored
-from .files import atomic_dir, save_tokenizer, write_json_atomic
+from .files import atomic_dir, save_tokenizer, save_weights, write_json_atomic
 from .metrics import classification_metrics
 
 SEQ_CLS_HEAD = "score"  # the classification head's name in Qwen2ForSequenceClassification and Gemma 3's
@@ -142,7 +142,7 @@ def save_seq_cls(model, tokenizer, folder: str | os.PathLike, *, base_model: str
     from .model import dtype_name
 
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(str(tmp))
+        save_weights(model, str(tmp))
         save_tokenizer(tokenizer, tmp)
         write_json_atomic({"base_model": base_model, "labels": list(labels), "max_length": max_length,
                            "dtype": dtype_name(body_dtype(model))}, tmp / SEQ_CLS_FILE)

@@ -37,6 +37,7 @@ from .files import (
     note_earlier_builds,
     remove_stale_builds,
     save_tokenizer,
+    save_weights,
     settle,
     write_manifest,
 )
@@ -122,7 +123,7 @@ def build(spec: ModelBuild, make: Callable[[Path], Made], out_dir: str | os.Path
             made = make(Path(scratch))
             with atomic_dir(out) as tmp:  # a half-built model never sits at ``out``
                 mark_owner(tmp)
-                made.model.save_pretrained(tmp, safe_serialization=True)
+                save_weights(made.model, tmp, safe_serialization=True)  # safetensors files get the umask's mode
                 save_tokenizer(made.tokenizer, tmp)
                 for name, content in made.files.items():
                     if isinstance(content, Path):

@@ -5,31 +5,90 @@ The folder holds safetensors weights, the tokenizer, the run's ``run_config.json
 ``--run`` (base + adapter). It is written to a temp folder and renamed, so a failure leaves nothing.
 
 It never deletes what it did not create: ``--out`` must be new, empty, or an earlier export of the same
-run whose every file is one the export wrote, unchanged. :data:`MARKER`, written last, records the run and a
-manifest of those files (relative name, size, SHA-256); a file it does not list or that no longer matches (the
-user's notes, an edited card, a copied or hand-written marker's folder) is refused with its name, and nothing
-changes. A run folder, a folder inside a run, or a folder holding the run is refused too, and so is a run that
-is not finished (:func:`~qwen_cls.run_record.check_run_finished`, the check ``predict`` makes).
+run, of the same kind (plain or ``--seq-cls``), whose every file is one the export wrote, unchanged.
+:data:`MARKER`, written last, records the run, the kind and a manifest of those files (relative name, size,
+SHA-256), and is signed: an HMAC-SHA256 of its content under a secret that only ``qwen-cls export`` writes
+(:data:`EXPORT_KEY` in the cache folder, 32 random bytes, mode 0600, made on first use). So a marker proves
+that this user's exports wrote exactly the files it lists: a hand-written one (even with the right hashes of the
+user's files), an edited one, or one from another machine or from an export before markers were signed, is
+refused, and so is a file it does not list or that no longer matches (the user's notes, an edited card); the
+refusal names the file and nothing changes. A run folder, a folder inside a run, or a folder holding the run is
+refused too, and so is a run that is not finished or whose adapter is damaged (the checks ``predict`` makes:
+:func:`~qwen_cls.run_record.check_run_finished`, :func:`~qwen_cls.predict.check_run_files`). A ``--out``
+that is a dangling link or that cannot be written is refused before anything is merged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
+import tempfile
 from pathlib import Path
 
-from .files import atomic_dir, file_sha256, save_tokenizer
-from .hub import TINY
-from .predict import load_run
-from .run_record import ADAPTER, PARAMS, RUN_CONFIG, check_run_finished
+from .files import DataError, atomic_dir, check_output_folder, file_sha256, save_tokenizer, save_weights
+from .hub import TINY, cache_dir
+from .predict import check_run_files, load_run
+from .run_record import ADAPTER, PARAMS, RUN_CONFIG, check_adapter, check_run_finished
 
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
-MARKER = "qwen_cls_export.json"  # {"exported_from": <run folder>, "files": {name: {"size", "sha256"}}}
+MARKER = "qwen_cls_export.json"  # {"exported_from", "kind", "files": {name: {"size", "sha256"}}, "signature"}
 RUN_FILES = (RUN_CONFIG, PARAMS)  # a folder holding one of these is a run (or an export of one)
+EXPORT_KEY = "export_key"  # in the cache folder: the secret that signs this user's export markers
+PLAIN, SEQ_CLS = "causal_lm", "seq_cls"  # the marker's kind: merged causal LM, or `--seq-cls`'s sequence classifier
+KIND_NAMES = {PLAIN: "a plain (causal-LM) export", SEQ_CLS: "a sequence-classification export (--seq-cls)"}
 
 
 class ExportRefused(ValueError):
     """``--out`` holds something the export did not make; the message says why and what to do."""
+
+
+def export_key() -> bytes | None:
+    """The secret that signs markers (:data:`EXPORT_KEY` in :func:`~qwen_cls.hub.cache_dir`), made on first use;
+    None when it cannot be read or made (a read-only cache): the marker then goes unsigned, and a later export
+    refuses to replace that folder rather than guess."""
+    path = cache_dir() / EXPORT_KEY
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{EXPORT_KEY}.", dir=path.parent)  # mode 0600
+            try:
+                os.write(fd, secrets.token_bytes(32))
+                os.close(fd)
+                try:
+                    os.link(tmp, path)  # whole or absent, never half-written
+                except FileExistsError:
+                    pass  # another export made it first: use that one
+            finally:
+                os.unlink(tmp)
+        key = path.read_bytes()
+    except OSError:
+        return None
+    return key if len(key) == 32 else None
+
+
+def signature(marker: dict, key: bytes) -> str:
+    """HMAC-SHA256 (hex) of ``marker`` without its ``signature``, as canonical JSON, under ``key``."""
+    content = {k: v for k, v in marker.items() if k != "signature"}
+    text = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def write_marker(folder: Path, run_dir: Path, kind: str) -> None:
+    """Write :data:`MARKER` into ``folder`` (last): the run, ``kind``, the manifest of every file, the signature."""
+    marker = {"exported_from": str(run_dir.resolve()), "kind": kind, "files": manifest(folder)}
+    key = export_key()
+    if key is not None:
+        marker["signature"] = signature(marker, key)
+    (folder / MARKER).write_text(json.dumps(marker, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def signed_here(marker: dict) -> bool:
+    """True when ``marker`` carries the signature this user's exports give it (compared in constant time)."""
+    key, given = export_key(), marker.get("signature")
+    return key is not None and isinstance(given, str) and hmac.compare_digest(given, signature(marker, key))
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -85,8 +144,12 @@ def is_run_folder(folder: Path) -> bool:
     return (folder / PARAMS).is_file() and (folder / "notebooks").is_dir()
 
 
-def check_out_dir(run_dir: Path, out: Path) -> None:
-    """Refuse an ``--out`` whose contents the export would destroy (see the module docstring)."""
+def check_out_dir(run_dir: Path, out: Path, kind: str = PLAIN) -> None:
+    """Refuse an ``--out`` whose contents the export of ``kind`` would destroy, or that it cannot write (see the
+    module docstring)."""
+    if out.is_symlink() and not out.exists():
+        raise ExportRefused(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist; create that "
+                            "folder, or choose another --out (nothing was merged)")
     run, target = run_dir.resolve(), out.resolve()
     if target == run or target.is_relative_to(run):
         raise ExportRefused(f"--out {out} is the run folder or inside it; choose a new folder outside {run_dir}")
@@ -95,23 +158,38 @@ def check_out_dir(run_dir: Path, out: Path) -> None:
     for parent in target.parents:
         if is_run_folder(parent):
             raise ExportRefused(f"--out {out} lies inside the run folder {parent}; choose a folder outside it")
-    if not out.exists():
-        return
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise ExportRefused(f"--out {out} is a file; choose a new folder")
+    if out.exists() and any(out.iterdir()):
+        check_earlier_export(run_dir, out, kind)
+    check_output_folder(target, "--out", spared="merged")  # a temp folder is written beside it, then renamed
+
+
+def check_earlier_export(run_dir: Path, out: Path, kind: str) -> None:
+    """Refuse a non-empty ``--out`` unless it is this user's export of ``run_dir`` of the same ``kind``, every file
+    in it one the export wrote, unchanged."""
+    run = run_dir.resolve()
     names = sorted(p.name for p in out.iterdir())
-    if not names:
-        return
     if earlier_export_of(out) != str(run):
         what = "another run's folder" if any((out / n).is_file() for n in RUN_FILES) else "not empty"
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ExportRefused(f"--out {out} is {what} (it holds {shown}) and not an earlier export of {run_dir}; "
                             "nothing was changed: choose a new or empty folder")
-    files = read_marker(out).get("files")
+    marker = read_marker(out)
+    files = marker.get("files")
     if not isinstance(files, dict):
         raise ExportRefused(f"--out {out}: its {MARKER} lists no files (an older export, or a marker copied or "
                             "written by hand), so the export cannot tell its own files from yours; nothing was "
                             f"changed: choose a new or empty folder, or empty {out} yourself")
+    if not signed_here(marker):
+        raise ExportRefused(f"--out {out}: its {MARKER} is not signed by this user's `qwen-cls export` (written or "
+                            "edited by hand, from another machine, or from an older version), so it proves "
+                            "nothing about the files it lists; nothing was changed: choose a new or empty "
+                            f"folder, or empty {out} yourself")
+    if marker.get("kind") != kind:
+        raise ExportRefused(f"--out {out}: holds {KIND_NAMES.get(marker.get('kind'), 'another kind of export')} "
+                            f"of {run_dir}, which {KIND_NAMES[kind]} does not replace; nothing was changed: "
+                            f"choose another --out, or delete {out} yourself first")
     found = not_written_by_export(out, files)
     if found is not None:
         path, why = found
@@ -150,21 +228,21 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
     run_dir, out = Path(run_dir), Path(out_dir)
     check_run_finished(run_dir)  # as predict: not a run still being written, failed, or never evaluated
-    check_out_dir(run_dir, out)
+    check_run_files(run_dir)  # its run_config.json and adapter readable, as predict and serve check them
+    check_out_dir(run_dir, out, PLAIN)
     model, tokenizer, config = load_run(run_dir, device="cpu", dtype=torch.float32)  # merged in float32, not rounded
     merged = model.merge_and_unload()
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
 
     with atomic_dir(out) as tmp:  # a failure leaves no half-written export
-        merged.save_pretrained(tmp, safe_serialization=True)
+        save_weights(merged, tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
         exported = {**config, "dtype": "float32", "exported_from": str(run_dir), "merged": True}
         (tmp / RUN_CONFIG).write_text(json.dumps(exported, ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(config, metrics, run_dir), encoding="utf-8")
-        marker = {"exported_from": str(run_dir.resolve()), "files": manifest(tmp)}
-        (tmp / MARKER).write_text(json.dumps(marker, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        check_out_dir(run_dir, out)  # again, just before the old export is replaced: a file added meanwhile stays
+        write_marker(tmp, run_dir, PLAIN)
+        check_out_dir(run_dir, out, PLAIN)  # again, just before the old export is replaced: files added meanwhile stay
     return out
 
 
@@ -186,6 +264,21 @@ def seq_cls_card(meta: dict, run_dir: str | os.PathLike, architecture: str) -> s
         ""])
 
 
+def read_seq_cls_meta(folder: Path, rerun: str) -> dict:
+    """``seq_cls.json`` of 06's ``folder`` (``base_model``, ``labels``, ``max_length``), named when it is broken."""
+    from .approaches import SEQ_CLS_FILE
+
+    path = folder / SEQ_CLS_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(path, getattr(exc, "lineno", None), f"not valid JSON; {rerun}") from None
+    missing = [k for k in ("base_model", "labels", "max_length") if k not in meta] if isinstance(meta, dict) else None
+    if missing is None or missing:
+        raise DataError(path, None, f"lacks {', '.join(map(repr, missing or ['everything']))}; {rerun}")
+    return meta
+
+
 def export_seq_cls(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Merge ``run_dir/seq_cls`` (06's adapter and trained head) into its base and save it to ``out_dir`` as a
     ``*ForSequenceClassification`` folder with ``id2label`` / ``label2id``, under the same ``--out`` rules as
@@ -200,23 +293,24 @@ def export_seq_cls(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     if not (folder / SEQ_CLS_FILE).is_file():
         raise FileNotFoundError(f"{folder / SEQ_CLS_FILE}: no sequence-classification model in this run; notebook "
                                 "06 (06_approaches) writes it: run it with this run folder as out_dir first")
-    check_out_dir(run_dir, out)
+    rerun = "rerun notebook 06 (06_approaches) with this run folder as out_dir, or restore seq_cls/ from a copy"
+    saved = read_seq_cls_meta(folder, rerun)
+    check_adapter(folder, fix=f"the sequence classifier is damaged: {rerun}")
+    check_out_dir(run_dir, out, SEQ_CLS)
     model, tokenizer, labels, max_length = load_seq_cls(folder, device="cpu", dtype=torch.float32)  # merged unrounded
     merged = model.merge_and_unload()  # the LoRA deltas into the weights, the trained head in place of the new one
     merged.config.id2label = dict(enumerate(labels))
     merged.config.label2id = {label: i for i, label in enumerate(labels)}
     tokenizer.model_max_length = max_length  # pipeline(..., truncation=True) cuts where 06 cut
-    meta = {"base_model": str(json.loads((folder / SEQ_CLS_FILE).read_text(encoding="utf-8"))["base_model"]),
-            "labels": list(labels), "max_length": max_length}
+    meta = {"base_model": str(saved["base_model"]), "labels": list(labels), "max_length": max_length}
     with atomic_dir(out) as tmp:  # a failure leaves no half-written export
-        merged.save_pretrained(tmp, safe_serialization=True)
+        save_weights(merged, tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
         (tmp / SEQ_CLS_FILE).write_text(json.dumps({**meta, "exported_from": str(run_dir), "merged": True},
                                                    ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(seq_cls_card(meta, run_dir, type(merged).__name__), encoding="utf-8")
-        marker = {"exported_from": str(run_dir.resolve()), "files": manifest(tmp)}
-        (tmp / MARKER).write_text(json.dumps(marker, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        check_out_dir(run_dir, out)  # again, just before the old export is replaced: a file added meanwhile stays
+        write_marker(tmp, run_dir, SEQ_CLS)
+        check_out_dir(run_dir, out, SEQ_CLS)  # again just before the old export is replaced: files added meanwhile stay
     return out
 
 

@@ -5,7 +5,8 @@ module that writes or reads a file uses these.
 
 Writes go to a temp file (or folder) beside the target and are renamed into place, so nothing is ever
 half-written; new files get the umask's mode, an overwritten file keeps its own; symlinks are written
-through; devices, pipes and sockets are refused.
+through; devices, pipes and sockets are refused. Weights saved through :func:`save_weights` get the umask's mode
+too (the safetensors writer alone makes them 0600).
 """
 
 from __future__ import annotations
@@ -91,10 +92,11 @@ def check_folder_path(folder: Path, option: str) -> None:
             return
 
 
-def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Path:
+def check_output_folder(folder: str | os.PathLike, option: str = "--out", *, spared: str = "fetched or built") -> Path:
     """Refuse, before any fetch or build, a ``folder`` that is a file (or lies under one) or that cannot be
     written: the nearest existing folder at or above it is tried with a real temp folder (root ignores modes,
-    so ``os.access`` would not tell). Returns the folder as a ``Path``."""
+    so ``os.access`` would not tell). ``spared`` says in the error what did not happen ("nothing was fetched or
+    built"). Returns the folder as a ``Path``."""
     folder = Path(folder).expanduser()
     check_folder_path(folder, option)
     existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
@@ -104,7 +106,7 @@ def check_output_folder(folder: str | os.PathLike, option: str = "--out") -> Pat
             Path(tempfile.mkdtemp(prefix=".qwen-cls-write-check.", dir=where)).rmdir()
         except OSError as exc:
             raise DataError(folder, None, f"cannot write there ({where}: {exc.strerror or exc}); nothing was "
-                                          f"fetched or built: choose another {option}") from None
+                                          f"{spared}: choose another {option}") from None
     return folder
 
 
@@ -182,6 +184,21 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
         for i, t in sorted(tokenizer.added_tokens_decoder.items())
     }
     write_json_atomic(config, config_path)
+
+
+def umask_modes(paths: Iterable[Path]) -> None:
+    """Give each regular file of ``paths`` the mode a new file gets from the umask (0666 & ~umask)."""
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def save_weights(model, folder: str | os.PathLike, **kwargs) -> None:
+    """``model.save_pretrained(folder, **kwargs)`` (a transformers or PEFT model), then its ``*.safetensors``
+    files get the umask's mode like the files beside them (the safetensors writer makes them 0600)."""
+    model.save_pretrained(folder, **kwargs)
+    umask_modes(Path(folder).rglob("*.safetensors"))
 
 
 @contextmanager

@@ -5,11 +5,15 @@ Every row gets ``prediction`` (always one of its candidates: candidate scoring, 
 candidates). With ``--min-confidence P`` every row also gets ``confidence`` (the top probability) and ``abstain``
 (true when it is below P: the caller should not trust this prediction); ``prediction`` stays the top label.
 Rows are validated like ``convert`` (``output`` is optional) before any model loads, and the output file is
-written atomically.
+written atomically. Before any model loads, a run's damaged ``run_config.json`` or adapter is named
+(:func:`check_run_files`), and a ``--model`` folder holding a sequence classifier (``export --seq-cls``) is
+refused by name (:func:`check_causal_lm`): loaded as a causal LM its head would be dropped and its answers
+meaningless.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +30,39 @@ if TYPE_CHECKING:
 
 class AdapterMismatch(ValueError):
     """The adapter's shapes do not fit the base model: it was trained on another base."""
+
+
+class NotACausalLM(ValueError):
+    """A ``--model`` folder holds a sequence classifier (``qwen-cls export --seq-cls``), not a causal LM."""
+
+
+def check_causal_lm(folder: str | os.PathLike, option: str = "--model") -> None:
+    """:class:`NotACausalLM` when ``folder``'s ``config.json`` names a ``*ForSequenceClassification``
+    architecture: loaded as a causal LM its head would be dropped and its scores meaningless. A missing or
+    broken ``config.json`` is left to the model check, which names it."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    found = [a for a in architectures or [] if isinstance(a, str) and a.endswith("ForSequenceClassification")]
+    if not found:
+        return
+    labels = [str(label) for label in (config.get("id2label") or {}).values()]
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    raise NotACausalLM(
+        f"{option} {folder}: a sequence-classification model ({found[0]}, id2label: {shown or 'none'}), as "
+        "`qwen-cls export --seq-cls` writes it, not a causal language model; predict and serve score each row's "
+        "candidates with a causal LM and cannot use its head: give --run RUN, or --model with a plain export "
+        "(`qwen-cls export --run RUN --out DIR`), and load this folder with "
+        "transformers.pipeline(\"text-classification\") (see its README.md)")
+
+
+def check_run_files(run_dir: str | os.PathLike) -> None:
+    """What ``predict``, ``serve`` and ``export`` check of a (finished) run's files before a model loads: a
+    readable ``run_config.json`` and a whole adapter (:func:`~qwen_cls.run_record.adapter_dir`)."""
+    read_run_config(run_dir)
+    adapter_dir(run_dir)  # adapter_config.json and the safetensors header, named when damaged
 
 
 def run_dtype(run_dir: str | os.PathLike, device=None) -> torch.dtype:
@@ -85,6 +122,7 @@ def load_exported(model_dir: str | os.PathLike, *, device=None, verify: bool = F
     folder = Path(model_dir)
     if folder.is_dir() and (folder / ADAPTER).is_dir() and (folder / RUN_CONFIG).is_file():
         raise ModelNotFound(f"{folder} is a run dir, not a model folder; use --run {folder}")
+    check_causal_lm(folder)
     config = read_run_config(folder) if (folder / RUN_CONFIG).is_file() else {}
     model, tokenizer = load_model(str(model_dir), device=device, verify=verify)
     return model, tokenizer, config
@@ -164,6 +202,10 @@ def check_predict_options(*, run=None, model=None, output=None, batch_size: int 
         write_target(output)  # a folder, a device, or a file where a folder should be: refused now, not after
     check_min_confidence(min_confidence)
     check_device(device)
+    if run is not None:
+        check_run_files(run)  # its config or adapter damaged: named, as by export and serve
+    if model is not None:
+        check_causal_lm(model)
 
 
 def predict_file(input_path, output_path, *, run=None, model=None, batch_size: int = 8,

@@ -12,7 +12,16 @@ import json
 import os
 from pathlib import Path
 
-from .files import DataError, atomic_dir, file_sha256, lock_holder, save_tokenizer, write_json_atomic
+from .files import (
+    DataError,
+    atomic_dir,
+    file_sha256,
+    lock_holder,
+    safetensors_problem,
+    save_tokenizer,
+    save_weights,
+    write_json_atomic,
+)
 from .hub import ModelNotFound
 
 # What a run folder holds (docs/ARCHITECTURE.md lists who writes each).
@@ -33,6 +42,9 @@ RUN_LAYOUT = frozenset({
     "approaches.json", "approaches.png", "serve_metrics.json", "chain.json",
 })
 REQUIRED_KEYS = ("base_model", "max_length")  # what predict/export need to rebuild the model
+ADAPTER_CONFIG = "adapter_config.json"  # a saved PEFT adapter: its config and weights (adapter/, seq_cls/)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_KEYS = ("peft_type", "r", "lora_alpha", "target_modules")  # what loading a LoRA adapter reads
 
 
 def run_config(*, profile: str | None, base_model: str, max_length: int, lora_config, args, seed: int,
@@ -82,7 +94,7 @@ def save_training(out_dir: str | os.PathLike, model, tokenizer, config: dict, lo
     ``train_log.json`` into ``out_dir``, each atomically; return the names written."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir / ADAPTER) as tmp:  # never a half-written adapter
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        save_weights(model, str(tmp), safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
     write_json_atomic(config, out_dir / RUN_CONFIG)
     write_json_atomic(log_history, out_dir / TRAIN_LOG)
@@ -117,12 +129,36 @@ def run_precision(config: dict) -> str | None:
 
 
 def adapter_dir(run_dir: str | os.PathLike) -> Path:
-    """The run's ``adapter/``, checked complete (config + safetensors weights)."""
+    """The run's ``adapter/``, checked complete and readable (:func:`check_adapter`), before any model loads."""
     adapter = Path(run_dir) / ADAPTER
-    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
-        raise ModelNotFound(f"{adapter}: missing or incomplete adapter (needs adapter_config.json and "
-                            "adapter_model.safetensors); did training finish?")
+    if not (adapter / ADAPTER_CONFIG).is_file() or not (adapter / ADAPTER_WEIGHTS).is_file():
+        raise ModelNotFound(f"{adapter}: missing or incomplete adapter (needs {ADAPTER_CONFIG} and "
+                            f"{ADAPTER_WEIGHTS}); did training finish?")
+    check_adapter(adapter, fix="the adapter is damaged: retrain the run (`qwen-cls train`, or `qwen-cls run "
+                               "--overwrite`) or restore adapter/ from a copy")
     return adapter
+
+
+def check_adapter(folder: str | os.PathLike, *, fix: str) -> None:
+    """:class:`~qwen_cls.files.DataError` naming the file when a saved PEFT adapter in ``folder`` cannot load:
+    ``adapter_config.json`` not a JSON object with :data:`ADAPTER_KEYS`, or ``adapter_model.safetensors``
+    shorter or longer than its own header says (read without loading a tensor). ``fix`` says what to do."""
+    config_path, weights = Path(folder) / ADAPTER_CONFIG, Path(folder) / ADAPTER_WEIGHTS
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(config_path, None, f"not UTF-8 text, so not the JSON PEFT wrote; {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(config_path, exc.lineno, f"invalid JSON ({exc.msg}); {fix}") from None
+    if not isinstance(config, dict):
+        raise DataError(config_path, None, f"not a JSON object, so not the config PEFT wrote; {fix}")
+    missing = [key for key in ADAPTER_KEYS if key not in config]
+    if missing:
+        raise DataError(config_path, None, f"lacks {', '.join(map(repr, missing))}, which PEFT needs to load the "
+                                           f"adapter; {fix}")
+    problem = safetensors_problem(weights)
+    if problem is not None:
+        raise DataError(weights, None, f"{problem}; {fix}")
 
 
 def check_run_finished(run_dir: str | os.PathLike, option: str = "--run") -> None:

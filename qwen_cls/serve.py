@@ -46,7 +46,16 @@ from typing import Iterator
 
 from .data import validate_row
 from .hub import TINY
-from .predict import add_model_source, check_device, check_min_confidence, load_exported, load_run, predict_rows
+from .predict import (
+    add_model_source,
+    check_causal_lm,
+    check_device,
+    check_min_confidence,
+    check_run_files,
+    load_exported,
+    load_run,
+    predict_rows,
+)
 from .recipe import MAX_LENGTH
 from .run_record import check_run_finished
 
@@ -462,6 +471,10 @@ def check_serve_options(*, run=None, model=None, host: str = HOST, port: int = D
     check_min_confidence(min_confidence)
     check_device(device)
     limits.check()
+    if run is not None:
+        check_run_files(run)  # its config or adapter damaged: named, as by predict
+    if model is not None:
+        check_causal_lm(model)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -433,3 +433,104 @@ def test_a_lone_params_json_above_does_not_make_a_run(run_dir, tmp_path):
     (home / "params.json").write_text('{"my": "settings"}')  # a user's file that happens to share the name
     assert main(["export", "--run", str(run_dir), "--out", str(home / "exports" / "merged")]) == 0
     assert (home / "exports" / "merged" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ issue 33: damaged inputs, bad --out, modes
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Fail the test if a model starts loading (the checks must come first)."""
+    import qwen_cls.model
+
+    def never(*args, **kwargs):
+        pytest.fail("a model started loading before the check")
+
+    monkeypatch.setattr(qwen_cls.model, "load_model", never)
+    monkeypatch.setattr(qwen_cls.model, "resolve_model", never)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config not JSON", "config lacks keys"])
+@pytest.mark.parametrize("command", ["predict", "serve", "export"])
+def test_a_damaged_adapter_is_named_before_any_model_loads(run_dir, raw_file, tmp_path, capsys, no_model_loads,
+                                                           damage, command):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    weights, config = run / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_config.json"
+    if damage == "truncated weights":  # a copy or download cut short: the header says more bytes than there are
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        named, why = weights, "from its header (truncated or changed)"
+    elif damage == "config not JSON":
+        config.write_text('{"peft_type": "LORA", "r": 8,\n  oops\n')
+        named, why = f"{config}:2", "invalid JSON"
+    else:
+        kept = {k: v for k, v in json.loads(config.read_text()).items() if k not in ("peft_type", "target_modules")}
+        config.write_text(json.dumps(kept))
+        named, why = config, "lacks 'peft_type', 'target_modules'"
+    argv = {"predict": ["predict", "--run", str(run), "--input", str(raw_file[0]), "--output", str(tmp_path / "p")],
+            "serve": ["serve", "--run", str(run), "--port", "0"],
+            "export": ["export", "--run", str(run), "--out", str(tmp_path / "merged")]}[command]
+    before = tree_digest(tmp_path)
+    err = _fails(argv, capsys, status=2)
+    assert err.startswith(f"{named}: ") and why in err and "retrain the run" in err and "Traceback" not in err
+    assert tree_digest(tmp_path) == before  # nothing written: no output, no export, the run as it was
+
+
+@pytest.mark.parametrize("out", ["a dangling link", "an unwritable place"])
+def test_an_out_export_cannot_write_is_refused_before_the_merge(run_dir, tmp_path, capsys, no_model_loads, out):
+    if out == "a dangling link":
+        target = tmp_path / "elsewhere" / "merged"
+        link = tmp_path / "merged"
+        link.symlink_to(target, target_is_directory=True)
+        before = tree_digest(tmp_path)
+        err = _fails(["export", "--run", str(run_dir), "--out", str(link)], capsys, status=2)
+        assert err.startswith(f"error: --out {link}: a symbolic link to {target}, which does not exist; ")
+        assert tree_digest(tmp_path) == before and link.is_symlink() and not target.exists()
+    else:
+        sysfs = Path("/sys/qwen-cls-test-export")  # not writable, not even by root
+        err = _fails(["export", "--run", str(run_dir), "--out", str(sysfs)], capsys, status=2)
+        assert f"{sysfs}: cannot write there (/sys: " in err and "nothing was merged: choose another --out" in err
+        assert not sysfs.exists()
+    assert "Traceback" not in err
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_every_file_of_an_export_gets_the_umasks_mode(run_dir, tmp_path, mask):
+    out = tmp_path / "merged"
+    with umask(mask):
+        assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert modes["model.safetensors"] == oct(0o666 & ~mask)  # the safetensors writer alone made it 0600
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+
+
+@pytest.mark.parametrize("forgery", ["a hand-written marker with the right hashes",
+                                     "a real export's marker with the user's file added"])
+def test_a_marker_export_did_not_sign_never_makes_it_delete_a_users_file(run_dir, tmp_path, capsys, forgery):
+    out = tmp_path / "work"
+    if forgery == "a hand-written marker with the right hashes":
+        out.mkdir()
+        (out / "thesis.tex").write_text("\\chapter{Results}")
+        marker = {"exported_from": str(run_dir.resolve()), "kind": "causal_lm", "files": {}}
+    else:
+        assert main(["export", "--run", str(run_dir), "--out", str(out)]) == 0
+        (out / "thesis.tex").write_text("\\chapter{Results}")
+        marker = json.loads((out / "qwen_cls_export.json").read_text())  # its signature covers the files before
+    data = (out / "thesis.tex").read_bytes()
+    marker["files"]["thesis.tex"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (out / "qwen_cls_export.json").write_text(json.dumps(marker))
+    before = tree_digest(tmp_path)
+    capsys.readouterr()
+    err = _fails(["export", "--run", str(run_dir), "--out", str(out)], capsys, status=2)
+    assert err.startswith(f"error: --out {out}: its qwen_cls_export.json is not signed by this user's "
+                          "`qwen-cls export`") and "nothing was changed" in err
+    assert tree_digest(tmp_path) == before and (out / "thesis.tex").read_bytes() == data

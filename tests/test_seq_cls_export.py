@@ -101,3 +101,68 @@ def test_seq_cls_export_needs_06s_folder_and_keeps_out_rules(run_dir, tmp_path, 
     assert main(["export", "--run", str(run_dir), "--seq-cls", "--out", str(taken)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
+
+
+def tree_digest(folder):
+    """One SHA-256 over every entry under ``folder`` (relative path, mode, bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        content = path.read_bytes() if path.is_file() else b"<dir>"
+        digest.update(f"{path.relative_to(folder)}\0{path.lstat().st_mode}\0{len(content)}\0".encode() + content)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def seq_cls_export(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seq-export") / "classifier"
+    assert main(["export", "--run", str(run_dir), "--seq-cls", "--out", str(out)]) == 0
+    return out
+
+
+def test_one_kind_of_export_never_replaces_the_other(run_dir, seq_cls_export, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    assert main(["export", "--run", str(run_dir), "--out", str(plain)]) == 0
+    for out, flags, holds in ((plain, ["--seq-cls"], "a plain (causal-LM) export"),
+                              (seq_cls_export, [], "a sequence-classification export (--seq-cls)")):
+        before = tree_digest(out.parent)
+        capsys.readouterr()
+        assert main(["export", "--run", str(run_dir), *flags, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}: holds {holds} of {run_dir}, which ") and "Traceback" not in err
+        assert "nothing was changed: choose another --out" in err
+        assert tree_digest(out.parent) == before
+    assert main(["export", "--run", str(run_dir), "--seq-cls", "--out", str(seq_cls_export)]) == 0  # same kind: redone
+
+
+@pytest.mark.parametrize("command", ["predict", "serve"])
+def test_predict_and_serve_refuse_a_sequence_classifier_by_name(seq_cls_export, tmp_path, capsys, monkeypatch,
+                                                                command):
+    import qwen_cls.model
+
+    monkeypatch.setattr(qwen_cls.model, "load_model", lambda *a, **k: pytest.fail("loaded as a causal LM"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "球队赢得冠军。", "category": ["Sports", "Art"]}, ensure_ascii=False) + "\n")
+    argv = (["predict", "--model", str(seq_cls_export), "--input", str(rows), "--output", str(tmp_path / "p.jsonl")]
+            if command == "predict" else ["serve", "--model", str(seq_cls_export), "--port", "0"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {seq_cls_export}: a sequence-classification model "
+                          "(Qwen2ForSequenceClassification, id2label: ")
+    assert "not a causal language model" in err and "--run RUN" in err and "text-classification" in err
+    assert "Traceback" not in err and not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask022", "umask002"])
+def test_seq_cls_export_files_get_the_umasks_mode(run_dir, tmp_path, mask):
+    import os
+
+    out = tmp_path / "classifier"
+    old = os.umask(mask)
+    try:
+        assert main(["export", "--run", str(run_dir), "--seq-cls", "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
