@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         params = {**base, **dict(point)}
         label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point) or "profile"
         figures = train_and_score(params, args.val_rows, args.out.parent / "work")
-        entry = {"setting": dict(point), **figures}
+        entry = {"setting": dict(point), "training": {k: params[k] for k in KEYS}, **figures}
         results["points"].append(entry)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

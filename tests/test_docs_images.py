@@ -92,3 +92,34 @@ def test_a_tiny_run_is_refused(tmp_path, capsys):
     shutil.rmtree(run)
     assert U.main([str(run)]) == 2
     assert "not a finished run" in capsys.readouterr().err
+
+
+def _real_run(folder: Path, profile: str, accuracy: float, zero: float, seconds: float, rss_mib: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "profile": profile, "base_model": profile, "accuracy": accuracy, "n_test": 500,
+        "zero_shot": {"accuracy": zero}, "chance_accuracy": 0.3236}))
+    (folder / "run_config.json").write_text(json.dumps({
+        "dtype": "bfloat16", "training": {"train_rows": 800, "learning_rate": 0.001, "num_train_epochs": 1}}))
+    (folder / "chain.json").write_text(json.dumps({
+        "seconds": seconds, "peak_kernel_rss_mib": rss_mib, "cpu": "2-core Test CPU", "date": "2026-12-06"}))
+    return folder
+
+
+def test_profiles_table_and_default_verdict_come_from_both_runs(tmp_path):
+    gemma = _real_run(tmp_path / "demo", "gemma3-270m", 0.88, 0.35, 389.0, 3584)
+    qwen = _real_run(tmp_path / "demo-qwen", "qwen2.5-coder-0.5b", 0.85, 0.454, 612.4, 5939)
+    table = U.profiles_table([(gemma, U.finished(gemma)), (qwen, U.finished(qwen))])
+    assert ("| `qwen2.5-coder-0.5b` | Qwen2.5-Coder-0.5B-Instruct (Qwen; the Qwen2-0.5B architecture; Qwen's GGUF) | "
+            "800 train / 500 test THUCNews headlines; lr 0.001, 1 epoch(s), bfloat16 | **0.850** (zero-shot 0.454, "
+            "chance 0.324) | 10 min 12 s | 5.8 GiB | 2-core Test CPU, 2026-12-06 |") in table
+    assert "| `gemma3-270m` | Gemma 3 270M" in table and "| 6 min 29 s | 3.5 GiB |" in table
+    assert ("its accuracy 0.850 is not above gemma3-270m's 0.880; its chain took 10 min 12 s, over `make demo`'s 8 "
+            "minutes. So gemma3-270m stays the default") in table
+    # a Qwen run that is more accurate and fast enough is named as the one to make default
+    (qwen / "metrics.json").write_text(json.dumps({**U.finished(qwen), "accuracy": 0.91}))
+    (qwen / "chain.json").write_text(json.dumps({**json.loads((qwen / "chain.json").read_text()), "seconds": 470}))
+    verdict = U.default_verdict([(gemma, U.finished(gemma)), (qwen, U.finished(qwen))])
+    assert "above gemma3-270m's 0.880; its chain took 7 min 50 s, within" in verdict
+    assert verdict.endswith("So qwen2.5-coder-0.5b meets both conditions to become the default.\n")
+    assert U.default_verdict([(gemma, U.finished(gemma))]).startswith("No finished `make demo-qwen` run")

@@ -186,3 +186,23 @@ def test_real_tokenizer_speaks_chatml_with_qwen2s_ids(real_qwen):
     assert ids == reference(text, add_special_tokens=False)["input_ids"]
     assert ids[:3] == [151644, 8948, 198]  # <|im_start|> system \n
     assert tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) == [151645, 151643]
+
+
+def test_profile_settings_are_the_best_validation_point_recorded():
+    """The qwen2.5-coder-0.5b profile's training settings are the recorded point with the highest validation
+    accuracy (benchmarks/choose_settings.py wrote the file; it never reads the test file)."""
+    from qwen_cls.profiles import PROFILES, QWEN_CODER_TRAINING
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" /
+                         "settings_qwen2.5-coder-0.5b.json").read_text(encoding="utf-8"))
+    points = record["points"]
+    assert len(points) >= 3 and record["cpu"] and all(p["val_rows"] == 300 for p in points)
+    best = max(points, key=lambda p: p["val_accuracy"])
+    profile = PROFILES["qwen2.5-coder-0.5b"]
+    chosen = {"max_train_samples": profile["max_train_samples"], "learning_rate": profile["learning_rate"],
+              "num_train_epochs": profile["num_train_epochs"]}
+    assert {k: best["training"][k] for k in chosen} == chosen == {k: profile[k] for k in QWEN_CODER_TRAINING}
+    assert all(p["training"][k] == p["setting"][k] for p in points for k in p["setting"])
+    assert best["train_rows"] == profile["max_train_samples"]
+    assert profile["base_model"] == "qwen2.5-coder-0.5b" and profile["train_path"] == PROFILES["gemma3-270m"][
+        "train_path"] and profile["max_test_samples"] == PROFILES["gemma3-270m"]["max_test_samples"]
