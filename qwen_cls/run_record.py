@@ -51,14 +51,21 @@ def run_config(*, profile: str | None, base_model: str, max_length: int, lora_co
                gradient_checkpointing: bool, train_rows: int, train_file: str | os.PathLike | None = None,
                eval_rows: int | None = None, world_size: int = 1, global_step: int | None = None,
                train_seconds: float | None = None, resumed_from: str | None = None,
-               dtype: str | None = None) -> dict:
+               dtype: str | None = None, validation_file: str | os.PathLike | None = None,
+               validation_rows: int | None = None, validation_sha256: str | None = None) -> dict:
     """The ``run_config.json`` of a training: the same keys, top level and nested, for every path.
 
     ``lora_config`` is the ``peft.LoraConfig`` trained, ``args`` the ``TrainingArguments``; ``profile`` is
     ``None`` for ``qwen-cls train`` (no profile), ``train_file`` the raw rows trained on (fingerprinted).
     ``dtype``: the base model's weights while training (``"float32"`` or ``"bfloat16"``; default: bfloat16
     when ``args.bf16``); ``predict`` and ``serve`` load the run in it (:func:`run_precision`).
+    ``validation_file``, ``validation_rows``, ``validation_sha256``: the validation rows 01 split off the training
+    file (``out_dir/data/validation.jsonl``), their count and ``data.rows_sha256`` digest, recorded as
+    ``validation`` (``None`` for ``qwen-cls train``, which has no validation split).
     """
+    validation = None
+    if validation_file is not None:
+        validation = {"file": str(validation_file), "rows": validation_rows, "sha256": validation_sha256}
     return {
         "profile": profile,
         "base_model": str(base_model),
@@ -85,6 +92,7 @@ def run_config(*, profile: str | None, base_model: str, max_length: int, lora_co
             "train_rows": train_rows,
             "eval_rows": eval_rows,
         },
+        "validation": validation,
         "seed": seed,
     }
 

@@ -212,3 +212,48 @@ def test_a_symlinked_output_folder_is_written_through(tmp_path):
     with atomic_dir(link) as tmp:
         (tmp / "model.txt").write_text("weights")
     assert link.is_symlink() and (real / "model.txt").read_text() == "weights"
+
+
+# --- the validation split (issue 32) ------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_validation_split_keeps_the_training_rows_and_takes_the_shuffled_files_last_rows():
+    rows = list(range(8000))  # the THUCNews training file's row count
+    train, validation = data.split_train_validation(rows, 800, 300, 42)
+    assert train == data.sample_rows(rows, 800, 42)  # training rows exactly as without a validation split
+    assert validation == data.sample_rows(rows, 0, 42)[-300:] and len(validation) == 300
+    assert not set(train) & set(validation)
+    train_all, validation_all = data.split_train_validation(rows, 0, 300, 42)  # 0: all the other rows
+    assert len(train_all) == 7700 and train_all[:800] == train and validation_all == validation
+    sample_train, sample_validation = data.split_train_validation(list(range(80)), 0, 8, 42)  # tiny's 80 rows
+    assert (len(sample_train), len(sample_validation)) == (72, 8)
+    assert sorted(sample_train + sample_validation) == list(range(80))
+    assert data.split_train_validation(rows, 800, 0, 42) == (train, [])
+
+
+@pytest.mark.parametrize("n_train, n_validation", [(700, 301), (0, 1000), (1, 1000)])
+def test_validation_split_refuses_too_few_rows(n_train, n_validation):
+    with pytest.raises(ValueError, match="1000 rows, fewer than"):
+        data.split_train_validation(list(range(1000)), n_train, n_validation, 42)
+
+
+def test_choose_settings_splits_as_notebook_01():
+    from benchmarks.choose_settings import split_rows
+
+    params = {"train_path": "../data/sample/train.jsonl", "max_train_samples": 30, "seed": 7}
+    train, validation = split_rows(params, 8)
+    ours = data.split_train_validation(data.read_raw_rows(ROOT / "data" / "sample" / "train.jsonl"), 30, 8, 7)
+    assert [r["text"] for r in train] == [r.text for r in ours[0]] and len(train) == 30
+    assert [r["text"] for r in validation] == [r.text for r in ours[1]] and len(validation) == 8
+
+
+def test_rows_digest_is_the_same_for_raw_and_instruction_rows_and_changes_with_an_answer():
+    rows = data.read_raw_rows(ROOT / "data" / "sample" / "train.jsonl")[:5]
+    converted = [data.to_instruction_row(r) for r in rows]
+    assert data.rows_sha256(rows) == data.rows_sha256(converted)
+    assert len(data.rows_sha256(rows)) == 64
+    flipped = [dict(converted[0], output=converted[0]["category"][-1] if converted[0]["output"] !=
+                    converted[0]["category"][-1] else converted[0]["category"][0]), *converted[1:]]
+    assert data.rows_sha256(flipped) != data.rows_sha256(converted)

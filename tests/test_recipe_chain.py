@@ -31,7 +31,7 @@ def recipe_run(tmp_path_factory, tiny_dir):
         [sys.executable, "-m", "qwen_cls", "run", "--quiet", "--profile", "qwen2-0.5b", "--out", str(out),
          "-p", "base_model", str(tiny_dir), "-p", "train_path", str(train), "-p", "test_path", str(test),
          "-p", "download_data", "False", "-p", "swanlab_mode", "disabled", "-p", "speed_rows", "1",
-         "-p", "serve_seconds", "2"],
+         "-p", "serve_seconds", "2", "-p", "validation_rows", "4"],
         capture_output=True, text=True, timeout=1200, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
