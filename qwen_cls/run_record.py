@@ -109,6 +109,23 @@ def save_training(out_dir: str | os.PathLike, model, tokenizer, config: dict, lo
     return [ADAPTER, RUN_CONFIG, TRAIN_LOG]
 
 
+def validation_result(folder: str | os.PathLike) -> dict | None:
+    """``metrics.json``'s ``validation``: 03's last evaluation (``train_log.json``'s last ``eval_accuracy``, after
+    the last epoch) on the first ``eval_rows`` of the validation rows 01 split off the training file: ``rows``
+    (rows scored), ``accuracy``, ``macro_f1``, ``of`` (validation rows in all) and their ``sha256``
+    (``run_config.json``'s ``validation``). ``None`` when the run recorded no evaluation (``qwen-cls train``)."""
+    folder = Path(folder)
+    config = read_run_config(folder)
+    log = json.loads((folder / TRAIN_LOG).read_text(encoding="utf-8")) if (folder / TRAIN_LOG).is_file() else []
+    evaluations = [entry for entry in log if "eval_accuracy" in entry]
+    if not evaluations:
+        return None
+    recorded = config.get("validation") or {}
+    last = evaluations[-1]
+    return {"rows": config.get("training", {}).get("eval_rows"), "accuracy": last["eval_accuracy"],
+            "macro_f1": last.get("eval_macro_f1"), "of": recorded.get("rows"), "sha256": recorded.get("sha256")}
+
+
 def read_run_config(folder: str | os.PathLike) -> dict:
     """``run_config.json`` of a run dir (or an export), with a clear error when it is missing or broken."""
     path = Path(folder) / RUN_CONFIG

@@ -257,3 +257,18 @@ def test_rows_digest_is_the_same_for_raw_and_instruction_rows_and_changes_with_a
     flipped = [dict(converted[0], output=converted[0]["category"][-1] if converted[0]["output"] !=
                     converted[0]["category"][-1] else converted[0]["category"][0]), *converted[1:]]
     assert data.rows_sha256(flipped) != data.rows_sha256(converted)
+
+
+def test_validation_result_is_03s_last_evaluation_on_validation_rows(tmp_path):
+    from qwen_cls.run_record import validation_result
+
+    (tmp_path / "run_config.json").write_text(json.dumps({
+        "base_model": "tiny", "max_length": 64, "training": {"eval_rows": 50},
+        "validation": {"file": "v.jsonl", "rows": 300, "sha256": "ab" * 32}}))
+    (tmp_path / "train_log.json").write_text(json.dumps([
+        {"eval_accuracy": 0.25, "eval_macro_f1": 0.2, "step": 0}, {"loss": 1.5, "step": 5},
+        {"eval_accuracy": 0.84, "eval_macro_f1": 0.81, "step": 100}, {"train_runtime": 9.0, "step": 100}]))
+    assert validation_result(tmp_path) == {"rows": 50, "accuracy": 0.84, "macro_f1": 0.81, "of": 300,
+                                           "sha256": "ab" * 32}
+    (tmp_path / "train_log.json").write_text(json.dumps([{"loss": 1.5, "step": 5}]))  # qwen-cls train: none
+    assert validation_result(tmp_path) is None
