@@ -415,23 +415,28 @@ def _lm_head_positions_ratio(answer, *, out_dir, **_):
 
 
 @_exercise("04.1")
-def _accuracy_from_predictions(answer, *, out_dir, **_):
-    """Accuracy recomputed from ``predictions.jsonl``."""
-    value = _number(answer, "answer_1")
+def _fixed_by_lora(answer, *, out_dir, **_):
+    """Test rows LoRA gets right and zero-shot (the same model, adapter off) gets wrong, from ``predictions.jsonl``
+    (zero-shot's prediction: the candidate with the highest ``zero_shot_scores``)."""
+    n = _integer(answer, "answer_1")
     rows = read_jsonl(_path(out_dir, "predictions.jsonl"))
-    right = sum(r["prediction"] == r["output"] for r in rows)
-    expected = right / len(rows)
-    if _close(value, expected):
-        reported = _json(out_dir, "metrics.json")["accuracy"]
-        return (f"{right}/{len(rows)} = {expected:.3f}, 和 metrics.json 的 accuracy {reported:.3f} "
-                f"{'相同' if math.isclose(reported, expected) else '不同 (?)'}: 指标可以只从逐行的预测文件复算。")
-    if _close(value, 100 * expected, 0.05):
-        raise _Wrong("写成 0 到 1 之间的小数, 不是百分数")
-    if value == right and len(rows) > 1:
-        raise _Wrong("这是答对的行数; 再除以行数")
-    if _close(value, 1 - expected):
-        raise _Wrong("这是错误率; accuracy 是 prediction == output 的比例")
-    raise _Wrong("读 out_dir / 'predictions.jsonl' 的每一行, 数 prediction == output 的比例")
+    zero = [max(r["zero_shot_scores"], key=r["zero_shot_scores"].get) for r in rows]
+    lora_right = [r["prediction"] == r["output"] for r in rows]
+    zero_right = [z == r["output"] for z, r in zip(zero, rows)]
+    fixed = sum(a and not b for a, b in zip(lora_right, zero_right))
+    broken = sum(b and not a for a, b in zip(lora_right, zero_right))
+    if n == fixed:
+        return (f"{fixed} 行: LoRA 答对而 zero-shot 答错; 反过来 (LoRA 答错而 zero-shot 答对) 有 {broken} 行。"
+                f"accuracy 之差 = ({fixed} − {broken}) / {len(rows)}: 微调不只是纠正错误, 也会把原来对的行改错。")
+    if n == broken and fixed != broken:
+        raise _Wrong("反过来了: 这是 zero-shot 答对而 LoRA 答错的行数; 要的是 prediction == output 而 zero-shot "
+                     "的预测 != output")
+    if n == fixed - broken and broken:
+        raise _Wrong("这是两者答对行数之差 (净增加); 有的行 LoRA 反而答错了, 只数 LoRA 对、zero-shot 错的行")
+    if n == sum(lora_right) and n != fixed:
+        raise _Wrong("这是 LoRA 答对的全部行数; 其中 zero-shot 也答对的行不算")
+    raise _Wrong("读 out_dir / 'predictions.jsonl': zero-shot 的预测是 zero_shot_scores 里分数最高的候选, "
+                 "数 prediction == output 且 zero-shot 的预测 != output 的行")
 
 
 @_exercise("04.2")

@@ -61,11 +61,10 @@ def run_config(*, profile: str | None, base_model: str, max_length: int, lora_co
     when ``args.bf16``); ``predict`` and ``serve`` load the run in it (:func:`run_precision`).
     ``validation_file``, ``validation_rows``, ``validation_sha256``: the validation rows 01 split off the training
     file (``out_dir/data/validation.jsonl``), their count and ``data.rows_sha256`` digest, recorded as
-    ``validation`` (``None`` for ``qwen-cls train``, which has no validation split).
+    ``validation`` (the same keys, each ``None``, for ``qwen-cls train``, which has no validation split).
     """
-    validation = None
-    if validation_file is not None:
-        validation = {"file": str(validation_file), "rows": validation_rows, "sha256": validation_sha256}
+    validation = {"file": None if validation_file is None else str(validation_file), "rows": validation_rows,
+                  "sha256": validation_sha256}
     return {
         "profile": profile,
         "base_model": str(base_model),

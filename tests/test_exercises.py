@@ -101,7 +101,7 @@ def test_a_malformed_answer_is_a_hint_about_the_format(answer, tmp_path):
 
 
 def test_a_missing_run_file_names_the_notebook_that_writes_it(tmp_path):
-    result = verdict("04.1", 0.5, out_dir=tmp_path)
+    result = verdict("04.1", 5, out_dir=tmp_path)
     assert result.status == WRONG and "04_evaluation" in result.text and "predictions.jsonl" in result.text
 
 
@@ -285,3 +285,21 @@ def test_01_1_on_both_profiles_rows_right_and_its_slips(shape, monkeypatch, tmp_
     if shape == "gemma3-270m":  # all 300, the other obvious guess
         assert "不是全部 300 行" in verdict("01.1", 300, **kwargs).text
     assert verdict("01.1", answer - 1, **kwargs).status == WRONG
+
+
+def test_04_1_counts_rows_lora_fixed_and_names_the_slips(tmp_path):
+    """predictions.jsonl of 10 rows: LoRA right on 7, zero-shot right on 5; LoRA fixed 3 rows, broke 1."""
+    lora_right = [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    zero_right = [1, 1, 1, 1, 0, 0, 0, 1, 0, 0]
+    rows = []
+    for k, (a, b) in enumerate(zip(lora_right, zero_right)):
+        rows.append({"text": f"t{k}", "category": ["Sports", "Stocks"], "output": "Sports",
+                     "prediction": "Sports" if a else "Stocks",
+                     "zero_shot_scores": {"Sports": -1.0, "Stocks": -2.0} if b else {"Sports": -3.0, "Stocks": -0.5}})
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    right = verdict("04.1", 3, out_dir=tmp_path)
+    assert right.status == RIGHT and "反过来 (LoRA 答错而 zero-shot 答对) 有 1 行" in right.text
+    assert "反过来了" in verdict("04.1", 1, out_dir=tmp_path).text
+    assert "净增加" in verdict("04.1", 2, out_dir=tmp_path).text
+    assert "LoRA 答对的全部行数" in verdict("04.1", 7, out_dir=tmp_path).text
+    assert verdict("04.1", 4, out_dir=tmp_path).status == WRONG

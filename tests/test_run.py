@@ -96,7 +96,8 @@ def test_notebook_and_cli_write_the_same_run_config_keys(run_dir, tmp_path):
     notebook = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
     cli = json.loads((cli_out / "run_config.json").read_text(encoding="utf-8"))
     assert _key_paths(notebook) == _key_paths(cli)
-    assert {"profile", "base_model", "max_length", "dtype", "lora", "training", "seed"} == set(cli)
+    assert {"profile", "base_model", "max_length", "dtype", "lora", "training", "validation", "seed"} == set(cli)
+    assert cli["validation"] == {"file": None, "rows": None, "sha256": None}  # qwen-cls train: no validation split
     # the values say what each path really did
     assert (notebook["profile"], cli["profile"]) == ("tiny", None)
     assert notebook["dtype"] == cli["dtype"] == "float32"  # the tiny profile's precision; the CLI's CPU default
