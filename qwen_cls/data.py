@@ -137,7 +137,9 @@ def split_train_validation(rows: list, n_train: int, n_validation: int, seed: in
     (:func:`sample_rows`), keep the **last** ``n_validation`` rows as validation and the **first** ``n_train``
     (``0``: all the others) for training. Taking validation from the end keeps the training rows exactly the
     :func:`sample_rows` ``(rows, n_train, seed)`` they would be without a validation split, whenever the file has
-    ``n_train + n_validation`` rows. ``ValueError`` when it has fewer (the message gives the counts).
+    ``n_train + n_validation`` rows; with fewer, training keeps all the rows validation leaves (as
+    :func:`sample_rows` keeps all rows when ``n`` exceeds them). ``ValueError`` (the message gives the counts) when
+    validation would leave no training row.
 
     Notebook 01, ``qwen-cls run``'s preflight and ``benchmarks/choose_settings.py`` all split with this function:
     03's learning curve, the sweep's ranking and every chosen setting read validation rows, never test rows.
@@ -145,10 +147,9 @@ def split_train_validation(rows: list, n_train: int, n_validation: int, seed: in
     if n_train < 0 or n_validation < 0:
         raise ValueError(f"row counts must be >= 0, got max_train_samples={n_train}, validation_rows={n_validation}")
     shuffled = sample_rows(rows, 0, seed)
-    if n_validation >= len(shuffled) or n_train + n_validation > len(shuffled):
-        need = (f"{n_train} training + {n_validation} validation" if n_train
-                else f"{n_validation} validation + 1 training")
-        raise ValueError(f"{len(shuffled)} rows, fewer than {need} rows: lower validation_rows or max_train_samples")
+    if n_validation >= len(shuffled):
+        raise ValueError(f"{len(shuffled)} rows, fewer than {n_validation} validation + 1 training rows: lower "
+                         "validation_rows")
     validation = shuffled[len(shuffled) - n_validation:] if n_validation else []
     rest = shuffled[:len(shuffled) - n_validation]
     return (rest[:n_train] if n_train else rest), validation

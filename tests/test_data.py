@@ -233,10 +233,19 @@ def test_validation_split_keeps_the_training_rows_and_takes_the_shuffled_files_l
     assert data.split_train_validation(rows, 800, 0, 42) == (train, [])
 
 
-@pytest.mark.parametrize("n_train, n_validation", [(700, 301), (0, 1000), (1, 1000)])
-def test_validation_split_refuses_too_few_rows(n_train, n_validation):
-    with pytest.raises(ValueError, match="1000 rows, fewer than"):
+@pytest.mark.parametrize("n_train, n_validation", [(0, 1000), (1, 1000), (5, 2000)])
+def test_validation_split_refuses_a_file_it_would_leave_no_training_row(n_train, n_validation):
+    with pytest.raises(ValueError, match=f"1000 rows, fewer than {n_validation} validation \\+ 1 training rows"):
         data.split_train_validation(list(range(1000)), n_train, n_validation, 42)
+
+
+def test_validation_split_of_a_small_file_trains_on_what_validation_leaves():
+    """A profile's max_train_samples above the file's rows (the gemma3-270m profile on an 80-row file): validation
+    still takes its rows from the end, training all the others, as sample_rows keeps all rows."""
+    rows = list(range(80))
+    train, validation = data.split_train_validation(rows, 800, 30, 42)
+    assert validation == data.sample_rows(rows, 0, 42)[-30:] and len(train) == 50
+    assert train == data.sample_rows(rows, 0, 42)[:50] and not set(train) & set(validation)
 
 
 def test_choose_settings_splits_as_notebook_01():
