@@ -63,7 +63,7 @@ def test_disjoint_label_sets_through_the_chain(recipe_run):
     seq_cls = json.loads((out / "seq_cls" / "seq_cls.json").read_text(encoding="utf-8"))
     assert seq_cls["labels"] == ["Economy", "Sports"]
     inventory = json.loads((out / "data" / "label_inventory.json").read_text(encoding="utf-8"))
-    assert inventory["Art"] == {"train": 0, "test": 3}  # 01 still reports the test split
+    assert inventory["Art"] == {"train": 0, "validation": 0, "test": 3}  # 01 still reports the test split
     rag = [json.loads(line) for line in (out / "rag_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     known = data.training_labels(TRAIN)
     for row in rag:  # 01 shuffles the rows: the one training label among the candidates, else no answer
