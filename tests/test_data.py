@@ -256,6 +256,8 @@ def test_choose_settings_splits_as_notebook_01():
     ours = data.split_train_validation(data.read_raw_rows(ROOT / "data" / "sample" / "train.jsonl"), 30, 8, 7)
     assert [r["text"] for r in train] == [r.text for r in ours[0]] and len(train) == 30
     assert [r["text"] for r in validation] == [r.text for r in ours[1]] and len(validation) == 8
+    source = (ROOT / "benchmarks" / "choose_settings.py").read_text(encoding="utf-8")
+    assert "test_path" not in source and "test.jsonl" not in source  # the settings it chooses never see test rows
 
 
 def test_rows_digest_is_the_same_for_raw_and_instruction_rows_and_changes_with_an_answer():
