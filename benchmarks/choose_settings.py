@@ -2,9 +2,9 @@
 
 Trains the notebooks' way (02's process function, 03's LoRA config and shared-prefix answer-only trainer, the
 profile's dtype) once per setting and scores validation rows with 04's candidate scoring. The validation rows
-are training rows 01 does not keep: ``data.sample_rows(train, 0, seed)`` shuffles the training file, 01 keeps
-the first ``max_train_samples``, validation takes the last ``--val-rows`` (disjoint for any row count the
-grid names). The test file is never read.
+are notebook 01's: ``data.split_train_validation`` shuffles the training file with the seed, 01 keeps the first
+``max_train_samples`` for training, validation is the last ``--val-rows`` (the profile's ``validation_rows``
+by default; disjoint for any row count the grid names). The test file is never read.
 
     .venv/bin/python benchmarks/choose_settings.py --profile qwen2.5-coder-0.5b \
         --grid learning_rate=1e-3,5e-4,2e-4 --out runs/choose/qwen.json
@@ -41,14 +41,15 @@ def cpu_name() -> str:
 
 def split_rows(params: dict, val_rows: int):
     """(training rows as 01 keeps them, validation rows from the rest of the training file)."""
-    from qwen_cls.data import read_raw_rows, sample_rows, to_instruction_row
+    from qwen_cls.data import read_raw_rows, split_train_validation, to_instruction_row
 
     train_path = (ROOT / "notebooks" / params["train_path"]).resolve()
-    shuffled = sample_rows(read_raw_rows(train_path), 0, params["seed"])
-    n = params["max_train_samples"] or len(shuffled) - val_rows
-    if n + val_rows > len(shuffled):
-        raise SystemExit(f"{train_path}: {len(shuffled)} rows, fewer than {n} training + {val_rows} validation")
-    return ([to_instruction_row(r) for r in shuffled[:n]], [to_instruction_row(r) for r in shuffled[-val_rows:]])
+    try:  # notebook 01's split, the same function
+        train, val = split_train_validation(read_raw_rows(train_path), params["max_train_samples"], val_rows,
+                                            params["seed"])
+    except ValueError as exc:
+        raise SystemExit(f"{train_path}: {exc}") from None
+    return [to_instruction_row(r) for r in train], [to_instruction_row(r) for r in val]
 
 
 def train_and_score(params: dict, val_rows: int, work: Path) -> dict:
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", required=True)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help=f"a setting and its values ({', '.join(KEYS)}); several --grid: every combination")
-    parser.add_argument("--val-rows", type=int, default=300)
+    parser.add_argument("--val-rows", type=int, default=None, help="default: the profile's validation_rows")
     parser.add_argument("--out", type=Path, required=True, help="JSON file: every point's figures")
     args = parser.parse_args(argv)
     base = profile_parameters(args.profile)
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     for point in itertools.product(*axes) if axes else [()]:
         params = {**base, **dict(point)}
         label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point) or "profile"
-        figures = train_and_score(params, args.val_rows, args.out.parent / "work")
+        figures = train_and_score(params, args.val_rows or params["validation_rows"], args.out.parent / "work")
         entry = {"setting": dict(point), "training": {k: params[k] for k in KEYS}, **figures}
         results["points"].append(entry)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,44 @@ def sample_rows(rows: list, n: int, seed: int) -> list:
     return shuffled[:n] if n > 0 else shuffled
 
 
+def split_train_validation(rows: list, n_train: int, n_validation: int, seed: int) -> tuple[list, list]:
+    """(training rows, validation rows) of one training file, disjoint: shuffle a copy with ``seed``
+    (:func:`sample_rows`), keep the **last** ``n_validation`` rows as validation and the **first** ``n_train``
+    (``0``: all the others) for training. Taking validation from the end keeps the training rows exactly the
+    :func:`sample_rows` ``(rows, n_train, seed)`` they would be without a validation split, whenever the file has
+    ``n_train + n_validation`` rows; with fewer, training keeps all the rows validation leaves (as
+    :func:`sample_rows` keeps all rows when ``n`` exceeds them). ``ValueError`` (the message gives the counts) when
+    validation would leave no training row.
+
+    Notebook 01, ``qwen-cls run``'s preflight and ``benchmarks/choose_settings.py`` all split with this function:
+    03's learning curve, the sweep's ranking and every chosen setting read validation rows, never test rows.
+    """
+    if n_train < 0 or n_validation < 0:
+        raise ValueError(f"row counts must be >= 0, got max_train_samples={n_train}, validation_rows={n_validation}")
+    shuffled = sample_rows(rows, 0, seed)
+    if n_validation >= len(shuffled):
+        raise ValueError(f"{len(shuffled)} rows, fewer than {n_validation} validation + 1 training rows: lower "
+                         "validation_rows")
+    validation = shuffled[len(shuffled) - n_validation:] if n_validation else []
+    rest = shuffled[:len(shuffled) - n_validation]
+    return (rest[:n_train] if n_train else rest), validation
+
+
+def rows_sha256(rows: Iterable[RawRow | dict]) -> str:
+    """SHA-256 of rows as ``run_config.json`` records them: each row's ``text``, ``category`` and ``output`` as
+    one compact JSON line (sorted keys, UTF-8), in order. The same rows give the same digest whichever file or
+    form (raw or instruction row) they come in."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for row in rows:
+        item = row.to_dict() if isinstance(row, RawRow) else {k: row[k] for k in ("text", "category", "output")}
+        item = {"text": item["text"], "category": list(item["category"]), "output": item.get("output")}
+        digest.update(json.dumps(item, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def label_inventory(rows: Iterable[RawRow | dict]) -> Counter:
     """How many rows have each label as their answer, most common first."""
     counts = Counter(r.output if isinstance(r, RawRow) else r["output"] for r in rows)

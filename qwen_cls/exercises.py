@@ -161,25 +161,34 @@ def _accuracy(y_true, predictions) -> float:
 
 
 @_exercise("01.1")
-def _overlap_of_two_seeds(answer, *, rows, **_):
-    """Rows (texts) shared by the first 20 rows shuffled with seed 42 and with seed 7."""
-    from .data import sample_rows
+def _validation_rows_another_seed_trains_on(answer, *, rows, max_train_samples=0, validation_rows=0, seed=42, **_):
+    """This run's validation rows (``split_train_validation`` with ``seed``) that the split with ``seed + 1``
+    would train on: a validation split holds only for the seed it was made with."""
+    from .data import split_train_validation
 
     n = _integer(answer, "answer_1")
-    texts = [r["text"] if isinstance(r, dict) else r.text for r in rows]
-    first, second = set(sample_rows(texts, 20, 42)), set(sample_rows(texts, 20, 7))
-    expected = len(first & second)
+    _, validation = split_train_validation(rows, max_train_samples, validation_rows, seed)
+    other_train, other_validation = split_train_validation(rows, max_train_samples, validation_rows, seed + 1)
+    here = {r.line for r in validation}
+    expected = len(here & {r.line for r in other_train})
     if n == expected:
-        chance = 20 * 20 / len(texts)
-        return (f"{n} 行重叠。每个种子把 {len(texts)} 行打乱成不同的顺序, 前 20 行大多不同 (随机抽样平均约重叠 "
-                f"20 × 20 / {len(texts)} ≈ {chance:.1f} 行); 样本越小, 标签分布越不均匀, 有的标签可能一行都没有。")
-    if n == min(20, len(set(texts))):
-        raise _Wrong("两次取到的行完全相同? 两次要用不同的种子: sample_rows(all_train, 20, 42) 和 "
-                     "sample_rows(all_train, 20, 7)")
-    if not 0 <= n <= 20:
-        raise _Wrong(f"两组各 20 行, 重叠的行数在 0 到 20 之间, 不会是 {n}")
-    raise _Wrong("用 sample_rows(all_train, 20, 42) 和 sample_rows(all_train, 20, 7) 各取 20 行, "
-                 "比较两组的 text 集合 (set) 有几个共同的元素")
+        share = len(other_train) / len(rows)
+        return (f"{n} 行: 这次的 {len(here)} 行验证数据里, 有 {n} 行在 seed = {seed + 1} 时会被拿去训练 "
+                f"(随机分时平均约 {len(here)} × {len(other_train)} / {len(rows)} ≈ {len(here) * share:.1f} 行)。"
+                "验证集只对分出它的那个种子成立: 换了种子又想比较分数, 验证行就可能已经训练过, 分数偏高。"
+                "run_config.json 记下验证行的 SHA-256, 就是为了能核对两次运行用的是不是同一批验证行。")
+    if n == 0:
+        raise _Wrong(f"0 是同一个种子的答案 (验证行和训练行不相交)。换成 seed + 1 = {seed + 1} 后, 打乱的顺序完全不同: "
+                     f"用 split_train_validation(all_train, max_train_samples, validation_rows, {seed + 1}) 取训练行, "
+                     "再比较两组的行号 (r.line) 有几个共同的")
+    if n == len(here):
+        overlap = len(here & {r.line for r in other_validation})
+        raise _Wrong(f"不是全部 {len(here)} 行: 换了种子, 有的行 ({overlap} 行) 又落进了验证集, 还有的行两边都没被选中 "
+                     "(max_train_samples 不为 0 时)。数这次的验证行和 seed + 1 的训练行的共同行号")
+    if not 0 <= n <= len(here):
+        raise _Wrong(f"这次有 {len(here)} 行验证数据, 答案在 0 到 {len(here)} 之间, 不会是 {n}")
+    raise _Wrong(f"先用 split_train_validation(all_train, max_train_samples, validation_rows, seed) 取这次的验证行, "
+                 f"再用种子 {seed + 1} 取训练行, 比较两组的行号 (r.line) 集合有几个共同的元素")
 
 
 @_exercise("01.2")
@@ -406,23 +415,28 @@ def _lm_head_positions_ratio(answer, *, out_dir, **_):
 
 
 @_exercise("04.1")
-def _accuracy_from_predictions(answer, *, out_dir, **_):
-    """Accuracy recomputed from ``predictions.jsonl``."""
-    value = _number(answer, "answer_1")
+def _fixed_by_lora(answer, *, out_dir, **_):
+    """Test rows LoRA gets right and zero-shot (the same model, adapter off) gets wrong, from ``predictions.jsonl``
+    (zero-shot's prediction: the candidate with the highest ``zero_shot_scores``)."""
+    n = _integer(answer, "answer_1")
     rows = read_jsonl(_path(out_dir, "predictions.jsonl"))
-    right = sum(r["prediction"] == r["output"] for r in rows)
-    expected = right / len(rows)
-    if _close(value, expected):
-        reported = _json(out_dir, "metrics.json")["accuracy"]
-        return (f"{right}/{len(rows)} = {expected:.3f}, 和 metrics.json 的 accuracy {reported:.3f} "
-                f"{'相同' if math.isclose(reported, expected) else '不同 (?)'}: 指标可以只从逐行的预测文件复算。")
-    if _close(value, 100 * expected, 0.05):
-        raise _Wrong("写成 0 到 1 之间的小数, 不是百分数")
-    if value == right and len(rows) > 1:
-        raise _Wrong("这是答对的行数; 再除以行数")
-    if _close(value, 1 - expected):
-        raise _Wrong("这是错误率; accuracy 是 prediction == output 的比例")
-    raise _Wrong("读 out_dir / 'predictions.jsonl' 的每一行, 数 prediction == output 的比例")
+    zero = [max(r["zero_shot_scores"], key=r["zero_shot_scores"].get) for r in rows]
+    lora_right = [r["prediction"] == r["output"] for r in rows]
+    zero_right = [z == r["output"] for z, r in zip(zero, rows)]
+    fixed = sum(a and not b for a, b in zip(lora_right, zero_right))
+    broken = sum(b and not a for a, b in zip(lora_right, zero_right))
+    if n == fixed:
+        return (f"{fixed} 行: LoRA 答对而 zero-shot 答错; 反过来 (LoRA 答错而 zero-shot 答对) 有 {broken} 行。"
+                f"accuracy 之差 = ({fixed} − {broken}) / {len(rows)}: 微调不只是纠正错误, 也会把原来对的行改错。")
+    if n == broken and fixed != broken:
+        raise _Wrong("反过来了: 这是 zero-shot 答对而 LoRA 答错的行数; 要的是 prediction == output 而 zero-shot "
+                     "的预测 != output")
+    if n == fixed - broken and broken:
+        raise _Wrong("这是两者答对行数之差 (净增加); 有的行 LoRA 反而答错了, 只数 LoRA 对、zero-shot 错的行")
+    if n == sum(lora_right) and n != fixed:
+        raise _Wrong("这是 LoRA 答对的全部行数; 其中 zero-shot 也答对的行不算")
+    raise _Wrong("读 out_dir / 'predictions.jsonl': zero-shot 的预测是 zero_shot_scores 里分数最高的候选, "
+                 "数 prediction == output 且 zero-shot 的预测 != output 的行")
 
 
 @_exercise("04.2")

@@ -30,8 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .data import check_training_labels, describe_unseen, read_raw_rows, sample_rows, unseen_labels
-from .files import atomic_file, check_folder_path, file_sha256, hold_lock, write_json_atomic
+from .data import (
+    check_training_labels,
+    describe_unseen,
+    read_raw_rows,
+    sample_rows,
+    split_train_validation,
+    unseen_labels,
+)
+from .files import DataError, atomic_file, check_folder_path, file_sha256, hold_lock, write_json_atomic
 from .profiles import (
     COMMITTED_PROFILE,
     DEFAULT_PROFILE,
@@ -278,15 +285,21 @@ def preflight(params: dict) -> None:
 
 
 def check_labels(params: dict, train_all: list, test_all: list) -> None:
-    """The rows 01 will keep (same sampling, same seed): fewer than two training labels -> :class:`DataError`
-    (exit 2, nothing started); test labels no training row has as its answer -> a warning on stderr (04 records
-    them in ``metrics.json`` as ``unseen_test_labels``), and the run goes on."""
+    """The rows 01 will keep (same split, same seed: ``data.split_train_validation``; too few rows for
+    ``max_train_samples`` + ``validation_rows`` -> :class:`DataError`): fewer than two training labels ->
+    :class:`DataError` (exit 2, nothing started); test labels no training row has as its answer -> a warning on
+    stderr (04 records them in ``metrics.json`` as ``unseen_test_labels``), and the run goes on."""
     seed = params.get("seed", 42)
     n_train, n_test = params.get("max_train_samples", 0), params.get("max_test_samples", 0)
-    train = sample_rows(train_all, n_train, seed)
+    n_validation = params.get("validation_rows", 0)
+    try:  # 01's split: the shuffled file's last validation_rows rows validate, the first n_train train
+        train, _ = split_train_validation(train_all, n_train, n_validation, seed)
+    except ValueError as exc:
+        raise DataError(params["train_path"], None, f"{exc} (validation_rows={n_validation}, "
+                                                    f"max_train_samples={n_train})") from None
     test = sample_rows(test_all, n_test, seed)
     what = (f"the {len(train)} training rows 01 keeps (max_train_samples={n_train}, seed={seed})"
-            if len(train) < len(train_all) else "")
+            if n_train and len(train) < len(train_all) else "")
     check_training_labels(train, params["train_path"], what)
     warning = describe_unseen(unseen_labels(train, test), params["test_path"], params["train_path"], len(test))
     if warning:

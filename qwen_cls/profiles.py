@@ -39,8 +39,9 @@ PROFILES: dict[str, dict] = {
         "test_path": "../data/sample/test.jsonl",
         "dataset": "fudan-news",  # unused: the sample is bundled (download_data False)
         "download_data": False,
-        "max_train_samples": 0,
+        "max_train_samples": 0,  # all the sample's training rows but the validation rows
         "max_test_samples": 0,
+        "validation_rows": 8,  # the last 8 of the 80 shuffled sample rows: 03's learning curve, the sweep's ranking
         # A random tiny model needs big steps to move its answer loss visibly in a few dozen updates.
         "learning_rate": 5e-3,
         "gradient_accumulation_steps": 1,
@@ -48,7 +49,7 @@ PROFILES: dict[str, dict] = {
         "precision": "float32",  # the tests compare float32 sums; bfloat16 would only add rounding to the mechanics
         "logging_steps": 2,
         "swanlab_mode": None,  # tracking.default_mode(): local with the dashboard package, else offline
-        "eval_rows": 0,  # test rows 03 scores after each epoch (0: all 30)
+        "eval_rows": 0,  # validation rows 03 scores before training and after each epoch (0: all 8)
         "eval_batch_size": 8,
         "max_new_tokens": 6,
         "generate_rows": 0,  # 04's free generation on all 30 test rows
@@ -79,6 +80,9 @@ PROFILES: dict[str, dict] = {
         "download_data": True,  # `make setup` fetches it; else 01 does (through pip)
         "max_train_samples": GEMMA_TRAIN_ROWS,
         "max_test_samples": 500,
+        # Training rows 01 does not keep (the shuffled file's last 300): 03's learning curve, the sweep's ranking
+        # and every setting are chosen on them; the 500 test rows are scored once, in 04.
+        "validation_rows": 300,
         "max_length": 128,  # headlines: prompt + answer take about 70-90 Gemma tokens
         "learning_rate": GEMMA_LEARNING_RATE,
         "num_train_epochs": 1,
@@ -88,7 +92,7 @@ PROFILES: dict[str, dict] = {
         "precision": "auto",  # bfloat16 on a CPU with AMX / AVX-512 BF16: 1.5x the training, 2x the scoring speed
         "logging_steps": 5,
         "swanlab_mode": None,
-        "eval_rows": 50,  # 03's learning curve on 50 test rows, before and after its one epoch (04 scores all 500)
+        "eval_rows": 50,  # 03's learning curve on 50 of the 300 validation rows, before and after its one epoch
         "eval_batch_size": 16,
         "max_new_tokens": 5,
         "generate_rows": 100,  # 04's free generation (slower than scoring) on the first 100 of the 500 test rows
@@ -115,11 +119,12 @@ PROFILES: dict[str, dict] = {
         "test_path": "../data/fudan-news/test.jsonl",
         "dataset": "fudan-news",
         "download_data": True,
-        "max_train_samples": 0,
+        "max_train_samples": 0,  # all training rows but the validation rows
         "max_test_samples": 0,
+        "validation_rows": 200,  # the shuffled training file's last 200 rows
         "swanlab_mode": None,  # as above
         "precision": "auto",  # bfloat16 on a GPU that has it (the blog loads bfloat16)
-        "eval_rows": 200,  # per-epoch monitoring in 03 on a slice; 04 evaluates the whole test split
+        "eval_rows": 0,  # 03 scores all 200 validation rows per epoch; 04 evaluates the whole test split once
         "eval_batch_size": 8,
         "max_new_tokens": 8,
         "generate_rows": 0,
@@ -272,7 +277,8 @@ SCHEMA: dict[str, Param] = {
                        note="auto: bfloat16 where the GPU or CPU computes it natively, else float32"),
     "logging_steps": Param("int", low=1),
     "swanlab_mode": Param("choice", choices=MODES),
-    "eval_rows": Param("int", low=0, note="0: all test rows"),
+    "validation_rows": Param("int", low=1, note="the shuffled training file's last rows, never trained on"),
+    "eval_rows": Param("int", low=0, note="validation rows 03 scores; 0: all"),
     "eval_batch_size": Param("int", low=1),
     "max_new_tokens": Param("int", low=1),
     "dataset": Param("choice", choices=DATASETS),

@@ -51,14 +51,20 @@ def run_config(*, profile: str | None, base_model: str, max_length: int, lora_co
                gradient_checkpointing: bool, train_rows: int, train_file: str | os.PathLike | None = None,
                eval_rows: int | None = None, world_size: int = 1, global_step: int | None = None,
                train_seconds: float | None = None, resumed_from: str | None = None,
-               dtype: str | None = None) -> dict:
+               dtype: str | None = None, validation_file: str | os.PathLike | None = None,
+               validation_rows: int | None = None, validation_sha256: str | None = None) -> dict:
     """The ``run_config.json`` of a training: the same keys, top level and nested, for every path.
 
     ``lora_config`` is the ``peft.LoraConfig`` trained, ``args`` the ``TrainingArguments``; ``profile`` is
     ``None`` for ``qwen-cls train`` (no profile), ``train_file`` the raw rows trained on (fingerprinted).
     ``dtype``: the base model's weights while training (``"float32"`` or ``"bfloat16"``; default: bfloat16
     when ``args.bf16``); ``predict`` and ``serve`` load the run in it (:func:`run_precision`).
+    ``validation_file``, ``validation_rows``, ``validation_sha256``: the validation rows 01 split off the training
+    file (``out_dir/data/validation.jsonl``), their count and ``data.rows_sha256`` digest, recorded as
+    ``validation`` (the same keys, each ``None``, for ``qwen-cls train``, which has no validation split).
     """
+    validation = {"file": None if validation_file is None else str(validation_file), "rows": validation_rows,
+                  "sha256": validation_sha256}
     return {
         "profile": profile,
         "base_model": str(base_model),
@@ -85,6 +91,7 @@ def run_config(*, profile: str | None, base_model: str, max_length: int, lora_co
             "train_rows": train_rows,
             "eval_rows": eval_rows,
         },
+        "validation": validation,
         "seed": seed,
     }
 
@@ -99,6 +106,23 @@ def save_training(out_dir: str | os.PathLike, model, tokenizer, config: dict, lo
     write_json_atomic(config, out_dir / RUN_CONFIG)
     write_json_atomic(log_history, out_dir / TRAIN_LOG)
     return [ADAPTER, RUN_CONFIG, TRAIN_LOG]
+
+
+def validation_result(folder: str | os.PathLike) -> dict | None:
+    """``metrics.json``'s ``validation``: 03's last evaluation (``train_log.json``'s last ``eval_accuracy``, after
+    the last epoch) on the first ``eval_rows`` of the validation rows 01 split off the training file: ``rows``
+    (rows scored), ``accuracy``, ``macro_f1``, ``of`` (validation rows in all) and their ``sha256``
+    (``run_config.json``'s ``validation``). ``None`` when the run recorded no evaluation (``qwen-cls train``)."""
+    folder = Path(folder)
+    config = read_run_config(folder)
+    log = json.loads((folder / TRAIN_LOG).read_text(encoding="utf-8")) if (folder / TRAIN_LOG).is_file() else []
+    evaluations = [entry for entry in log if "eval_accuracy" in entry]
+    if not evaluations:
+        return None
+    recorded = config.get("validation") or {}
+    last = evaluations[-1]
+    return {"rows": config.get("training", {}).get("eval_rows"), "accuracy": last["eval_accuracy"],
+            "macro_f1": last.get("eval_macro_f1"), "of": recorded.get("rows"), "sha256": recorded.get("sha256")}
 
 
 def read_run_config(folder: str | os.PathLike) -> dict:

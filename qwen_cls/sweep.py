@@ -55,7 +55,9 @@ from .tracking import LOG_SUBDIR, SWANLOG_ENV
 MANIFEST = "sweep.json"
 TABLE_CSV, TABLE_MD, PLOT = "sweep.csv", "sweep.md", "sweep.png"
 SWEEP_LAYOUT = frozenset({MANIFEST, TABLE_CSV, TABLE_MD, PLOT, LOG_SUBDIR})
-RESULTS = ("accuracy", "macro_f1", "zero_shot", "train_seconds")  # columns after the grid keys
+# Columns after the grid keys. Points are ranked by validation_accuracy (03's last evaluation on validation rows,
+# metrics.json's validation); accuracy, macro_f1 and zero_shot are the test rows' (04), shown, never ranked by.
+RESULTS = ("validation_accuracy", "accuracy", "macro_f1", "zero_shot", "train_seconds")
 NOT_IN_GRID = ("profile", "out_dir")  # chosen with --profile and --out
 MAX_NAME = 200  # characters of a point folder's name (file systems allow 255)
 
@@ -285,23 +287,47 @@ def train_seconds(folder: Path) -> float | None:
 
 
 def result_row(point: Point, folder: Path) -> dict:
-    """One row of the comparison: ``point``, the grid values, ``accuracy``, ``macro_f1``, ``zero_shot``
-    (accuracy with the adapter off, where ``metrics.json`` has it) and ``train_seconds``."""
+    """One row of the comparison: ``point``, the grid values, ``validation_accuracy`` (``metrics.json``'s
+    ``validation``: 03's last evaluation on validation rows), the test rows' ``accuracy``, ``macro_f1``,
+    ``zero_shot`` (accuracy with the adapter off, where ``metrics.json`` has it) and ``train_seconds``."""
     metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
     zero_shot = metrics.get("zero_shot")
-    return {"point": point.name, **point.values, "accuracy": metrics.get("accuracy"),
+    validation = metrics.get("validation")
+    return {"point": point.name, **point.values,
+            "validation_accuracy": validation.get("accuracy") if isinstance(validation, dict) else None,
+            "accuracy": metrics.get("accuracy"),
             "macro_f1": metrics.get("macro_f1"),
             "zero_shot": zero_shot.get("accuracy") if isinstance(zero_shot, dict) else None,
             "train_seconds": train_seconds(folder), "tiny_model": bool(metrics.get("tiny_model"))}
 
 
+def ranked(rows: list[dict]) -> list[dict]:
+    """``rows`` best first by ``validation_accuracy`` alone (ties and points without one keep their grid order,
+    the latter last), each with its ``rank`` (1 = best; ``None`` without a validation accuracy). The test
+    accuracy plays no part: choosing by it would be model selection on the test rows."""
+    def key(item):
+        position, row = item
+        value = row["validation_accuracy"]
+        missing = value is None or isinstance(value, float) and math.isnan(value)
+        return (missing, 0.0 if missing else -value, position)
+
+    order = [row for _, row in sorted(enumerate(rows), key=key)]
+    out, rank = [], 0
+    for row in order:
+        has = row["validation_accuracy"] is not None and not (isinstance(row["validation_accuracy"], float)
+                                                              and math.isnan(row["validation_accuracy"]))
+        rank += has
+        out.append({**row, "rank": rank if has else None})
+    return out
+
+
 def csv_text(rows: list[dict], keys: list[str]) -> str:
-    """``sweep.csv``: one row per point; empty cells where a run recorded nothing."""
+    """``sweep.csv``: one row per point, ranked (:func:`ranked`); empty cells where a run recorded nothing."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["point", *keys, *RESULTS])
-    for row in rows:
-        writer.writerow(["" if row[c] is None else value_text(row[c]) for c in ("point", *keys, *RESULTS)])
+    writer.writerow(["rank", "point", *keys, *RESULTS])
+    for row in ranked(rows):
+        writer.writerow(["" if row[c] is None else value_text(row[c]) for c in ("rank", "point", *keys, *RESULTS)])
     return buffer.getvalue()
 
 
@@ -312,12 +338,17 @@ def _cell(value, digits: int) -> str:
 
 
 def markdown_text(rows: list[dict], keys: list[str], record: dict) -> str:
-    """``sweep.md``: the command, then the table (accuracy and macro-F1 to 3 places, seconds to 1)."""
-    lines = [f"# qwen-cls sweep {describe(record)}", ""]
-    lines.append("| point | " + " | ".join(keys) + " | accuracy | macro_f1 | zero_shot | train_seconds |")
-    lines.append("|---" * (len(keys) + 5) + "|")
-    for row in rows:
-        cells = [row["point"], *(value_text(row[k]) for k in keys), _cell(row["accuracy"], 3),
+    """``sweep.md``: the command, then the table ranked by validation accuracy (:func:`ranked`; accuracies and
+    macro-F1 to 3 places, seconds to 1)."""
+    lines = [f"# qwen-cls sweep {describe(record)}", "",
+             "Ranked by validation accuracy (validation rows split off the training file); the test columns "
+             "(accuracy, macro_f1, zero_shot) are shown, never ranked by.", ""]
+    lines.append("| rank | point | " + " | ".join(keys) + " | validation_accuracy | test accuracy | test macro_f1 | "
+                 "test zero_shot | train_seconds |")
+    lines.append("|---" * (len(keys) + 7) + "|")
+    for row in ranked(rows):
+        cells = ["—" if row["rank"] is None else str(row["rank"]), row["point"], *(value_text(row[k]) for k in keys),
+                 _cell(row["validation_accuracy"], 3), _cell(row["accuracy"], 3),
                  _cell(row["macro_f1"], 3), _cell(row["zero_shot"], 3), _cell(row["train_seconds"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     if any(row["tiny_model"] for row in rows):

@@ -86,7 +86,8 @@ CHAIN_TOPICS = {"Sports": "足球比赛冠军球队", "Economy": "市场经济�
 
 # The shared chain run: 16 of its 20 raw training rows, 8 of its 10 test rows, seed 3; logging_steps 1000 makes
 # it a run too short to log a loss on schedule (only the first step's), which test_short_run checks.
-TINY_RUN_PARAMETERS = {"max_train_samples": 16, "max_test_samples": 8, "seed": 3, "logging_steps": 1000}
+TINY_RUN_PARAMETERS = {"max_train_samples": 16, "max_test_samples": 8, "validation_rows": 4, "seed": 3,
+                       "logging_steps": 1000}
 
 
 def tiny_run_inputs(out: Path) -> dict:

@@ -212,3 +212,74 @@ def test_a_symlinked_output_folder_is_written_through(tmp_path):
     with atomic_dir(link) as tmp:
         (tmp / "model.txt").write_text("weights")
     assert link.is_symlink() and (real / "model.txt").read_text() == "weights"
+
+
+# --- the validation split (issue 32) ------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_validation_split_keeps_the_training_rows_and_takes_the_shuffled_files_last_rows():
+    rows = list(range(8000))  # the THUCNews training file's row count
+    train, validation = data.split_train_validation(rows, 800, 300, 42)
+    assert train == data.sample_rows(rows, 800, 42)  # training rows exactly as without a validation split
+    assert validation == data.sample_rows(rows, 0, 42)[-300:] and len(validation) == 300
+    assert not set(train) & set(validation)
+    train_all, validation_all = data.split_train_validation(rows, 0, 300, 42)  # 0: all the other rows
+    assert len(train_all) == 7700 and train_all[:800] == train and validation_all == validation
+    sample_train, sample_validation = data.split_train_validation(list(range(80)), 0, 8, 42)  # tiny's 80 rows
+    assert (len(sample_train), len(sample_validation)) == (72, 8)
+    assert sorted(sample_train + sample_validation) == list(range(80))
+    assert data.split_train_validation(rows, 800, 0, 42) == (train, [])
+
+
+@pytest.mark.parametrize("n_train, n_validation", [(0, 1000), (1, 1000), (5, 2000)])
+def test_validation_split_refuses_a_file_it_would_leave_no_training_row(n_train, n_validation):
+    with pytest.raises(ValueError, match=f"1000 rows, fewer than {n_validation} validation \\+ 1 training rows"):
+        data.split_train_validation(list(range(1000)), n_train, n_validation, 42)
+
+
+def test_validation_split_of_a_small_file_trains_on_what_validation_leaves():
+    """A profile's max_train_samples above the file's rows (the gemma3-270m profile on an 80-row file): validation
+    still takes its rows from the end, training all the others, as sample_rows keeps all rows."""
+    rows = list(range(80))
+    train, validation = data.split_train_validation(rows, 800, 30, 42)
+    assert validation == data.sample_rows(rows, 0, 42)[-30:] and len(train) == 50
+    assert train == data.sample_rows(rows, 0, 42)[:50] and not set(train) & set(validation)
+
+
+def test_choose_settings_splits_as_notebook_01():
+    from benchmarks.choose_settings import split_rows
+
+    params = {"train_path": "../data/sample/train.jsonl", "max_train_samples": 30, "seed": 7}
+    train, validation = split_rows(params, 8)
+    ours = data.split_train_validation(data.read_raw_rows(ROOT / "data" / "sample" / "train.jsonl"), 30, 8, 7)
+    assert [r["text"] for r in train] == [r.text for r in ours[0]] and len(train) == 30
+    assert [r["text"] for r in validation] == [r.text for r in ours[1]] and len(validation) == 8
+    source = (ROOT / "benchmarks" / "choose_settings.py").read_text(encoding="utf-8")
+    assert "test_path" not in source and "test.jsonl" not in source  # the settings it chooses never see test rows
+
+
+def test_rows_digest_is_the_same_for_raw_and_instruction_rows_and_changes_with_an_answer():
+    rows = data.read_raw_rows(ROOT / "data" / "sample" / "train.jsonl")[:5]
+    converted = [data.to_instruction_row(r) for r in rows]
+    assert data.rows_sha256(rows) == data.rows_sha256(converted)
+    assert len(data.rows_sha256(rows)) == 64
+    flipped = [dict(converted[0], output=converted[0]["category"][-1] if converted[0]["output"] !=
+                    converted[0]["category"][-1] else converted[0]["category"][0]), *converted[1:]]
+    assert data.rows_sha256(flipped) != data.rows_sha256(converted)
+
+
+def test_validation_result_is_03s_last_evaluation_on_validation_rows(tmp_path):
+    from qwen_cls.run_record import validation_result
+
+    (tmp_path / "run_config.json").write_text(json.dumps({
+        "base_model": "tiny", "max_length": 64, "training": {"eval_rows": 50},
+        "validation": {"file": "v.jsonl", "rows": 300, "sha256": "ab" * 32}}))
+    (tmp_path / "train_log.json").write_text(json.dumps([
+        {"eval_accuracy": 0.25, "eval_macro_f1": 0.2, "step": 0}, {"loss": 1.5, "step": 5},
+        {"eval_accuracy": 0.84, "eval_macro_f1": 0.81, "step": 100}, {"train_runtime": 9.0, "step": 100}]))
+    assert validation_result(tmp_path) == {"rows": 50, "accuracy": 0.84, "macro_f1": 0.81, "of": 300,
+                                           "sha256": "ab" * 32}
+    (tmp_path / "train_log.json").write_text(json.dumps([{"loss": 1.5, "step": 5}]))  # qwen-cls train: none
+    assert validation_result(tmp_path) is None

@@ -101,7 +101,7 @@ def test_a_malformed_answer_is_a_hint_about_the_format(answer, tmp_path):
 
 
 def test_a_missing_run_file_names_the_notebook_that_writes_it(tmp_path):
-    result = verdict("04.1", 0.5, out_dir=tmp_path)
+    result = verdict("04.1", 5, out_dir=tmp_path)
     assert result.status == WRONG and "04_evaluation" in result.text and "predictions.jsonl" in result.text
 
 
@@ -155,7 +155,9 @@ def objects(run) -> dict:
                                            for f, r in zip(found, compared)])
     common = {"out_dir": run}
     return {
-        "01": {**common, "all_train": read_raw_rows(params["train_path"]), "train_rows": train_rows},
+        "01": {**common, "all_train": read_raw_rows(params["train_path"]), "train_rows": train_rows,
+               "max_train_samples": params["max_train_samples"], "validation_rows": params["validation_rows"],
+               "seed": params["seed"]},
         "02": {**common, "train_rows": train_rows, "tokenizer": tokenizer, "max_length": params["max_length"],
                "longest": max(range(len(train_rows)), key=lambda i: len(train_rows[i]["text"])),
                "tokenized": load_from_disk(str(run / "tokenized" / "train")), "IGNORE_INDEX": IGNORE_INDEX,
@@ -254,3 +256,50 @@ def test_executed_notebooks_print_not_answered_yet_for_every_exercise(run):
         for cell in checks:
             text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
             assert "… 还没有回答 (not answered yet)" in text and cell.source.split('"')[1] in text, (name, text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks that need only raw rows, on the default profile's shape too (issue 32, item 3)
+
+
+@pytest.mark.parametrize("shape", ["gemma3-270m", "tiny"])
+def test_01_1_on_both_profiles_rows_right_and_its_slips(shape, monkeypatch, tmp_path):
+    """The default profile's 8000 THUCNews rows (800 training, 300 validation, seed 42) and tiny's 80 sample rows
+    (all but 8 training): the solution's answer is right, 0 (the same seed's answer) and all the validation rows
+    (the other obvious guess) get their own hints."""
+    from qwen_cls.data import read_raw_rows
+    from qwen_cls.profiles import PROFILES
+
+    params = PROFILES[shape]
+    path = (NB_DIR / params["train_path"]).resolve()
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched (make setup)")
+    namespace = {"all_train": read_raw_rows(path), "max_train_samples": params["max_train_samples"],
+                 "validation_rows": params["validation_rows"], "seed": params["seed"]}
+    answer = solution_answer("01.1", {"01": namespace}, tmp_path, monkeypatch)
+    kwargs = context("01.1", {"01": namespace})
+    # about 300 x 800 / 8000 = 30 of the default's validation rows; tiny trains on all but 8, so all 8 can move
+    expected = {"gemma3-270m": 29, "tiny": 8}[shape]
+    assert answer == expected and verdict("01.1", answer, **kwargs).status == RIGHT
+    assert "同一个种子" in verdict("01.1", 0, **kwargs).text
+    if shape == "gemma3-270m":  # all 300, the other obvious guess
+        assert "不是全部 300 行" in verdict("01.1", 300, **kwargs).text
+    assert verdict("01.1", answer - 1, **kwargs).status == WRONG
+
+
+def test_04_1_counts_rows_lora_fixed_and_names_the_slips(tmp_path):
+    """predictions.jsonl of 10 rows: LoRA right on 7, zero-shot right on 5; LoRA fixed 3 rows, broke 1."""
+    lora_right = [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    zero_right = [1, 1, 1, 1, 0, 0, 0, 1, 0, 0]
+    rows = []
+    for k, (a, b) in enumerate(zip(lora_right, zero_right)):
+        rows.append({"text": f"t{k}", "category": ["Sports", "Stocks"], "output": "Sports",
+                     "prediction": "Sports" if a else "Stocks",
+                     "zero_shot_scores": {"Sports": -1.0, "Stocks": -2.0} if b else {"Sports": -3.0, "Stocks": -0.5}})
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    right = verdict("04.1", 3, out_dir=tmp_path)
+    assert right.status == RIGHT and "反过来 (LoRA 答错而 zero-shot 答对) 有 1 行" in right.text
+    assert "反过来了" in verdict("04.1", 1, out_dir=tmp_path).text
+    assert "净增加" in verdict("04.1", 2, out_dir=tmp_path).text
+    assert "LoRA 答对的全部行数" in verdict("04.1", 7, out_dir=tmp_path).text
+    assert verdict("04.1", 4, out_dir=tmp_path).status == WRONG

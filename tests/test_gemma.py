@@ -200,8 +200,9 @@ def test_gemma_profile_starts_offline_and_checks_the_chunks_first(tmp_path, monk
 
     monkeypatch.setenv("QWEN_CLS_OFFLINE", "1")  # no hub may be asked for: model and data are local
     sample = SAMPLE_DIR
-    params = resolve_parameters("gemma3-270m", {"train_path": str(sample / "train.jsonl"),
-                                                "test_path": str(sample / "test.jsonl")}, out=tmp_path / "run")
+    params = resolve_parameters("gemma3-270m", {"train_path": str(sample / "train.jsonl"),  # 80 rows: 8 validate
+                                                "test_path": str(sample / "test.jsonl"), "validation_rows": 8},
+                                out=tmp_path / "run")
     assert params["base_model"] == "gemma3-270m" and params["dataset"] == "thucnews"
     for key in PROFILES["gemma3-270m"]:
         check_parameter(key, params[key])  # the profile's own values obey the schema

@@ -131,7 +131,8 @@ def test_run_refuses_a_one_label_training_file_before_any_notebook(tmp_path, cap
     train = write_raw(tmp_path / "train.jsonl", [r for r in TRAIN if r["output"] == "Economy"])
     test = write_raw(tmp_path / "test.jsonl", TEST)
     out = tmp_path / "out"
-    assert main(["run", "--out", str(out), "-p", "train_path", str(train), "-p", "test_path", str(test)]) == 2
+    assert main(["run", "--out", str(out), "-p", "train_path", str(train), "-p", "test_path", str(test),
+                 "-p", "validation_rows", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{train}: the training rows have only the label 'Economy'" in err and "at least 2 distinct" in err
     assert "Traceback" not in err and not out.exists()  # nothing created, no notebook executed
@@ -160,3 +161,15 @@ def test_preflight_warns_of_test_labels_unseen_in_training(tmp_path, capsys):
     write_raw(test, [r for r in TRAIN[:2]])
     preflight(params)
     assert capsys.readouterr().err == ""  # every test label seen in training: nothing to say
+
+
+def test_run_refuses_a_training_file_too_small_for_its_validation_rows(tmp_path, capsys):
+    """01's split needs validation_rows + max_train_samples rows (8 Economy rows: 8 validation leave no training)."""
+    train = write_raw(tmp_path / "train.jsonl", [r for r in TRAIN if r["output"] == "Economy"])
+    test = write_raw(tmp_path / "test.jsonl", TEST)
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), "-p", "train_path", str(train), "-p", "test_path", str(test),
+                 "-p", "validation_rows", "8"]) == 2
+    err = capsys.readouterr().err
+    assert f"{train}: 8 rows, fewer than 8 validation + 1 training rows" in err and "validation_rows=8" in err
+    assert "Traceback" not in err and not out.exists()

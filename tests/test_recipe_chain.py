@@ -31,7 +31,7 @@ def recipe_run(tmp_path_factory, tiny_dir):
         [sys.executable, "-m", "qwen_cls", "run", "--quiet", "--profile", "qwen2-0.5b", "--out", str(out),
          "-p", "base_model", str(tiny_dir), "-p", "train_path", str(train), "-p", "test_path", str(test),
          "-p", "download_data", "False", "-p", "swanlab_mode", "disabled", "-p", "speed_rows", "1",
-         "-p", "serve_seconds", "2"],
+         "-p", "serve_seconds", "2", "-p", "validation_rows", "4"],
         capture_output=True, text=True, timeout=1200, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -63,7 +63,7 @@ def test_disjoint_label_sets_through_the_chain(recipe_run):
     seq_cls = json.loads((out / "seq_cls" / "seq_cls.json").read_text(encoding="utf-8"))
     assert seq_cls["labels"] == ["Economy", "Sports"]
     inventory = json.loads((out / "data" / "label_inventory.json").read_text(encoding="utf-8"))
-    assert inventory["Art"] == {"train": 0, "test": 3}  # 01 still reports the test split
+    assert inventory["Art"] == {"train": 0, "validation": 0, "test": 3}  # 01 still reports the test split
     rag = [json.loads(line) for line in (out / "rag_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     known = data.training_labels(TRAIN)
     for row in rag:  # 01 shuffles the rows: the one training label among the candidates, else no answer

@@ -96,7 +96,8 @@ def test_notebook_and_cli_write_the_same_run_config_keys(run_dir, tmp_path):
     notebook = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
     cli = json.loads((cli_out / "run_config.json").read_text(encoding="utf-8"))
     assert _key_paths(notebook) == _key_paths(cli)
-    assert {"profile", "base_model", "max_length", "dtype", "lora", "training", "seed"} == set(cli)
+    assert {"profile", "base_model", "max_length", "dtype", "lora", "training", "validation", "seed"} == set(cli)
+    assert cli["validation"] == {"file": None, "rows": None, "sha256": None}  # qwen-cls train: no validation split
     # the values say what each path really did
     assert (notebook["profile"], cli["profile"]) == ("tiny", None)
     assert notebook["dtype"] == cli["dtype"] == "float32"  # the tiny profile's precision; the CLI's CPU default
@@ -400,3 +401,36 @@ def test_plots_write_pngs_with_the_data_drawn(tmp_path):
     assert widths == [0, 1, 3, 5]
     for name in ("cm.png", "loss.png", "len.png", "lab.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_run_splits_validation_rows_off_the_training_file_and_scores_them_not_the_test_rows(run_dir):
+    """01 writes the shuffled raw training file's last 4 rows (validation_rows 4) as data/validation.jsonl and
+    its first 16 as data/train.jsonl, disjoint; 03's learning curve scores the validation rows (eval_rows 0: all
+    4) and records their count and digest; 04's metrics.json holds 03's last validation beside the test accuracy."""
+    from _tiny_run import chain_raw_rows
+
+    from qwen_cls import data
+
+    out, _, _ = run_dir
+    read = lambda name: [json.loads(x) for x in (out / "data" / name).read_text(encoding="utf-8").splitlines()]  # noqa: E731
+    train, validation, test = read("train.jsonl"), read("validation.jsonl"), read("test.jsonl")
+    raw = [data.validate_row(r) for r in chain_raw_rows(20, 0)]  # the run's 20 raw training rows
+    want_train, want_validation = data.split_train_validation(raw, 16, 4, 3)
+    assert [r["text"] for r in train] == [r.text for r in want_train] and len(train) == 16
+    assert [r["text"] for r in validation] == [r.text for r in want_validation] and len(validation) == 4
+    assert not {r["text"] for r in train} & {r["text"] for r in validation}
+    assert [r["text"] for r in train] == [r.text for r in data.sample_rows(raw, 16, 3)]  # as before the split
+    config = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
+    assert config["validation"]["rows"] == 4 and config["training"]["eval_rows"] == 4
+    assert config["validation"]["sha256"] == data.rows_sha256(validation) == data.rows_sha256(want_validation)
+    log = json.loads((out / "train_log.json").read_text(encoding="utf-8"))
+    evaluations = [e for e in log if "eval_accuracy" in e]
+    assert len(evaluations) == 3  # before training and after each of tiny's 2 epochs
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["validation"] == {"rows": 4, "of": 4, "accuracy": evaluations[-1]["eval_accuracy"],
+                                     "macro_f1": evaluations[-1]["eval_macro_f1"],
+                                     "sha256": config["validation"]["sha256"]}
+    assert metrics["n_test"] == len(test) == 8
+    inventory = json.loads((out / "data" / "label_inventory.json").read_text(encoding="utf-8"))
+    assert sum(v["validation"] for v in inventory.values()) == 4

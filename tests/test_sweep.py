@@ -128,8 +128,10 @@ def test_the_plot_draws_a_line_per_value_of_the_second_key(tmp_path):
 # --- the sweep folder, with a fake papermill ----------------------------------------------------------------------
 
 def fake_execute(interrupt: str | None = None, fail: str | None = None):
-    """A stand-in for ``papermill.execute_notebook`` writing what 03 and 04 write; accuracy = 100 x the learning
-    rate, so each point's numbers differ. ``interrupt``/``fail``: the point (out_dir name) whose 03 raises."""
+    """A stand-in for ``papermill.execute_notebook`` writing what 03 and 04 write; test accuracy = 100 x the learning
+    rate, validation accuracy = 0.5 - 10 x the learning rate (the other way round: ranking by validation puts the
+    points in grid order, ranking by test would reverse them), so each point's numbers differ.
+    ``interrupt``/``fail``: the point (out_dir name) whose 03 raises."""
     from papermill.exceptions import PapermillExecutionError
 
     def execute(input_path, output_path, parameters=None, **kwargs):
@@ -147,7 +149,8 @@ def fake_execute(interrupt: str | None = None, fail: str | None = None):
         if name.startswith("04"):
             lr = json.loads((out / "run_config.json").read_text())["training"]["learning_rate"]
             (out / "metrics.json").write_text(json.dumps({"accuracy": 100 * lr, "macro_f1": 50 * lr,
-                                                          "zero_shot": {"accuracy": 0.25, "macro_f1": 0.1}}))
+                                                          "zero_shot": {"accuracy": 0.25, "macro_f1": 0.1},
+                                                          "validation": {"rows": 4, "accuracy": 0.5 - 10 * lr}}))
 
     return execute
 
@@ -170,11 +173,14 @@ def test_fake_sweep_writes_one_row_per_point_from_its_files(swept):
     assert [r["point"] for r in rows] == list(POINTS)
     assert [float(r["learning_rate"]) for r in rows] == [0.001, 0.005]
     assert [float(r["accuracy"]) for r in rows] == pytest.approx([0.1, 0.5])
+    assert [float(r["validation_accuracy"]) for r in rows] == pytest.approx([0.49, 0.45])
+    assert [r["rank"] for r in rows] == ["1", "2"]  # by validation accuracy: the better test accuracy ranks 2nd
     assert [float(r["macro_f1"]) for r in rows] == pytest.approx([0.05, 0.25])
     assert [float(r["zero_shot"]) for r in rows] == [0.25, 0.25]
     assert [float(r["train_seconds"]) for r in rows] == pytest.approx([1.0, 5.0])  # train_runtime of train_log
     md = (swept / "sweep.md").read_text(encoding="utf-8")
-    assert "| learning_rate=0.005 | 0.005 | 0.500 | 0.250 | 0.250 | 5.0 |" in md
+    assert "| 2 | learning_rate=0.005 | 0.005 | 0.450 | 0.500 | 0.250 | 0.250 | 5.0 |" in md
+    assert "| rank | point | learning_rate | validation_accuracy | test accuracy |" in md
     with Image.open(swept / "sweep.png") as png:
         assert png.format == "PNG" and png.size[0] > 200
     record = json.loads((swept / "sweep.json").read_text(encoding="utf-8"))
@@ -323,8 +329,12 @@ def test_real_sweep_table_matches_each_points_own_files(real_sweep):
     out, _, (_, stdout), _ = real_sweep
     rows = read_csv(out / "sweep.csv")
     assert len(rows) == 2 and {"learning_rate", "accuracy", "macro_f1", "zero_shot", "train_seconds"} <= set(rows[0])
-    for row, name in zip(rows, POINTS):
-        folder = out / name
+    by_point = {row["point"]: row for row in rows}
+    validation = {name: json.loads((out / name / "metrics.json").read_text())["validation"] for name in POINTS}
+    assert [r["point"] for r in rows] == sorted(POINTS, key=lambda n: -validation[n]["accuracy"])  # ranked by it
+    assert [r["rank"] for r in rows] == ["1", "2"]
+    for name in POINTS:
+        row, folder = by_point[name], out / name
         params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         log = json.loads((folder / "train_log.json").read_text(encoding="utf-8"))
@@ -332,6 +342,8 @@ def test_real_sweep_table_matches_each_points_own_files(real_sweep):
         assert (params["max_train_samples"], params["max_test_samples"], metrics["n_test"]) == (16, 8, 8)
         assert float(row["accuracy"]) == metrics["accuracy"] and float(row["macro_f1"]) == metrics["macro_f1"]
         assert float(row["zero_shot"]) == metrics["zero_shot"]["accuracy"]
+        assert float(row["validation_accuracy"]) == metrics["validation"]["accuracy"]
+        assert metrics["validation"]["rows"] == metrics["validation"]["of"] == 8  # tiny: eval_rows 0, all 8
         runtime = [e["train_runtime"] for e in log if "train_runtime" in e]
         assert float(row["train_seconds"]) == pytest.approx(runtime[-1], rel=1e-6) and runtime[-1] > 0
     assert [json.loads((out / n / "params.json").read_text())["learning_rate"] for n in POINTS] == [1e-3, 5e-3]
@@ -391,5 +403,48 @@ def test_real_interrupted_point_runs_again_and_the_finished_one_is_untouched(rea
     assert snapshot(out / POINTS[0]) == kept  # byte for byte, same mtimes
     assert not (out / POINTS[1] / RUN_INCOMPLETE).exists()
     metrics = json.loads((out / POINTS[1] / "metrics.json").read_text(encoding="utf-8"))
-    row = read_csv(out / "sweep.csv")[1]
+    row = {r["point"]: r for r in read_csv(out / "sweep.csv")}[POINTS[1]]
     assert row["point"] == POINTS[1] and float(row["accuracy"]) == metrics["accuracy"]
+
+
+# --- selection reads validation rows only (issue 32) ---------------------------------------------------------------
+
+def test_shuffling_the_test_answers_of_a_finished_sweep_changes_no_ranking(swept):
+    """What 04 computes from the test answers (accuracy, macro_f1, zero_shot) is permuted between the points and
+    scaled, as a shuffle of the test answers would change it: the table's test columns change, its ranking (rank
+    and point order) does not; changing a validation accuracy does change it."""
+    from qwen_cls.sweep import plan, write_comparison
+
+    def ranking():
+        return [(r["rank"], r["point"]) for r in read_csv(swept / "sweep.csv")]
+
+    before = ranking()
+    assert before == [("1", POINTS[0]), ("2", POINTS[1])]
+    metrics = {name: json.loads((swept / name / "metrics.json").read_text()) for name in POINTS}
+    for name, other in zip(POINTS, reversed(POINTS)):  # the test figures of the other point, far better ones
+        shuffled = {**metrics[name], "accuracy": 1 - metrics[other]["accuracy"] / 2,
+                    "macro_f1": metrics[other]["macro_f1"], "zero_shot": {"accuracy": 0.9, "macro_f1": 0.9}}
+        (swept / name / "metrics.json").write_text(json.dumps(shuffled))
+    record = json.loads((swept / "sweep.json").read_text(encoding="utf-8"))
+    points = plan(record["profile"], record["grid"], record["fixed"], swept)
+    write_comparison(swept, points, record)
+    rows = read_csv(swept / "sweep.csv")
+    assert [float(r["accuracy"]) for r in rows] == pytest.approx([0.75, 0.95])  # the test columns did change
+    assert ranking() == before
+    last = json.loads((swept / POINTS[1] / "metrics.json").read_text())
+    (swept / POINTS[1] / "metrics.json").write_text(json.dumps({**last, "validation": {"rows": 4, "accuracy": 0.6}}))
+    write_comparison(swept, points, record)
+    assert ranking() == [("1", POINTS[1]), ("2", POINTS[0])]  # a validation accuracy decides it
+
+
+def test_ranking_uses_validation_accuracy_only_and_puts_points_without_one_last():
+    from qwen_cls.sweep import ranked
+
+    rows = [{"point": "a", "validation_accuracy": 0.5, "accuracy": 0.9},
+            {"point": "b", "validation_accuracy": None, "accuracy": 1.0},
+            {"point": "c", "validation_accuracy": 0.7, "accuracy": 0.1},
+            {"point": "d", "validation_accuracy": 0.5, "accuracy": 0.2}]
+    assert [(r["rank"], r["point"]) for r in ranked(rows)] == [(1, "c"), (2, "a"), (3, "d"), (None, "b")]
+    for test_accuracies in ([0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]):  # any test accuracies: the same ranking
+        again = [{**row, "accuracy": acc} for row, acc in zip(rows, test_accuracies)]
+        assert [r["point"] for r in ranked(again)] == ["c", "a", "d", "b"]
