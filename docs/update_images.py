@@ -73,7 +73,7 @@ def headline(run: Path, metrics: dict, approaches: dict, config: dict, total: fl
     return (
         "| what one epoch of LoRA changed (notebook 03) | six approaches on the same rows (notebook 06) |\n"
         "|---|---|\n"
-        f"| ![accuracy on {config['training']['eval_rows']} test headlines before and after training]"
+        f"| ![accuracy on {config['training']['eval_rows']} validation headlines before and after training]"
         "(docs/images/learning_curve.png) "
         "| ![accuracy and speed of six approaches](docs/images/approaches.png) |\n\n"
         f"A `make demo` run ({day}, {cpu}, {config.get('dtype', 'float32')}, {english_time(total)} for notebooks "
@@ -120,11 +120,14 @@ def profile_row(run: Path, metrics: dict) -> str:
     memory = f"{chain['peak_kernel_rss_mib'] / 1024:.1f} GiB" if chain else "not recorded"
     where = f"{chain['cpu']}, {chain['date']}" if chain else "this machine"
     training = config["training"]
+    held = metrics.get("validation") or {}
+    validation = f"{held['accuracy']:.3f} ({held['rows']} of {held['of']} rows)" if held.get("accuracy") is not None \
+        else "—"
     return (f"| `{metrics['profile']}` | {REAL.get(metrics['profile'], metrics['base_model'])} | "
             f"{training['train_rows']} train / {metrics['n_test']} test THUCNews headlines; lr "
             f"{training['learning_rate']:g}, {training['num_train_epochs']:g} epoch(s), {config['dtype']} | "
             f"**{metrics['accuracy']:.3f}** (zero-shot {metrics['zero_shot']['accuracy']:.3f}, chance "
-            f"{metrics['chance_accuracy']:.3f}) | {english_time(seconds)} | {memory} | {where} |")
+            f"{metrics['chance_accuracy']:.3f}) | {validation} | {english_time(seconds)} | {memory} | {where} |")
 
 
 DEMO_SECONDS = 8 * 60  # `make demo`'s promise on 2 cores: a default profile must keep it
@@ -158,8 +161,9 @@ def default_verdict(runs: list[tuple[Path, dict]]) -> str:
 
 def profiles_table(runs: list[tuple[Path, dict]]) -> str:
     """The README's measured table of the real profiles, one row per finished run, and the default's verdict."""
-    return ("| profile | model | data and training | test accuracy | chain 00-07 | peak memory (largest kernel) "
-            "| measured on |\n|---|---|---|---|---|---|---|\n"
+    return ("| profile | model | data and training | test accuracy | validation accuracy (03's last epoch) "
+            "| chain 00-07 "
+            "| peak memory (largest kernel) | measured on |\n|---|---|---|---|---|---|---|---|\n"
             + "".join(profile_row(run, metrics) + "\n" for run, metrics in runs) + "\n" + default_verdict(runs))
 
 
@@ -221,8 +225,7 @@ def main(argv: list[str]) -> int:
     approaches = json.loads((run / "approaches.json").read_text(encoding="utf-8"))
     config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
     times = notebook_seconds(run)
-    finished = tiny_run / "metrics.json"
-    tiny = notebook_seconds(tiny_run) if finished.is_file() and not (tiny_run / "RUN_INCOMPLETE").exists() else {}
+    tiny = notebook_seconds(tiny_run) if finished(tiny_run) is not None else {}
     cpu = cpu_name()
     from datetime import date
 

@@ -64,7 +64,7 @@ def test_headline_names_model_data_machine_and_the_computed_numbers(tmp_path):
     assert "(macro-F1 0.887), against 0.350 zero-shot (adapter off) and 0.324 chance" in text
     assert "On 200 of those rows notebook 06 compares `lora` 0.905, `tfidf_logreg` 0.780; best: `lora`" in text
     assert "docs/images/learning_curve.png" in text and "docs/images/approaches.png" in text
-    assert "![accuracy on 50 test headlines before and after training]" in text  # 03's eval_rows
+    assert "![accuracy on 50 validation headlines before and after training]" in text  # 03's eval_rows
 
 
 def test_notebook_measured_line_goes_after_the_time_line_and_is_replaced_not_repeated(tmp_path):
@@ -98,7 +98,8 @@ def _real_run(folder: Path, profile: str, accuracy: float, zero: float, seconds:
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
         "profile": profile, "base_model": profile, "accuracy": accuracy, "n_test": 500,
-        "zero_shot": {"accuracy": zero}, "chance_accuracy": 0.3236}))
+        "zero_shot": {"accuracy": zero}, "chance_accuracy": 0.3236,
+        "validation": {"rows": 50, "of": 300, "accuracy": accuracy + 0.02}}))
     (folder / "run_config.json").write_text(json.dumps({
         "dtype": "bfloat16", "training": {"train_rows": 800, "learning_rate": 0.001, "num_train_epochs": 1}}))
     (folder / "chain.json").write_text(json.dumps({
@@ -112,7 +113,7 @@ def test_profiles_table_and_default_verdict_come_from_both_runs(tmp_path):
     table = U.profiles_table([(gemma, U.finished(gemma)), (qwen, U.finished(qwen))])
     assert ("| `qwen2.5-coder-0.5b` | Qwen2.5-Coder-0.5B-Instruct (Qwen; the Qwen2-0.5B architecture; Qwen's GGUF) | "
             "800 train / 500 test THUCNews headlines; lr 0.001, 1 epoch(s), bfloat16 | **0.850** (zero-shot 0.454, "
-            "chance 0.324) | 10 min 12 s | 5.8 GiB | 2-core Test CPU, 2026-12-06 |") in table
+            "chance 0.324) | 0.870 (50 of 300 rows) | 10 min 12 s | 5.8 GiB | 2-core Test CPU, 2026-12-06 |") in table
     assert "| `gemma3-270m` | Gemma 3 270M" in table and "| 6 min 29 s | 3.5 GiB |" in table
     assert ("its accuracy 0.850 is not above gemma3-270m's 0.880; its chain took 10 min 12 s, over `make demo`'s 8 "
             "minutes. So gemma3-270m stays the default") in table
