@@ -15,6 +15,7 @@ import pytest
 import torch
 from _tiny_run import SAMPLE_TEST, three_step_run
 from safetensors import safe_open
+from test_weights_modes import umask
 
 from qwen_cls.cli import main
 
@@ -492,15 +493,6 @@ def test_an_out_export_cannot_write_is_refused_before_the_merge(run_dir, tmp_pat
         assert f"{sysfs}: cannot write there (/sys: " in err and "nothing was merged: choose another --out" in err
         assert not sysfs.exists()
     assert "Traceback" not in err
-
-
-@contextlib.contextmanager
-def umask(mask: int):
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask022", "umask002"])
