@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,16 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 KEYS = {"learning_rate": float, "max_train_samples": int, "num_train_epochs": float, "lora_r": int,
         "lora_alpha": float, "per_device_train_batch_size": int}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def split_rows(params: dict, val_rows: int):
@@ -116,6 +105,8 @@ def main(argv=None) -> int:
         if key not in KEYS or not values:
             parser.error(f"--grid {item!r}: write KEY=V1,V2 with KEY one of {', '.join(KEYS)}")
         axes.append([(key, KEYS[key](v)) for v in values.split(",")])
+    from qwen_cls.machine import cpu_name
+
     results = json.loads(args.out.read_text()) if args.out.exists() else {"cpu": cpu_name(), "points": []}
     for point in itertools.product(*axes) if axes else [()]:
         params = {**base, **dict(point)}

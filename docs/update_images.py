@@ -55,16 +55,6 @@ def chinese_time(seconds: float) -> str:
     return f"{seconds // 60} 分 {seconds % 60:02d} 秒" if seconds >= 60 else f"{seconds} 秒"
 
 
-def cpu_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
-    """``"2-core AMD EPYC"``: the core count and model name of this machine."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-        model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "CPU"
-    return f"{os.cpu_count()}-core {model}"
-
-
 def headline(run: Path, metrics: dict, approaches: dict, config: dict, total: float, cpu: str, day: str) -> str:
     """The README's headline block: the two pictures and the run's numbers, with model, data and machine."""
     best = max(approaches.items(), key=lambda item: item[1]["accuracy"])
@@ -226,6 +216,8 @@ def main(argv: list[str]) -> int:
     config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
     times = notebook_seconds(run)
     tiny = notebook_seconds(tiny_run) if finished(tiny_run) is not None else {}
+    from qwen_cls.machine import cpu_name
+
     cpu = cpu_name()
     from datetime import date
 

@@ -14,7 +14,16 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from .builds import SAVED_NAMES, ChecksumMismatch, Made, ModelBuild, build, check_sha256, join_chunks, load_gguf_dense
+from .builds import (
+    SAVED_NAMES,
+    ChecksumMismatch,  # noqa: F401  (raised by the build; callers catch gemma.ChecksumMismatch)
+    Made,
+    ModelBuild,
+    build,
+    check_sha256,
+    join_chunks,
+    load_gguf_dense,
+)
 from .hub import GEMMA, ModelNotFound
 from .prompt import GEMMA_FAMILY
 
@@ -29,7 +38,6 @@ GEMMA_CARD = f"# {GEMMA}: Gemma 3 270M (pretrained base), dequantized from Q4_K_
 GEMMA_BUILD = ModelBuild(model=GEMMA, version=GEMMA_VERSION, folder=f"gemma3-270m-q4km-dense-v{GEMMA_VERSION}",
                          card=GEMMA_CARD, names=SAVED_NAMES | {"tokenizer.model", "GEMMA_TERMS.html"},
                          command="qwen-cls gemma-model")
-__all__ = ["ChecksumMismatch"]  # raised by the build: kept importable from here
 
 
 def chunk_files() -> list[Path]:
@@ -92,7 +100,7 @@ def build_gemma_model(out_dir: str | os.PathLike | None = None, *, verify: bool 
     (:func:`~qwen_cls.builds.build`). Raises :class:`~qwen_cls.model.ModelNotFound` when a chunk package is
     missing and :class:`ChecksumMismatch` when the joined file has the wrong SHA-256; either way nothing is
     cached."""
-    return build(GEMMA_BUILD, lambda scratch: make_gemma(scratch), out_dir, verify=verify, rebuild=rebuild)
+    return build(GEMMA_BUILD, make_gemma, out_dir, verify=verify, rebuild=rebuild)
 
 
 def load_gguf(gguf: Path):

