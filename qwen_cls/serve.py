@@ -306,9 +306,9 @@ class ServeGuard:
         if headers.get("sec-fetch-site") == "cross-site":
             return await _error(send, 403, "requests from another site's page are refused")
         if self.api_key is not None and scope["path"].startswith("/v1/"):
-            given = headers.get("authorization", "")
-            expected = f"Bearer {self.api_key}"
-            if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+            scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+            token = token.strip() if scheme.lower() == "bearer" else ""  # the scheme's case does not matter (RFC 7235)
+            if not hmac.compare_digest(token.encode("latin-1", "replace"), self.api_key.encode("latin-1")):
                 return await _error(send, 401, "missing or wrong API key: send Authorization: Bearer KEY",
                                     [(b"www-authenticate", b"Bearer")])
         if method in SAFE_METHODS:
@@ -463,6 +463,9 @@ def check_serve_options(*, run=None, model=None, host: str = HOST, port: int = D
     if not is_loopback(host) and not api_key:
         raise ValueError(f"--host {host} would let other machines call this server; give --api-key KEY too (callers "
                          "then send Authorization: Bearer KEY), or keep the default --host 127.0.0.1")
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
+        raise ValueError("--api-key must be printable ASCII without spaces (HTTP headers carry it as ASCII text; e.g. "
+                         "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
     if api_key is not None and len(api_key) < 16:
         raise ValueError("--api-key must be at least 16 characters (e.g. `python -c 'import secrets; "
                          "print(secrets.token_urlsafe())'`)")

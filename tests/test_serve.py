@@ -449,3 +449,44 @@ def test_serve_in_background_gives_predicts_numbers_and_the_load_test_counts_the
     assert health["tiny_model"] is True and health["answered"] == report["requests"] + 1  # + the list request
     with pytest.raises(OSError):  # stopped on leaving the block
         get_json(url, "/health", timeout=5)
+
+
+def _status(guard, headers: dict, path: str = "/v1/classify") -> int:
+    """The status ``guard`` answers a GET of ``path`` with ``headers`` (a stand-in app answers 200)."""
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path,
+             "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
+    asyncio.run(guard(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def test_bearer_scheme_is_case_insensitive_and_the_key_is_compared_exactly():
+    from qwen_cls.serve import ServeGuard
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    key = "k" * 20
+    guard = ServeGuard(app, "0.0.0.0", 8092, api_key=key, max_body_bytes=1000)
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        assert _status(guard, {"authorization": f"{scheme} {key}"}) == 200, scheme
+    for wrong in (f"Basic {key}", f"Bearer {key}x", "Bearer", "", key, f"Bearer {key.upper()}"):
+        assert _status(guard, {"authorization": wrong}) == 401, wrong
+    assert _status(guard, {}, path="/health") == 200  # only /v1/* needs the key
+
+
+@pytest.mark.parametrize("key", ["ключ-секрет-длинный-1234", "a key with spaces 123456", "tab\tkey-0123456789abc"])
+def test_an_api_key_http_cannot_carry_is_refused_at_start(run_dir, key, capsys):
+    assert main(["serve", "--run", str(run_dir), "--host", "0.0.0.0", "--api-key", key]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key must be printable ASCII without spaces" in err and "Traceback" not in err
