@@ -126,6 +126,9 @@ def parse_rows(body: bytes, limits: Limits) -> tuple[list, list, bool]:
     except json.JSONDecodeError as exc:
         raise RequestError(400, f"the body is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); send "
                                 '{"text": ..., "candidates": [...]} or a list of such rows') from None
+    except RecursionError:  # e.g. 100,000 nested brackets: the parser's depth, not the server, is the limit
+        raise RequestError(400, "the body nests JSON arrays or objects too deeply; send "
+                                '{"text": ..., "candidates": [...]} or a flat list of such rows') from None
     single = isinstance(obj, dict)
     items = [obj] if single else obj
     if not isinstance(items, list):

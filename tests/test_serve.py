@@ -490,3 +490,12 @@ def test_an_api_key_http_cannot_carry_is_refused_at_start(run_dir, key, capsys):
     assert main(["serve", "--run", str(run_dir), "--host", "0.0.0.0", "--api-key", key]) == 2
     err = capsys.readouterr().err
     assert "--api-key must be printable ASCII without spaces" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000])
+def test_deeply_nested_json_is_a_400_not_a_recursion_error(body):
+    from qwen_cls.serve import Limits, RequestError, parse_rows
+
+    with pytest.raises(RequestError) as error:
+        parse_rows(body, Limits())
+    assert error.value.status == 400 and "nests JSON arrays or objects too deeply" in str(error.value)
