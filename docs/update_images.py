@@ -194,11 +194,11 @@ def main(argv: list[str]) -> int:
     run = Path(argv[0]) if argv else ROOT / "runs" / "demo"
     tiny_run = Path(argv[1]) if len(argv) > 1 else ROOT / "runs" / "demo-tiny"
     metrics_file = run / "metrics.json"
-    if not metrics_file.is_file() or (run / "RUN_INCOMPLETE").exists():
+    metrics = finished(run)
+    if metrics is None:
         print(f"error: {run} is not a finished run (no metrics.json, or RUN_INCOMPLETE): run `make demo` first",
               file=sys.stderr)
         return 2
-    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     if metrics.get("profile") != "gemma3-270m" or metrics.get("tiny_model"):
         print(f"error: {run} is a {metrics.get('profile')!r} run; the README's pictures come from gemma3-270m "
               "(`make demo`)", file=sys.stderr)

