@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KEYS = {"learning_rate": float, "max_train_samples": int, "num_train_epochs": float, "lora_r": int,
-        "lora_alpha": float, "per_device_train_batch_size": int}
+        "lora_alpha": float, "lora_dropout": float, "per_device_train_batch_size": int}
 
 
 def split_rows(params: dict, val_rows: int):
