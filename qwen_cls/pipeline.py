@@ -144,7 +144,8 @@ def prepare_notebooks(profile: str, folder: str | os.PathLike, overrides: dict |
     (JupyterLab, nbval) as from anywhere. A copy differs from the committed notebook only by the injected cell
     (right after ``parameters``) and papermill's notebook metadata (the injected values). A copy that changed
     since it was written here (a learner's edits or outputs) is kept, never overwritten: delete it to get a
-    fresh one. Unknown keys and bad values raise :class:`ValueError` before anything is written.
+    fresh one. Unknown keys and bad values, and ``folder`` being the committed notebooks' own folder, raise
+    :class:`ValueError` before anything is written.
     """
     import nbformat
     import papermill
@@ -153,6 +154,10 @@ def prepare_notebooks(profile: str, folder: str | os.PathLike, overrides: dict |
     declared = {name: notebook_parameters(source / name) for name in notebooks}
     params = resolve_parameters(profile, overrides, valid_keys=set().union(*declared.values()) | set(PROFILES[profile]))
     check_folder_path(folder, "--dir")
+    if folder == source:  # resolved both: a symlink to it is it
+        raise ValueError(f"--dir {folder} is the package's own notebooks folder, the committed notebooks: their "
+                         "prepared copies cannot be written over them. Leave --dir out (the copies go to "
+                         "runs/lab-<profile>/notebooks) or give another folder")
     manifest_path = folder / PREPARED
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
