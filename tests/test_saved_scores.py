@@ -152,6 +152,7 @@ def test_an_edited_adapter_config_is_scored_afresh(lora_model, rows, tmp_path, t
         assert reuse_or_score(edited, tokenizer, rows[:3], run_dir=run, method="zero_shot", max_length=96).reused
 
 
+@pytest.mark.subprocess
 def test_the_fingerprint_is_the_same_in_another_process(lora_model, tmp_path, tiny_dir):
     """target_modules is a set inside PEFT (its order changes with each process's string hashing): the settings
     enter the fingerprint sorted, so 05's kernel computes 04's fingerprint for the same adapter."""
