@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from . import __version__, dashboard, export, lab, pipeline, predict, serve, sweep, training_run
+from .data import LOOKALIKE_HELP
 from .faults import describe_fault
 from .files import DataError
 
@@ -19,7 +20,7 @@ def cmd_convert(args) -> int:
     from .data import convert_file, label_inventory
     from .files import read_jsonl
 
-    count = convert_file(args.raw, args.out, limit=args.limit)
+    count = convert_file(args.raw, args.out, limit=args.limit, allow_lookalike_labels=args.allow_lookalike_labels)
     print(f"wrote {count} instruction rows to {args.out}")
     if args.labels:
         for label, n in label_inventory(read_jsonl(args.out)).items():
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output JSONL file (written atomically)")
     p.add_argument("--limit", type=int, default=0, help="keep only the first N rows (0 = all)")
     p.add_argument("--labels", action="store_true", help="also print the label inventory")
+    p.add_argument("--allow-lookalike-labels", action="store_true", help=LOOKALIKE_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("labels", help="count rows per label in a raw JSONL file")

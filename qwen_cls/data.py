@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ast
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .files import DataError, json_lines, write_jsonl_atomic
-from .prompt import user_message
+from .prompt import control_tokens, user_message
 
 REQUIRED_FIELDS = ("text", "category", "output")
 
@@ -77,6 +78,12 @@ def validate_row(obj, *, require_output: bool = True) -> RawRow:
         raise ValueError(f"category lists {', '.join(dupes)} more than once; list each candidate once")
     if len(candidates) < 2:
         raise ValueError(f"category needs at least 2 distinct candidate labels, got {candidates}")
+    for field, value in (("text", text), *(("category", c) for c in candidates)):
+        found = control_tokens(value)
+        if found:
+            raise ValueError(f"{field} holds {', '.join(map(repr, found))}, a special token of the chat template: the "
+                             "tokenizer would read it as the control token, not as text, and the prompt would no "
+                             f"longer be the one trained on; delete it or break it up (e.g. {_broken(found[0])!r})")
     output = obj.get("output")
     if output is not None or require_output:
         if not isinstance(output, str):
@@ -85,6 +92,11 @@ def validate_row(obj, *, require_output: bool = True) -> RawRow:
         if output not in candidates:
             raise ValueError(f"output {output!r} is not among the candidates {candidates}")
     return RawRow(text=text, category=candidates, output=output)
+
+
+def _broken(token: str) -> str:
+    """A special token written so that no tokenizer reads it as one: a space after ``<`` and before ``>``."""
+    return f"< {token[1:-1]} >"
 
 
 def iter_raw_rows(path: str | os.PathLike, *, require_output: bool = True) -> Iterator[RawRow]:
@@ -117,9 +129,12 @@ def to_instruction_row(row: RawRow) -> dict:
     return out
 
 
-def convert_file(raw_path: str | os.PathLike, out_path: str | os.PathLike, *, limit: int = 0) -> int:
-    """Validate every raw row first, then write the instruction rows atomically; returns the count."""
+def convert_file(raw_path: str | os.PathLike, out_path: str | os.PathLike, *, limit: int = 0,
+                 allow_lookalike_labels: bool = False) -> int:
+    """Validate every raw row first (look-alike labels, :func:`check_lookalike_labels`, included), then write the
+    instruction rows atomically; returns the count."""
     rows = read_raw_rows(raw_path, limit=limit)
+    check_lookalike_labels({raw_path: rows}, allow=allow_lookalike_labels)
     return write_jsonl_atomic((to_instruction_row(r) for r in rows), out_path)
 
 
@@ -228,3 +243,82 @@ def describe_unseen(unseen: dict, test_path: str | os.PathLike, train_path: str 
             "tfidf_logreg, retrieval_vote and seq_cls_lora learn only the training labels: they never predict "
             "these, and a row whose answer is one counts as wrong for them; zero_shot, rag and lora score any "
             "candidate's text. Add training rows with these labels to have them learned.")
+
+
+# --- look-alike labels and test rows leaked into training --------------------------------------------------------
+
+LOOKALIKE_HELP = ("keep labels that differ only by case or full-width letters (Sports / sports) as different labels "
+                  "(default: refused, exit 2, naming the files and lines)")  # --allow-lookalike-labels
+
+
+class LookalikeLabels(ValueError):
+    """Labels that differ only by case or Unicode width (``Sports`` / ``sports`` / ``Ｓｐｏｒｔｓ``): the message names
+    every spelling with its files and lines and the fix."""
+
+
+def label_key(label: str) -> str:
+    """What look-alike labels share: the NFKC form (full-width letters as ASCII), surrounding whitespace dropped,
+    case folded. Surrounding whitespace alone never makes two labels: :func:`validate_row` strips every label."""
+    return unicodedata.normalize("NFKC", label).strip().casefold()
+
+
+def lookalike_labels(files: dict) -> list[dict[str, list[str]]]:
+    """Groups of look-alike labels in ``files`` (path -> its :class:`RawRow` list), answers and candidates alike:
+    per group, spelling -> the ``path:line`` places it occurs (each row once), spellings in the order first met.
+    Empty when every label is written one way."""
+    places: dict[str, dict[str, list[str]]] = {}
+    for path, rows in files.items():
+        for row in rows:
+            for label in dict.fromkeys([*row.category, *([row.output] if row.output is not None else [])]):
+                places.setdefault(label_key(label), {}).setdefault(label, []).append(f"{path}:{row.line}")
+    return [group for group in places.values() if len(group) > 1]
+
+
+def describe_lookalikes(groups: list[dict[str, list[str]]], *, allowed: bool = False) -> str:
+    """One message for :func:`lookalike_labels`' groups: each spelling with its first places, then the fix (or,
+    ``allowed``, that ``--allow-lookalike-labels`` keeps them apart)."""
+    parts = []
+    for group in groups:
+        parts.append(" / ".join(
+            f"{label!r} ({', '.join(where[:3])}{f', ... {len(where)} rows' if len(where) > 3 else ''})"
+            for label, where in group.items()))
+    found = "labels that differ only by case (or full-width letters): " + "; ".join(parts)
+    if allowed:
+        return found + ". --allow-lookalike-labels: they are learned as different labels"
+    return (found + ". They would be learned as different labels: write each label one way in every file, or pass "
+            "--allow-lookalike-labels if they really are different labels")
+
+
+def check_lookalike_labels(files: dict, *, allow: bool = False) -> list[dict[str, list[str]]]:
+    """:func:`lookalike_labels`: a :class:`LookalikeLabels` error unless ``allow`` (then a warning on stderr)."""
+    import sys
+
+    groups = lookalike_labels(files)
+    if groups and not allow:
+        raise LookalikeLabels(describe_lookalikes(groups))
+    if groups:
+        print(f"warning: {describe_lookalikes(groups, allowed=True)}", file=sys.stderr, flush=True)
+    return groups
+
+
+def leaked_rows(train_rows: Iterable[RawRow | dict], test_rows: Iterable[RawRow | dict]) -> list[int]:
+    """Indices of the test rows whose ``text`` a training row also has: an exact match of the ``text`` field as the
+    conversion keeps it (:func:`validate_row` and :func:`to_instruction_row` copy it unchanged: no stripping, no
+    case or width folding), so a raw row and its instruction row compare the same. ``metrics.json`` records their
+    count as ``leaked_test_rows``: such a row is scored by a model that saw its answer."""
+    def text(row):
+        return row.text if isinstance(row, RawRow) else row["text"]
+
+    seen = {text(row) for row in train_rows}
+    return [i for i, row in enumerate(test_rows) if text(row) in seen]
+
+
+def describe_leaks(lines: list[int], n_test: int, test_path: str | os.PathLike,
+                   train_path: str | os.PathLike) -> str | None:
+    """The warning for leaked test rows (``lines``: their line numbers in ``test_path``); ``None`` when none."""
+    if not lines:
+        return None
+    shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+    return (f"{test_path}: {len(lines)} of {n_test} test rows have exactly the text of a training row of "
+            f"{train_path} (lines {shown}; the text field compared as written): their scores measure memory, not "
+            "new data (04 records the count in metrics.json as leaked_test_rows). Remove them from one of the files")

@@ -26,13 +26,17 @@ def lab_folder(profile: str) -> Path:
     return notebooks_dir().parent / "runs" / f"lab-{profile}" / "notebooks"
 
 
-def lab_command(folder: str | os.PathLike, *, port: int | None = None, browser: bool = True) -> list[str]:
-    """The JupyterLab command line for ``folder``, bound to :data:`HOST` (it prints its address with a token)."""
+def lab_command(folder: str | os.PathLike, *, port: int | None = None, browser: bool = True,
+                allow_root: bool = False) -> list[str]:
+    """The JupyterLab command line for ``folder``, bound to :data:`HOST` (it prints its address with a token);
+    ``allow_root``: ``--allow-root``, without which JupyterLab refuses to start as root."""
     command = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.ip={HOST}", f"--ServerApp.root_dir={folder}"]
     if port is not None:
         command.append(f"--ServerApp.port={port}")
     if not browser:
         command.append("--no-browser")
+    if allow_root:
+        command.append("--allow-root")
     return command
 
 
@@ -46,7 +50,11 @@ def cmd_lab(args) -> int:
         print(f"  prepared: {', '.join(written)}")
     if kept:
         print(f"  kept as you left them (changed since prepared; delete a file to get a fresh copy): {', '.join(kept)}")
-    command = lab_command(folder, port=args.port, browser=not args.no_browser)
+    as_root = os.geteuid() == 0  # containers, Colab-like machines: JupyterLab refuses root without --allow-root
+    command = lab_command(folder, port=args.port, browser=not args.no_browser, allow_root=as_root)
+    if as_root:
+        print("note: running as root (a container?): JupyterLab gets --allow-root; it still listens on "
+              f"{HOST} only")
     if args.prepare_only:
         print(f"open them with: {shlex.join(command)}")
         return 0

@@ -31,8 +31,12 @@ import time
 from pathlib import Path
 
 from .data import (
+    LOOKALIKE_HELP,
+    check_lookalike_labels,
     check_training_labels,
+    describe_leaks,
     describe_unseen,
+    leaked_rows,
     read_raw_rows,
     sample_rows,
     split_train_validation,
@@ -144,7 +148,8 @@ def prepare_notebooks(profile: str, folder: str | os.PathLike, overrides: dict |
     (JupyterLab, nbval) as from anywhere. A copy differs from the committed notebook only by the injected cell
     (right after ``parameters``) and papermill's notebook metadata (the injected values). A copy that changed
     since it was written here (a learner's edits or outputs) is kept, never overwritten: delete it to get a
-    fresh one. Unknown keys and bad values raise :class:`ValueError` before anything is written.
+    fresh one. Unknown keys and bad values, and ``folder`` being the committed notebooks' own folder, raise
+    :class:`ValueError` before anything is written.
     """
     import nbformat
     import papermill
@@ -153,6 +158,10 @@ def prepare_notebooks(profile: str, folder: str | os.PathLike, overrides: dict |
     declared = {name: notebook_parameters(source / name) for name in notebooks}
     params = resolve_parameters(profile, overrides, valid_keys=set().union(*declared.values()) | set(PROFILES[profile]))
     check_folder_path(folder, "--dir")
+    if folder == source:  # resolved both: a symlink to it is it
+        raise ValueError(f"--dir {folder} is the package's own notebooks folder, the committed notebooks: their "
+                         "prepared copies cannot be written over them. Leave --dir out (the copies go to "
+                         "runs/lab-<profile>/notebooks) or give another folder")
     manifest_path = folder / PREPARED
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -237,8 +246,10 @@ def resolve_parameters(profile: str, overrides: dict | None = None, out: str | o
     return params
 
 
-def preflight(params: dict) -> None:
-    """Fail before any notebook starts: missing local inputs, or a hub download while offline."""
+def preflight(params: dict, *, allow_lookalike_labels: bool = False) -> None:
+    """Fail before any notebook starts: missing local inputs, bad rows (special tokens of the chat template
+    included), look-alike labels (unless ``allow_lookalike_labels``), or a hub download while offline; warn of
+    test labels unseen in training and of test rows leaked into training."""
     from .hub import GEMMA, MODELSCOPE_HOST, QWEN_CODER, TINY, require_host
     from .model import check_model
 
@@ -261,6 +272,8 @@ def preflight(params: dict) -> None:
     for key in ("train_path", "test_path"):  # bad rows: path:line now, not a failed notebook later
         if Path(params[key]).exists():
             raw[key] = read_raw_rows(params[key])
+    if raw:  # Sports / sports: one label to the reader, two to the model
+        check_lookalike_labels({params[key]: rows for key, rows in raw.items()}, allow=allow_lookalike_labels)
     if len(raw) == 2:
         check_labels(params, raw["train_path"], raw["test_path"])
     model = str(params["base_model"])
@@ -287,8 +300,9 @@ def preflight(params: dict) -> None:
 def check_labels(params: dict, train_all: list, test_all: list) -> None:
     """The rows 01 will keep (same split, same seed: ``data.split_train_validation``; too few rows for
     ``max_train_samples`` + ``validation_rows`` -> :class:`DataError`): fewer than two training labels ->
-    :class:`DataError` (exit 2, nothing started); test labels no training row has as its answer -> a warning on
-    stderr (04 records them in ``metrics.json`` as ``unseen_test_labels``), and the run goes on."""
+    :class:`DataError` (exit 2, nothing started); test labels no training row has as its answer, and test rows
+    whose text a training row has (``data.leaked_rows``) -> a warning on stderr each (04 records them in
+    ``metrics.json`` as ``unseen_test_labels`` and ``leaked_test_rows``), and the run goes on."""
     seed = params.get("seed", 42)
     n_train, n_test = params.get("max_train_samples", 0), params.get("max_test_samples", 0)
     n_validation = params.get("validation_rows", 0)
@@ -302,6 +316,10 @@ def check_labels(params: dict, train_all: list, test_all: list) -> None:
             if n_train and len(train) < len(train_all) else "")
     check_training_labels(train, params["train_path"], what)
     warning = describe_unseen(unseen_labels(train, test), params["test_path"], params["train_path"], len(test))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    leaked = sorted(test[i].line for i in leaked_rows(train, test))  # 04 records the count: leaked_test_rows
+    warning = describe_leaks(leaked, len(test), params["test_path"], params["train_path"])
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 def _download_thucnews(folders: list[Path]) -> None:
@@ -518,13 +536,14 @@ def _sigterm_interrupts():
 
 def run_chain(profile: str = DEFAULT_PROFILE, out: str | os.PathLike | None = None, overrides: dict | None = None,
               *, notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True, log_output: bool = True,
-              overwrite: bool = False) -> Path:
-    """Execute ``notebooks`` in order into the run directory (see :func:`run_folder`); return its path."""
+              overwrite: bool = False, allow_lookalike_labels: bool = False) -> Path:
+    """Execute ``notebooks`` in order into the run directory (see :func:`run_folder`); return its path.
+    ``allow_lookalike_labels``: see :func:`preflight`."""
     folder = notebooks_dir()
     declared = {name: notebook_parameters(folder / name) for name in notebooks}
     valid = set().union(*declared.values())
     params = resolve_parameters(profile, overrides, out, valid_keys=valid | set(PROFILES[profile]))
-    preflight(params)
+    preflight(params, allow_lookalike_labels=allow_lookalike_labels)
     defaults = {name: notebook_defaults(folder / name) for name in notebooks}
     if profile == COMMITTED_PROFILE:
         for name in notebooks:
@@ -607,7 +626,8 @@ def cmd_run(args) -> int:
     for key, value in args.param or []:
         overrides[key] = parse_value(value)
     try:
-        run_dir = run_chain(args.profile, args.out, overrides, log_output=not args.quiet, overwrite=args.overwrite)
+        run_dir = run_chain(args.profile, args.out, overrides, log_output=not args.quiet, overwrite=args.overwrite,
+                            allow_lookalike_labels=args.allow_lookalike_labels)
     except NotebookFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -641,4 +661,5 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished run in --out (the old run is kept until the new one succeeds)")
     p.add_argument("--quiet", action="store_true", help="progress bars only, no cell output")
+    p.add_argument("--allow-lookalike-labels", action="store_true", help=LOOKALIKE_HELP)
     p.set_defaults(func=cmd_run)

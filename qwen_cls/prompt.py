@@ -6,6 +6,7 @@ messages (Qwen2's ChatML, Gemma 3's turns) and the token that ends the assistant
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 SYSTEM_PROMPT = "你是一个文本分类领域的专家，你会接收到一段文本和几个潜在的分类选项列表，请输出文本内容的正确分类"
@@ -81,6 +82,20 @@ QWEN2_FAMILY = ChatFamily("qwen2", QWEN2_CHAT_TEMPLATE, "<|im_end|>", ("<|im_end
 GEMMA_FAMILY = ChatFamily("gemma3", GEMMA3_CHAT_TEMPLATE, "<end_of_turn>", ("<end_of_turn>", "<eos>"),
                           ("gemma3", "gemma3_text"))
 CHAT_FAMILIES = (QWEN2_FAMILY, GEMMA_FAMILY)
+
+# Every special token of the families' tokenizers (Qwen2 / Qwen2.5: ``<|im_end|>``, ``<|endoftext|>``, ``<|fim_pad|>``,
+# ...; Gemma 3: ``<start_of_turn>``, ``<end_of_turn>``, ``<bos>``, ``<eos>``, ``<pad>``, ``<unk>``, ``<mask>``,
+# ``<unusedN>``, the image markers). A tokenizer turns such a string inside a text into the control token itself,
+# not into its characters: a text holding ``<|im_end|>`` would end the user's turn in the middle of the prompt.
+# ``tests/test_prompt_tokenize.py`` checks that this matches every special token of the three offline tokenizers.
+CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>|<(?:pad|eos|bos|unk|mask|unused\d+|start_of_turn|end_of_turn|"
+                           r"start_of_image|end_of_image|image_soft_token)>")
+
+
+def control_tokens(text: str) -> list[str]:
+    """The chat families' special tokens (:data:`CONTROL_TOKEN`) written in ``text``, in order, each once."""
+    return list(dict.fromkeys(CONTROL_TOKEN.findall(text)))
+
 
 END_OF_TURN = QWEN2_FAMILY.end_of_turn  # Qwen2's; other families: ``chat_family(tokenizer).end_of_turn``
 

@@ -35,13 +35,46 @@ def _adapter_active(model) -> bool:
     return any(not m.disable_adapters for m in layers)
 
 
+def _plain(value):
+    """A PEFT config value as JSON with one spelling: sets sorted (``target_modules`` is a set, whose order
+    changes with every process), enums by value, anything else unknown by its ``repr``."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v) for v in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return getattr(value, "value", repr(value))
+
+
+def adapter_settings(model) -> dict:
+    """What of the adapter decides the scores besides its weights, when it is on: each active adapter's
+    config (``adapter_config.json`` as loaded: ``r``, ``lora_alpha``, ``target_modules``, ``use_rslora``, ...)
+    and every LoRA layer's ``scaling`` (``lora_alpha / r``, the factor of its update). Empty when it is off."""
+    if not _adapter_active(model):
+        return {}
+    configs = getattr(model, "peft_config", {}) or {}
+    active = getattr(model, "active_adapters", None) or list(configs)
+    active = [active] if isinstance(active, str) else list(active)
+    scaling = {name: {a: float(m.scaling[a]) for a in active if a in m.scaling}
+               for name, m in model.named_modules() if isinstance(getattr(m, "scaling", None), dict)}
+    return {"config": {a: _plain(configs[a].to_dict()) for a in active if a in configs}, "scaling": scaling}
+
+
 @torch.no_grad()
 def model_fingerprint(model) -> str:
     """SHA-256 over what decides the scores: every weight's name, shape and dtype, ``SAMPLED_VALUES`` evenly
-    spaced values of each base weight, every value of the LoRA weights when the adapter is on (none when it
-    is off, so the base model with its adapter switched off has the base model's fingerprint)."""
+    spaced values of each base weight, every value of the LoRA weights and the adapter's settings
+    (:func:`adapter_settings`: its config, ``lora_alpha`` and ``target_modules`` included, and each layer's
+    scaling) when the adapter is on (none of them when it is off, so the base model with its adapter switched
+    off has the base model's fingerprint)."""
     active = _adapter_active(model)
     h = hashlib.sha256()
+    settings = adapter_settings(model)
+    if settings:
+        h.update(json.dumps(settings, sort_keys=True).encode())
     for name, p in model.named_parameters():
         is_lora = "lora_" in name
         if is_lora and not active:
@@ -104,7 +137,8 @@ def _saved(run_dir: Path, method: str, model, tokenizer, rows, max_length: int):
     if record["max_length"] != max_length:
         return None, f"{scoring}: max_length {record['max_length']}, now {max_length}"
     if record["model"] != model_fingerprint(model):
-        return None, f"{scoring}: {method!r} was scored with other weights (or adapter on/off) than this model's"
+        return None, (f"{scoring}: {method!r} was scored with other weights, adapter settings (adapter_config.json) "
+                      "or adapter on/off than this model's")
     saved_rows = read_jsonl(predictions)
     if len(saved_rows) != len(record["row_digests"]):
         return None, f"{predictions} has {len(saved_rows)} rows, {scoring} {len(record['row_digests'])}"

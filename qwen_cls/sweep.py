@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import LOOKALIKE_HELP
 from .files import atomic_file, check_folder_path, hold_lock, write_json_atomic
 from .pipeline import (
     NOTEBOOKS,
@@ -385,8 +386,9 @@ def write_comparison(out: Path, points: list[Point], record: dict, *, force: boo
 # --- the command -----------------------------------------------------------------------------------------------
 
 def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed: dict | None = None, *,
-              log_output: bool = True) -> tuple[Path, list[dict]]:
-    """Run every point of ``grid`` not yet finished, then write the comparison; return ``(DIR, rows)``."""
+              log_output: bool = True, allow_lookalike_labels: bool = False) -> tuple[Path, list[dict]]:
+    """Run every point of ``grid`` not yet finished, then write the comparison; return ``(DIR, rows)``.
+    ``allow_lookalike_labels``: see :func:`~qwen_cls.pipeline.preflight`."""
     fixed = dict(fixed or {})
     points = plan(profile, grid, fixed, out)
     out = Path(out).expanduser().resolve()
@@ -397,7 +399,7 @@ def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed
     for point in todo:  # missing inputs, bad rows, no network: now, not at the third point
         inputs = json.dumps({k: v for k, v in point.params.items() if k != "out_dir"}, sort_keys=True)
         if inputs not in checked:
-            preflight(point.params)
+            preflight(point.params, allow_lookalike_labels=allow_lookalike_labels)
             checked.add(inputs)
     with contextlib.ExitStack() as stack:
         stack.enter_context(hold_lock(out, "qwen-cls sweep"))  # names the holder (sweep or run) and its PID
@@ -418,7 +420,8 @@ def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed
             print(f"[point {k}/{len(points)}] {point.name}: {_why(folder)} -> {folder}", flush=True)
             try:
                 with logs_into(out / LOG_SUBDIR):
-                    run_chain(profile, folder, {**fixed, **point.values}, log_output=log_output, overwrite=True)
+                    run_chain(profile, folder, {**fixed, **point.values}, log_output=log_output, overwrite=True,
+                              allow_lookalike_labels=allow_lookalike_labels)
             except (NotebookFailed, Interrupted, KeyboardInterrupt) as exc:
                 exc.sweep_point = point.name
                 raise
@@ -443,7 +446,8 @@ def cmd_sweep(args) -> int:
     grid = parse_grid(args.grid or [])
     try:
         with _sigterm_interrupts():
-            out, rows = run_sweep(args.profile, args.out, grid, fixed, log_output=not args.quiet)
+            out, rows = run_sweep(args.profile, args.out, grid, fixed, log_output=not args.quiet,
+                                  allow_lookalike_labels=args.allow_lookalike_labels)
     except NotebookFailed as exc:
         print(f"error: point {getattr(exc, 'sweep_point', '?')}: {exc}\n  {_resume_hint(args.out)}", file=sys.stderr)
         return 1
@@ -475,4 +479,5 @@ def register(subparsers) -> None:
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="a parameter fixed for every point (as for run)")
     p.add_argument("--quiet", action="store_true", help="progress bars only, no cell output")
+    p.add_argument("--allow-lookalike-labels", action="store_true", help=LOOKALIKE_HELP)
     p.set_defaults(func=cmd_sweep)

@@ -155,3 +155,49 @@ def test_run_injects_only_the_run_folder_for_the_committed_profile(tmp_path, mon
     parameters, _ = calls["03_lora_training.ipynb"]
     assert parameters["learning_rate"] == 5e-3 and parameters["seed"] == 3 and parameters["base_model"] == "tiny"
     assert len(parameters) == 18  # every key 03 declares, precision included
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` (hidden ones included) -> its bytes and mode."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["itself", "a symlink to it"])
+def test_lab_refuses_the_committed_notebooks_folder_as_dir(how, tmp_path, monkeypatch, capsys):
+    """Issue 33: --dir at the package's own notebooks/ (or a link to it) would mix prepared copies into the
+    committed notebooks: refused, exit 2, saying why and what to pass, the folder byte-identical, nothing started."""
+    launched = []
+    monkeypatch.setattr(lab.os, "execv", lambda path, argv: launched.append(argv))
+    target = NB_DIR
+    if how == "a symlink to it":
+        target = tmp_path / "nb"
+        target.symlink_to(NB_DIR, target_is_directory=True)
+    before = _snapshot(NB_DIR)
+    assert main(["lab", "--profile", "tiny", "--dir", str(target), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --dir {NB_DIR} is the package's own notebooks folder" in err
+    assert "Leave --dir out (the copies go to runs/lab-<profile>/notebooks) or give another folder" in err
+    assert "Traceback" not in err and launched == []
+    assert _snapshot(NB_DIR) == before and not (NB_DIR / PREPARED).exists()
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_lab_as_root_passes_allow_root_with_a_note(euid, tmp_path, monkeypatch, capsys):
+    """Issue 33: JupyterLab refuses to start as root without --allow-root (containers, Colab-like machines)."""
+    launched = []
+    monkeypatch.setattr(lab.os, "execv", lambda path, argv: launched.append(argv))
+    monkeypatch.setattr(lab.os, "geteuid", lambda: euid)
+    folder = tmp_path / "lab"
+    assert main(["lab", "--profile", "tiny", "--dir", str(folder), "--no-browser"]) == 0
+    [argv] = launched
+    out = capsys.readouterr().out
+    if euid == 0:
+        assert argv[-1] == "--allow-root" and "--ServerApp.ip=127.0.0.1" in argv
+        assert "note: running as root (a container?): JupyterLab gets --allow-root; it still listens on 127.0.0.1" \
+            in out
+    else:
+        assert "--allow-root" not in argv and "running as root" not in out
+    launched.clear()
+    assert main(["lab", "--profile", "tiny", "--dir", str(folder), "--prepare-only"]) == 0  # the printed command too
+    assert launched == [] and ("--allow-root" in capsys.readouterr().out) == (euid == 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,50 @@ def test_scoring_json_holds_one_digest_per_row(lora_model, rows, tmp_path):
     assert len(set(saved["lora"]["row_digests"])) == 10
     with pytest.raises(ValueError, match="unknown methods"):
         save_scoring(tmp_path, {"rag": saved["lora"]})
+
+
+def test_an_edited_adapter_config_is_scored_afresh(lora_model, rows, tmp_path, tiny_dir):
+    """Issue 33: the saved scores' key covers adapter_config.json, not only the adapter's weights. An adapter whose
+    lora_alpha was edited after 04 scores differently with the same weights: 05 must score it again."""
+    trained, _ = lora_model
+    adapter = tmp_path / "adapter"
+    trained.save_pretrained(adapter)
+    run = tmp_path / "run"
+    run.mkdir()
+    model, tokenizer = load_model(tiny_dir, device="cpu", adapter=str(adapter), dtype=torch.float32)
+    _as_04(model, tokenizer, rows, run)
+    again, _ = load_model(tiny_dir, device="cpu", adapter=str(adapter), dtype=torch.float32)
+    assert reuse_or_score(again, tokenizer, rows[:3], run_dir=run, method="lora", max_length=96).reused  # unedited
+
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    assert config["lora_alpha"] == 8 and config["r"] == 4  # PEFT's default alpha: scaling 8 / 4 = 2
+    config["lora_alpha"] = 32  # scaling 32 / 4 = 8: every LoRA update 4 times larger, weights unchanged
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    edited, _ = load_model(tiny_dir, device="cpu", adapter=str(adapter), dtype=torch.float32)
+    got = reuse_or_score(edited, tokenizer, rows[:3], run_dir=run, method="lora", max_length=96)
+    assert not got.reused and "adapter settings (adapter_config.json)" in got.reason
+    fresh = score_candidates(edited, tokenizer, rows[:3], max_length=96)
+    assert [s.scores for s in got.scored] == [s.scores for s in fresh]
+    saved = [json.loads(line)["scores"] for line in (run / "predictions.jsonl").read_text().splitlines()[:3]]
+    assert any(abs(s.scores[c] - old[c]) > 1e-3 for s, old in zip(got.scored, saved) for c in old)  # it matters
+    with edited.disable_adapter():  # adapter off: the base model, whatever the adapter's config says
+        assert reuse_or_score(edited, tokenizer, rows[:3], run_dir=run, method="zero_shot", max_length=96).reused
+
+
+@pytest.mark.subprocess
+def test_the_fingerprint_is_the_same_in_another_process(lora_model, tmp_path, tiny_dir):
+    """target_modules is a set inside PEFT (its order changes with each process's string hashing): the settings
+    enter the fingerprint sorted, so 05's kernel computes 04's fingerprint for the same adapter."""
+    import subprocess
+    import sys
+
+    trained, _ = lora_model
+    trained.save_pretrained(tmp_path / "adapter")
+    code = ("import sys, torch; from qwen_cls.model import load_model; from qwen_cls.saved_scores import "
+            "model_fingerprint; m, _ = load_model(sys.argv[1], device='cpu', adapter=sys.argv[2], "
+            "dtype=torch.float32); print(model_fingerprint(m))")
+    prints = {subprocess.run([sys.executable, "-c", code, str(tiny_dir), str(tmp_path / "adapter")], check=True,
+                             capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+              for seed in ("1", "2")}
+    assert len(prints) == 1 and len(prints.pop().strip()) == 64
