@@ -463,7 +463,7 @@ def add_docs(app) -> None:
     self-hosting) with its script, CSS and icon from :func:`docs_assets`, served at :data:`DOCS_ASSETS` by this
     app, behind the same guard as every route; nothing is fetched from another machine."""
     from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.responses import FileResponse, JSONResponse
 
     folder = docs_assets()
 

@@ -130,8 +130,8 @@ def test_the_tiny_runs_book_reads_offline_in_headless_chromium(tiny_run, tmp_pat
     chain = json.loads((run / "chain.json").read_text(encoding="utf-8"))
     config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "qwen_cls", "book", "--run", str(run), "--out", str(tmp_path / "book")],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=subprocess_env())
+    command = [sys.executable, "-m", "qwen_cls", "book", "--run", str(run), "--out", str(tmp_path / "book")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=subprocess_env())
     seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     html = tmp_path / "book" / "html"
@@ -180,7 +180,8 @@ def test_the_tiny_runs_book_reads_offline_in_headless_chromium(tiny_run, tmp_pat
     assert font and font[0].startswith(html.as_uri())
     for notebook in notebooks:
         page = seen[f"notebooks/{notebook.stem}.html"]
-        shown = [hashlib.sha256(Path(unquote(src.removeprefix("file://"))).read_bytes()).hexdigest() for src in page["images"]]
+        shown = [hashlib.sha256(Path(unquote(src.removeprefix("file://"))).read_bytes()).hexdigest()
+                 for src in page["images"]]
         assert shown == png_hashes(notebook), notebook.stem  # every picture of the run, the same bytes, in order
         for line in progress_lines(notebook):
             assert line in page["text"], (notebook.stem, line)
