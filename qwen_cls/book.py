@@ -157,7 +157,7 @@ def rewrite_links(text: str, page: str, pages: set[str], repository: str | None)
 def _header(stem: str, facts: dict, solutions: set[str], repository: str | None) -> str:
     """The first cell of a notebook's page: the run it shows, its notebook, its solutions."""
     kind = "warning" if facts["tiny"] else "note"
-    lines = [f":::{{{kind}}} Outputs of the run `{facts['run']}`",
+    lines = [f":::{{admonition}} Outputs of the run `{facts['run']}`\n:class: {kind}",
              f"Profile `{facts['profile']}`, model `{facts['model']}`, run on {facts['date']} ({facts['cpu']}). "
              "This page shows what that run computed; building the book ran nothing."]
     if facts["tiny"]:
@@ -241,7 +241,8 @@ def _index(facts: dict, stems: list[str], solutions: list[str], docs: list[str])
     tiny = f"\n\n**{TINY_WARNING[0].upper()}{TINY_WARNING[1:]}.**" if facts["tiny"] else ""
     parts = [
         "# qwen-cls: the book\n",
-        f":::{{{kind}}} Outputs of the run `{facts['run']}`\nProfile `{facts['profile']}`, model `{facts['model']}`, "
+        f":::{{admonition}} Outputs of the run `{facts['run']}`\n:class: {kind}\n\n"
+        f"Profile `{facts['profile']}`, model `{facts['model']}`, "
         f"run on {facts['date']} ({facts['cpu']}).{accuracy}{tiny}\n:::\n",
         "The notebooks of qwen-cls (LoRA fine-tuning of a small LLM as a Chinese news classifier) as one "
         "`qwen-cls run` executed them, with the README, the guides and the exercise solutions: read what each "
