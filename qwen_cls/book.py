@@ -80,7 +80,7 @@ def run_facts(run: Path, root: Path = Path(".")) -> dict:
     profile = chain.get("profile") or config.get("profile") or metrics.get("profile") or "unknown"
     stamp = (run / METRICS) if (run / METRICS).is_file() else run
     try:
-        shown = run.resolve().relative_to(root.resolve()).as_posix()
+        shown = Path(os.path.abspath(run)).relative_to(os.path.abspath(root)).as_posix()  # links not followed
     except ValueError:
         shown = run.name
     return {
