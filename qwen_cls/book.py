@@ -295,6 +295,8 @@ def build_book(run: str | os.PathLike | None = None, out: str | os.PathLike = DE
     """Build the book of ``run`` (:func:`pick_run`) into ``out/html``; returns ``out/html/index.html``."""
     from sphinx.cmd.build import build_main
 
+    if not (root / "README.md").is_file():  # an installed (not editable) package: the repository is here
+        root = Path(".")
     run, note = pick_run(run, Path("."))
     if note:
         print(note, file=sys.stderr)
