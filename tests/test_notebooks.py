@@ -171,6 +171,9 @@ def test_04_chooses_the_abstention_threshold_on_validation_rows_and_applies_it_t
                              '"probabilities": s.probabilities', "accuracy_coverage("]),
     ("05_rag.ipynb", ["rag_predictions.jsonl", "rag_timing.json"]),  # what 06 reads instead of re-scoring
     ("06_approaches.ipynb", ["TfidfVectorizer(", "LogisticRegression(", "restricted_rows(",
+                             "AutoModelForSequenceClassification.from_pretrained(", "num_labels=len(labels)",
+                             "id2label=dict(enumerate(labels))",
+                             "label2id={label: i for i, label in enumerate(labels)}",
                              "task_type=TaskType.SEQ_CLS", "modules_to_save=[SEQ_CLS_HEAD]", "get_peft_model(",
                              "Trainer(", "save_seq_cls(",
                              "load_seq_cls(", '"approaches.json"', "approaches_cost(", "rag_predictions.jsonl"]),
