@@ -245,86 +245,92 @@ def _text_lengths(answer, *, out_dir, **_):
 
 
 @_exercise("02.1")
-def _truncated_at_128(answer, *, out_dir, tokenizer, **_):
-    """``text_truncated`` of the truncation report with ``max_length=128``."""
-    from datasets import Dataset
-
-    from .tokenization import encode_prompts, tokenize_dataset, truncation_report
+def _max_length_for_nine_tenths(answer, *, out_dir, tokenizer, **_):
+    """The smallest ``max_length`` at which the answer-preserving rule shortens the text of at most a tenth of the
+    training rows (``len(rows) // 10``): per row the whole prompt + the longest candidate + the end token (the rule
+    reserves the longest candidate, not the row's answer)."""
+    from .prompt import render_prompt
+    from .tokenization import label_ids
 
     n = _integer(answer, "answer_1")
     rows = _rows(out_dir, "train")
-    report = truncation_report(tokenize_dataset(Dataset.from_list(rows), tokenizer, 128, desc="check 02.1"))
-    if n == report["text_truncated"]:
-        try:
-            encode_prompts(tokenizer, [r["text"] for r in rows], [r["category"] for r in rows], 64)
-            at_64 = ("max_length = 64 时这份数据也放得下。但 prompt 的固定部分 (system message、候选列表、"
-                     "答案和结束符) 一旦超过 max_length, 只删正文就不够了, fit_prompt 会报错。")
-        except ValueError:
-            at_64 = ("max_length = 64 时 system message、候选列表和答案本身就放不下, fit_prompt 报错: 该加大 "
-                     "max_length, 而不是切掉答案。")
-        return (f"max_length = 128: {report['rows']} 行里 {n} 行的正文被缩短, 原博客的 [:128] 会切掉 "
-                f"{report['recipe_answer_cut']} 行的答案 (整个答案 {report['recipe_answer_gone']} 行)。" + at_64)
-    current = _json(out_dir, "truncation_report.json")
-    if n == current["text_truncated"]:
-        raise _Wrong("这是 notebook 里当前 max_length 的报告 (truncation_report.json); 要的是 max_length = 128: "
-                     "truncation_report(tokenize_dataset(Dataset.from_list(train_rows), tokenizer, 128))")
-    if n in (report["recipe_answer_cut"], report["recipe_answer_gone"]):
-        raise _Wrong("这是原博客会切掉答案的行数 (recipe_answer_*); 要的是正文被缩短的行数 text_truncated")
-    raise _Wrong("用 tokenize_dataset(Dataset.from_list(train_rows), tokenizer, 128) 得到新的 tokenized, "
-                 "再看 truncation_report(...)['text_truncated']")
+    prompts = tokenizer([render_prompt(tokenizer, r["text"], r["category"]) for r in rows],
+                        add_special_tokens=False)["input_ids"]
+    need = sorted(len(p) + max(len(label_ids(tokenizer, c)) for c in r["category"]) + 1 for p, r in zip(prompts, rows))
+    own = sorted(len(p) + len(label_ids(tokenizer, r["output"])) + 1 for p, r in zip(prompts, rows))
+    allowed = len(rows) // 10
+    expected = need[len(rows) - allowed - 1]
+    if n == expected:
+        cut = sum(x > n for x in need)
+        return (f"max_length = {n}: {cut} 行 (≤ {allowed}) 的正文被缩短, 少一个 token 就是 "
+                f"{sum(x > n - 1 for x in need)} 行; 一行都不缩短要 {need[-1]}。按长度分布的分位数选 max_length"
+                ": 最长的少数几行不值得让每个 batch 都补齐到那么长, "
+                "它们只缩短正文, 答案完整。")
+    if n == need[-1] and n != expected:
+        raise _Wrong(f"{n} 时一行都不缩短; 题目允许至多 {allowed} 行 (十分之一) 被缩短: 找最小的那个 max_length")
+    if n == own[len(rows) - allowed - 1] and n != expected:
+        raise _Wrong("规则按每行**最长的候选**留位置, 不是这一行自己的答案: 把 len(label_ids(tokenizer, output)) 换成 "
+                     "max(len(label_ids(tokenizer, c)) for c in category)")
+    cut = sum(x > n for x in need)
+    if cut > allowed:
+        raise _Wrong(f"max_length = {n} 时有 {cut} 行被缩短, 多于 {allowed} 行: 每行需要 "
+                     "len(prompt 的 token, 正文完整) + 最长候选的 token 数 + 1; 排序后看第几大的值")
+    raise _Wrong(f"max_length = {n} 时只有 {cut} 行被缩短 (≤ {allowed}), 但更小的值也可以: 找最小的那个")
 
 
 @_exercise("02.2")
-def _recipe_cut_of_longest_row(answer, *, out_dir, tokenizer, max_length, **_):
-    """Supervised tokens (labels != -100) left in the longest row after the recipe's ``[:max_length]``."""
+def _answer_tokens_the_recipe_cut_loses(answer, *, out_dir, tokenizer, cut_length, **_):
+    """Answer tokens (answer + end token) that the recipe's tail cut ``[:cut_length]`` drops, over all training rows."""
     from .prompt import render_prompt
-    from .tokenization import IGNORE_INDEX, end_id, label_ids
+    from .tokenization import label_ids
 
     n = _integer(answer, "answer_2")
+    cut_length = _integer(cut_length, "cut_length")
     rows = _rows(out_dir, "train")
-    row = max(rows, key=lambda r: len(r["text"]))
-    prompt = render_prompt(tokenizer, row["text"], row["category"])
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = label_ids(tokenizer, row["output"]) + [end_id(tokenizer)]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    expected = sum(t != IGNORE_INDEX for t in labels)
-    if n == expected:
-        if expected == 0:
-            return (f"0: 最长的一行 prompt 就有 {len(prompt_ids)} 个 token, [:{max_length}] 把答案和结束符全部切掉, "
-                    "labels 全是 -100: 这一行对训练毫无贡献, 整行的计算都浪费了。")
-        if expected < len(answer_ids):
-            return (f"{expected}: 答案 + 结束符本来有 {len(answer_ids)} 个 token, 只剩前 {expected} 个: "
-                    "模型学会写半个标签, 而且不结束。")
-        return (f"{expected}: 这次运行里最长的一行 (prompt {len(prompt_ids)} 个 token) 在 max_length = {max_length} "
-                "内放得下, 答案完整; 正文更长的数据 (tiny 的样例新闻) 上它会是 0。")
-    if n == len(answer_ids) and expected < n:
-        raise _Wrong(f"这是完整答案 + 结束符的 token 数; 原博客先把 prompt 和答案拼起来, 再切 [:{max_length}]: "
-                     "数一数切完以后 labels 里还剩几个不是 -100")
-    raise _Wrong(f"对 train_rows[longest] (正文最长的一行): labels = ([-100] * len(prompt_ids) + answer_ids)"
-                 f"[:{max_length}], answer_ids = label_ids(tokenizer, output) + [end_id(tokenizer)], "
-                 "再数不是 -100 的个数")
+    prompts = tokenizer([render_prompt(tokenizer, r["text"], r["category"]) for r in rows],
+                        add_special_tokens=False)["input_ids"]
+    answers = [len(label_ids(tokenizer, r["output"])) + 1 for r in rows]  # + end_id
+    kept = [max(0, min(a, cut_length - len(p))) for p, a in zip(prompts, answers)]
+    lost = sum(a - k for a, k in zip(answers, kept))
+    gone, partly = sum(k == 0 for k in kept), sum(0 < k < a for k, a in zip(kept, answers))
+    if n == lost:
+        return (f"{lost} 个答案 token (共 {sum(answers)} 个, {lost / sum(answers):.0%}): {gone} 行整个答案没了, "
+                f"{partly} 行只剩一部分。这些位置照样算了前向和反向, 却没有一个 loss; "
+                "只剩半个答案的行还教模型写半个标签、不写结束符。"
+                "我们的规则在同一个长度上缩短正文, 一个答案 token 也不丢。")
+    if n in (gone + partly, gone, partly) and n != lost:
+        raise _Wrong(f"这是行数 (整个答案没了 {gone} 行, 只剩一部分 {partly} 行); 要的是丢掉的答案 token 数: "
+                     "每行 len(answer) - 还剩几个, 再求和")
+    if n == sum(kept) and n != lost:
+        raise _Wrong("这是还剩下的答案 token 数; 要的是丢掉的: 全部答案 token 数减去它")
+    raise _Wrong(f"对每一行: labels = ([-100] * len(prompt_ids) + answer_ids)[:{cut_length}], answer_ids 是答案 + "
+                 "结束符; 丢掉的是 len(answer_ids) 减去 labels 里不是 -100 的个数, "
+                 "对所有行求和 (第 6 节的 kept 和 answers)")
 
 
 @_exercise("02.3")
-def _decoded_answer(answer, *, out_dir, tokenizer, **_):
-    """The first tokenized row's supervised tokens, decoded."""
-    from datasets import load_from_disk
+def _rows_whose_longest_candidate_is_longer(answer, *, out_dir, tokenizer, **_):
+    """Training rows whose longest candidate takes more tokens than their own answer: rows for which the rule
+    reserves more room than the answer needs."""
+    from .tokenization import label_ids
 
-    from .prompt import chat_family
-    from .tokenization import IGNORE_INDEX
-
-    if not isinstance(answer, str):
-        raise _Wrong(f"answer_3 应该是解码出来的文字 (a str): tokenizer.decode(ids); 你给的是 {type(answer).__name__}")
-    first = load_from_disk(str(_path(out_dir, "tokenized", "train")))[0]
-    expected = tokenizer.decode([t for t in first["labels"] if t != IGNORE_INDEX])
-    output, end = _rows(out_dir, "train")[0]["output"], chat_family(tokenizer).end_of_turn
-    if answer == expected:
-        return (f"{answer!r} = 答案 {output!r} + 结束符 {end!r}: loss 只算在这几个 token 上, 模型学会写出标签并停下。")
-    if answer == output:
-        raise _Wrong(f"还少了结束符: labels 里答案后面还有 {end}, 它也计算 loss (模型要学会停下)")
-    if answer.startswith(tokenizer.decode(first["input_ids"][:3])):
-        raise _Wrong("这是整行 input_ids 的解码: 只保留 labels 里不是 -100 的 token, 再 decode")
-    raise _Wrong("取 tokenized[0]['labels'] 里不是 -100 的 token id, 用 tokenizer.decode(ids) 解码")
+    n = _integer(answer, "answer_3")
+    rows = _rows(out_dir, "train")
+    size = {c: len(label_ids(tokenizer, c)) for r in rows for c in r["category"]}
+    expected = sum(max(size[c] for c in r["category"]) > size[r["output"]] for r in rows)
+    if n == expected:
+        longest = max(size, key=size.get)
+        return (f"{n}/{len(rows)} 行: 这些行的预算比答案需要的多 (最长的标签 {longest!r} 有 {size[longest]} 个 token)。"
+                "多留的位置让同一行在训练和推理时的 prompt 一模一样: 推理时不知道答案, 只能按最长的候选留; "
+                "按答案留的话, 训练时正文的长度会悄悄透露答案有多长。")
+    multi_answer = sum(size[r["output"]] > 1 for r in rows)
+    any_multi = sum(any(size[c] > 1 for c in r["category"]) for r in rows)
+    if n == multi_answer and n != expected:
+        raise _Wrong("这是答案本身超过 1 个 token 的行数; 要比较的是每行最长的候选和这一行自己的答案")
+    if n == any_multi and n != expected:
+        raise _Wrong("这是有多 token 候选的行数; 其中答案本身就是最长候选的行, 预算恰好够用, 不算")
+    raise _Wrong("对每一行: max(len(label_ids(tokenizer, c)) for c in row['category']) > "
+                 "len(label_ids(tokenizer, row['output'])) 的行有几行")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -518,55 +524,59 @@ def _vote_at_k_1_and_10(answer, *, out_dir, **_):
 
 
 @_exercise("05.2")
-def _query_is_its_own_first_neighbour(answer, *, out_dir, k=3, **_):
-    """Rows whose first raw BM25 neighbour in an index of train + test rows is the query itself."""
-    from .rag import Neighbour, Retriever, normalize_text, retrieval_vote, segment
+def _test_rows_among_neighbours(answer, *, out_dir, k=3, **_):
+    """Test rows with at least one other test row among their ``k`` neighbours (``retrieve_batch``, which drops
+    only the query and its duplicates) in an index of train + test rows."""
+    from .rag import Retriever, retrieval_vote
 
     n = _integer(answer, "answer_2")
-    rows = _compared_test_rows(out_dir)
-    texts = [r["text"] for r in rows]
-    leaky = Retriever.build(_rows(out_dir, "train") + rows)
-    docs, scores = leaky.bm25.retrieve([segment(t) for t in texts], k=min(k, len(leaky)), show_progress=False)
-    raw = [[Neighbour(int(i), leaky.texts[i], leaky.labels[i], float(s)) for i, s in zip(d, sc) if s > 0]
-           for d, sc in zip(docs, scores)]
-    expected = sum(bool(f) and normalize_text(f[0].text) == normalize_text(t) for t, f in zip(texts, raw))
+    train, rows = _rows(out_dir, "train"), _compared_test_rows(out_dir)
+    leaky = Retriever.build(train + rows)
+    found = leaky.retrieve_batch([r["text"] for r in rows], k)
+    from_test = [sum(f.index >= len(train) for f in row_found) for row_found in found]
+    expected = sum(c > 0 for c in from_test)
     if n == expected:
         leaked = _accuracy([r["output"] for r in rows], [retrieval_vote(f, r["category"], prior=leaky.label_counts)
-                                                         for f, r in zip(raw, rows)])
+                                                         for f, r in zip(found, rows)])
         honest = _json(out_dir, "rag_metrics.json")["retrieval_vote"]["accuracy"]
-        return (f"{n}/{len(rows)} 行的第一个邻居就是查询自己, 带着正确答案以最高的权重投票: 检索投票 accuracy "
-                f"{leaked:.3f} (诚实的索引 {honest:.3f})。这个数字不可信: 部署时新闻的标签正是要预测的东西, "
-                "不可能在索引里; 照常的 retrieve_batch 会排除查询自己, 但其他测试行和它们的标签仍然不该在索引里。")
+        return (f"{n}/{len(rows)} 行的 {k} 个邻居里有别的测试行 (共 {sum(from_test)} 个), 它们带着测试集的标签投票: "
+                f"检索投票 accuracy {leaked:.3f} (诚实的索引 {honest:.3f})。规则只排除查询自己和它的重复, 挡不住"
+                "其他测试行: 检索库只能来自训练行, 否则评估就用上了测试集的答案。")
     if n == 0 and expected:
-        raise _Wrong("0 是照常检索 (retrieve_batch) 的结果: 规则排除了查询自己。这里要绕过规则, "
-                     "直接用 leaky.bm25.retrieve(...) 的行号, 看第一个邻居的文本")
+        raise _Wrong("规则只排除查询自己 (和文本相同的行), 不排除其他测试行: 看每个邻居的行号 n.index, "
+                     "行号 ≥ len(train_rows) 的来自测试行")
+    if n == sum(from_test) and n != expected:
+        raise _Wrong("这是来自测试行的邻居总数; 要的是至少有一个这样的邻居的测试行数")
     if n == len(rows) and expected < n:
-        raise _Wrong("不是每一行: BM25 按文档长度归一化, 一篇更短的新闻可能比查询自己得分更高; "
-                     "逐行比较第一个邻居的文本 (normalize_text) 和查询")
-    raise _Wrong("leaky = Retriever.build(train_rows + test_rows); docs, scores = leaky.bm25.retrieve(...); "
-                 "数 normalize_text(leaky.texts[docs[i][0]]) == normalize_text(test_rows[i]['text']) 的行 (得分 > 0)")
+        raise _Wrong("不是每一行: 逐行看 k 个邻居的行号 (n.index ≥ len(train_rows) 的来自测试行)")
+    raise _Wrong("leaky = Retriever.build(train_rows + test_rows); found = leaky.retrieve_batch(texts, rag_k); "
+                 "数 any(n.index >= len(train_rows) for n in row_found) 的行")
 
 
 @_exercise("05.3")
-def _rag_gains(answer, *, out_dir, **_):
-    """(rag - zero_shot, lora_rag - lora) accuracy in this run's ``rag_metrics.json``."""
-    gain, lora_gain = (_number(v, "accuracy 之差") for v in _pair(answer, "answer_3"))
-    metrics = _json(out_dir, "rag_metrics.json")
-    acc = {method: m["accuracy"] for method, m in metrics.items()}
-    expected = (acc["rag"] - acc["zero_shot"], acc["lora_rag"] - acc["lora"])
-    if _close(gain, expected[0]) and _close(lora_gain, expected[1]):
+def _rows_rag_fixed_and_broke(answer, *, out_dir, **_):
+    """(rows ``lora_rag`` gets right and ``lora`` wrong, rows ``lora`` gets right and ``lora_rag`` wrong) in
+    ``rag_predictions.jsonl``."""
+    fixed, broke = (_integer(v, "行数") for v in _pair(answer, "answer_3"))
+    rows = read_jsonl(_path(out_dir, "rag_predictions.jsonl"))
+    right = {m: [r["predictions"][m] == r["output"] for r in rows] for m in ("lora", "lora_rag")}
+    expected = (sum(b and not a for a, b in zip(right["lora"], right["lora_rag"])),
+                sum(a and not b for a, b in zip(right["lora"], right["lora_rag"])))
+    if (fixed, broke) == expected:
+        changed = sum(r["predictions"]["lora"] != r["predictions"]["lora_rag"] for r in rows)
         tiny = _json(out_dir, "run_config.json")["base_model"] == "tiny"
-        note = (" 这是 tiny 随机模型: 这些差只是噪声; 在真实数据 (gemma3-270m profile, make demo) 上再做一次。" if tiny
-                else " 没训练过的基座能否利用例子里的标签要看实测; LoRA 只见过普通 prompt, RAG prompt 对它是新格式。")
-        return (f"rag − zero_shot = {expected[0]:+.3f}, lora_rag − lora = {expected[1]:+.3f} "
-                f"({metrics['rag']['n_test']} 行)。" + note)
-    if _close(gain, -expected[0]) and _close(lora_gain, -expected[1]):
-        raise _Wrong("符号反了: rag − zero_shot, lora_rag − lora")
-    f1 = (metrics["rag"]["macro_f1"] - metrics["zero_shot"]["macro_f1"],
-          metrics["lora_rag"]["macro_f1"] - metrics["lora"]["macro_f1"])
-    if _close(gain, f1[0]) and _close(lora_gain, f1[1]):
-        raise _Wrong("这是 macro_f1 之差; 要的是 accuracy 之差")
-    raise _Wrong("读 out_dir / 'rag_metrics.json': (rag 的 accuracy − zero_shot 的, lora_rag 的 − lora 的)")
+        return (f"例子改对 {expected[0]} 行, 改错 {expected[1]} 行 (预测变了的 {changed} 行里, 其余两边都错): "
+                f"lora_rag − lora = ({expected[0]} − {expected[1]}) / {len(rows)} = "
+                f"{(expected[0] - expected[1]) / len(rows):+.3f}。"
+                + (" 这是 tiny 随机模型: 这些变化只是噪声。" if tiny else
+                   " LoRA 只见过普通 prompt: RAG prompt 对它是新格式, 例子里邻居的标签可能把它带偏。"))
+    if (broke, fixed) == expected and fixed != broke:
+        raise _Wrong("顺序反了: (lora_rag 对而 lora 错的行数, lora 对而 lora_rag 错的行数)")
+    changed = sum(r["predictions"]["lora"] != r["predictions"]["lora_rag"] for r in rows)
+    if changed in (fixed, broke) and changed not in expected:
+        raise _Wrong(f"{changed} 是预测变了的行数; 其中有的行两边都错: 只数一边对、一边错的行")
+    raise _Wrong("读 out_dir / 'rag_predictions.jsonl': 每行 predictions['lora'] 和 predictions['lora_rag'] "
+                 "分别和 output 比较, 数 (lora_rag 对且 lora 错, lora 对且 lora_rag 错)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -637,29 +647,29 @@ def _tfidf_on_half(answer, *, out_dir, **_):
 
 @_exercise("06.3")
 def _saved_head(answer, *, out_dir, **_):
-    """(the module saved whole beside the LoRA weights, its parameter count) in ``seq_cls/``."""
+    """(parameters of the module saved whole beside the LoRA weights, parameters of the LoRA weights) in
+    ``seq_cls/adapter_model.safetensors``."""
     from .approaches import SEQ_CLS_HEAD
 
-    name, count = _pair(answer, "answer_3")
-    count = _integer(count, "参数个数")
+    head_count, lora_count = (_integer(v, "参数个数") for v in _pair(answer, "answer_3"))
     folder = _path(out_dir, "seq_cls")
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     shapes = _adapter_shapes(folder)
     head = {k: s for k, s in shapes.items() if f".{SEQ_CLS_HEAD}." in k and "lora_" not in k}
     expected = sum(math.prod(s) for s in head.values())
     lora = sum(math.prod(s) for k, s in shapes.items() if "lora_" in k)
-    if name == SEQ_CLS_HEAD and SEQ_CLS_HEAD in (config.get("modules_to_save") or []) and count == expected:
+    if (head_count, lora_count) == (expected, lora) and SEQ_CLS_HEAD in (config.get("modules_to_save") or []):
         shape = " + ".join(str(s) for s in head.values())
-        return (f"{SEQ_CLS_HEAD!r}: {expected:,} 个参数 ({shape}, hidden_size × 标签数), 和 {lora:,} 个 LoRA 参数"
-                " 一起保存。忘了它 (task_type=None, 没有 modules_to_save), 这些参数不训练也不保存; "
+        return (f"{SEQ_CLS_HEAD!r}: {expected:,} 个参数 ({shape}, 标签数 × hidden_size), 和 {lora:,} 个 LoRA 参数"
+                f" 一起保存 (两者之和 {expected + lora:,} 就是 print_trainable_parameters 的 trainable params)。"
+                "忘了它 (task_type=None, 没有 modules_to_save), 这些参数不训练也不保存; "
                 "重新加载时基座新建一个不同的随机头, 预测和随机猜差不多, 日志里只有一行 score.weight | MISSING "
-                "(正确保存时也有这一行), 所以 "
-                "save_seq_cls 在保存前检查 modules_to_save, 06 保存后重新加载并比较预测。")
-    if name != SEQ_CLS_HEAD:
-        raise _Wrong("模块名不对: 用 safetensors.safe_open 列出 seq_cls/adapter_model.safetensors 里的张量, 找名字不含 "
-                     "lora_A / lora_B 的那个 (adapter_config.json 的 modules_to_save 里 PEFT 写了几个候选名字, "
-                     "只有模型里真有的那个被保存)")
-    if count == expected + lora:
-        raise _Wrong("这是所有保存的参数; 只数这个模块的 (名字不含 lora_ 的张量)")
-    raise _Wrong("参数个数不对: 用 safetensors.safe_open 读 seq_cls/adapter_model.safetensors, 把这个模块张量的"
-                 "形状相乘 (hidden_size × 标签数)")
+                "(正确保存时也有这一行), 所以 save_seq_cls 在保存前检查 modules_to_save, 06 保存后重新加载并比较预测。")
+    if (head_count, lora_count) == (lora, expected) and expected != lora:
+        raise _Wrong("顺序反了: (头的参数个数, LoRA 的参数个数)")
+    if expected + lora in (head_count, lora_count):
+        raise _Wrong(f"{expected + lora:,} 是所有保存的 (可训练的) 参数: 把名字含 lora_ 的张量和不含的分开数")
+    if head_count != expected:
+        raise _Wrong("头的参数个数不对: 用 safetensors.safe_open 列出 seq_cls/adapter_model.safetensors 里的张量, "
+                     "名字不含 lora_A / lora_B 的那个是完整保存的模块, 把它的形状相乘 (标签数 × hidden_size)")
+    raise _Wrong("LoRA 的参数个数不对: 名字含 lora_ 的张量, 形状相乘再求和")

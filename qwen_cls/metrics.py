@@ -98,3 +98,14 @@ def accuracy_coverage(confidences, correct, thresholds) -> list[dict]:
         curve.append({"threshold": float(t), "coverage": n / conf.size, "answered": n,
                       "accuracy": float(hit[kept].mean()) if n else None})
     return curve
+
+
+def choose_min_confidence(curve: list[dict], target: float) -> dict:
+    """The point of an :func:`accuracy_coverage` curve (computed on validation rows) with the lowest threshold whose
+    answered rows reach ``target`` accuracy: the most rows answered at that accuracy. No point reaches it: the
+    highest threshold that still answers a row (its accuracy is the best the curve offers)."""
+    answered = [point for point in curve if point["answered"]]
+    if not answered:
+        raise ValueError("no threshold of the curve answers a row")
+    reaching = [point for point in answered if point["accuracy"] >= target]
+    return min(reaching, key=lambda p: p["threshold"]) if reaching else max(answered, key=lambda p: p["threshold"])

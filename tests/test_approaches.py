@@ -75,6 +75,18 @@ def test_ece_against_a_hand_worked_example():
         metrics.expected_calibration_error([1.2], [1])
 
 
+def test_choose_min_confidence_takes_the_lowest_threshold_reaching_the_target():
+    curve = metrics.accuracy_coverage([0.9, 0.8, 0.6, 0.4], [1, 1, 0, 0], [0.0, 0.5, 0.7, 0.95])
+    # accuracies 0.5, 2/3, 1.0 (2 rows), none answered at 0.95
+    assert metrics.choose_min_confidence(curve, 0.6)["threshold"] == 0.5
+    assert metrics.choose_min_confidence(curve, 0.9) == {"threshold": 0.7, "coverage": 0.5, "answered": 2,
+                                                          "accuracy": 1.0}
+    low = metrics.accuracy_coverage([0.9, 0.8], [0, 1], [0.0, 0.85, 0.95])  # never reaches 0.99: highest answering
+    assert metrics.choose_min_confidence(low, 0.99)["threshold"] == 0.85
+    with pytest.raises(ValueError, match="answers a row"):
+        metrics.choose_min_confidence(metrics.accuracy_coverage([0.5], [1], [0.9]), 0.9)
+
+
 def test_accuracy_coverage_by_hand():
     curve = metrics.accuracy_coverage([0.9, 0.8, 0.6, 0.4], [1, 1, 0, 0], [0.0, 0.5, 0.7, 0.95])
     assert [c["coverage"] for c in curve] == [1.0, 0.75, 0.5, 0.0]

@@ -1,10 +1,11 @@
 """The self-checking exercises of notebooks 01-06 (``qwen_cls.exercises``).
 
 Each notebook lists its exercises in a "## 练习" cell followed by an answer cell and a check cell per exercise.
-On a tiny run's files, every check says right for the answer the solution's code computes (the code block of
-``solutions/NN_*.md`` that assigns ``answer_K``, run in the notebook's objects rebuilt from the run) and says
-not yet, with a hint, for a wrong answer; an unanswered exercise prints "not answered yet" in the executed
-notebooks of ``qwen-cls run``.
+On two runs, every check says right for the answer the solution's code computes (the code block of
+``solutions/NN_*.md`` that assigns ``answer_K``, run in the notebook's objects rebuilt from the run), not yet with a
+hint for a wrong answer, and names its likely slips: the tiny chain run, and a run folder of the default profile's
+shape (``_default_run``: real THUCNews headlines, Gemma's tokenizer at max_length 128, its 10 labels, no training).
+An unanswered exercise prints "not answered yet" in the executed notebooks of ``qwen-cls run``.
 """
 
 from __future__ import annotations
@@ -122,7 +123,40 @@ def run(tiny_run) -> Path:
 
 
 @pytest.fixture(scope="module")
-def objects(run) -> dict:
+def default_run(tmp_path_factory, gemma_dir) -> Path:
+    """A run folder of the default profile's shape (gemma3-270m: 800 real THUCNews training headlines, 500 test
+    rows, max_length 128, its 10 labels, Gemma's tokenizer and adapter shapes), made without training
+    (``_default_run.make_default_run``)."""
+    from _default_run import ROOT as _root
+    from _default_run import make_default_run
+
+    if not (_root / "data" / "thucnews" / "train.jsonl").is_file():
+        pytest.skip("data/thucnews not fetched (make setup)")
+    return make_default_run(tmp_path_factory.mktemp("default_shape") / "run")
+
+
+def cut_length_and_kept(train_rows, tokenizer, max_length):
+    """02 section 6: the length the recipe's tail cut is shown at, and per row the answer tokens (answer + end
+    token) and how many of them the cut keeps, computed as the notebook computes them."""
+    import statistics
+
+    from qwen_cls.prompt import render_prompt
+    from qwen_cls.tokenization import end_id, label_ids
+
+    prompt_ids = tokenizer([render_prompt(tokenizer, r["text"], r["category"]) for r in train_rows],
+                           add_special_tokens=False)["input_ids"]
+    answers = [label_ids(tokenizer, r["output"]) + [end_id(tokenizer)] for r in train_rows]
+    full = [len(p) + len(a) for p, a in zip(prompt_ids, answers)]
+    empty = tokenizer([render_prompt(tokenizer, "", r["category"]) for r in train_rows],
+                      add_special_tokens=False)["input_ids"]
+    floor = max(len(ids) + max(len(label_ids(tokenizer, c)) for c in r["category"]) + 1 + 8
+                for ids, r in zip(empty, train_rows))
+    cut_length = max_length if max(full) > max_length else max(int(statistics.median(full)), floor)
+    kept = [sum(t != -100 for t in ([-100] * len(p) + a)[:cut_length]) for p, a in zip(prompt_ids, answers)]
+    return cut_length, answers, kept
+
+
+def build_objects(run: Path) -> dict:
     """The notebooks' objects the solutions use, rebuilt from the run's files: notebook -> namespace."""
     from datasets import load_from_disk
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -153,6 +187,7 @@ def objects(run) -> dict:
     found = retriever.retrieve_batch([r["text"] for r in compared], rag_k)
     vote = classification_metrics(y_true, [retrieval_vote(f, r["category"], prior=retriever.label_counts)
                                            for f, r in zip(found, compared)])
+    cut_length, answers, kept = cut_length_and_kept(train_rows, tokenizer, params["max_length"])
     common = {"out_dir": run}
     return {
         "01": {**common, "all_train": read_raw_rows(params["train_path"]), "train_rows": train_rows,
@@ -161,11 +196,12 @@ def objects(run) -> dict:
         "02": {**common, "train_rows": train_rows, "tokenizer": tokenizer, "max_length": params["max_length"],
                "longest": max(range(len(train_rows)), key=lambda i: len(train_rows[i]["text"])),
                "tokenized": load_from_disk(str(run / "tokenized" / "train")), "IGNORE_INDEX": IGNORE_INDEX,
-               "chat_family": chat_family},
+               "chat_family": chat_family, "cut_length": cut_length, "answers": answers, "kept": kept},
         "03": {**common, "run_config": read("run_config.json"), "lora_alpha": params["lora_alpha"],
                "lora_layers": [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A],
                "train_dataset": load_from_disk(str(run / "tokenized" / "train"))},
-        "04": {**common, "metrics": read("metrics.json"), "tokenizer": tokenizer, "test_rows": all_test,
+        "04": {**common, "metrics": read("metrics.json") if (run / "metrics.json").is_file() else None,
+               "tokenizer": tokenizer, "test_rows": all_test,
                "predictions": [r["prediction"] for r in predictions],
                "scored": [Scored(r["prediction"], r["scores"], r["probabilities"]) for r in predictions]},
         "05": {**common, "train_rows": train_rows, "test_rows": compared, "y_true": y_true, "retriever": retriever,
@@ -177,6 +213,21 @@ def objects(run) -> dict:
                "LogisticRegression": LogisticRegression,
                "seq_cls_dir": run / "seq_cls"},
     }
+
+
+SHAPES = ["tiny", "gemma3-270m"]
+
+
+@pytest.fixture(scope="module", params=SHAPES)
+def shaped(request) -> tuple[str, dict]:
+    """(shape, objects) for the tiny chain run and for the default profile's shape: every check runs on both."""
+    run = request.getfixturevalue("run" if request.param == "tiny" else "default_run")
+    return request.param, build_objects(run)
+
+
+@pytest.fixture(scope="module")
+def objects(shaped) -> dict:
+    return shaped[1]
 
 
 def solution_answer(key: str, objects: dict, folder: Path, monkeypatch):
@@ -210,7 +261,7 @@ def wrong_answer(key: str, right):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(CHECKS))
-def test_the_solutions_answer_is_right_and_a_wrong_one_gets_a_hint(key, run, objects, tmp_path, monkeypatch,
+def test_the_solutions_answer_is_right_and_a_wrong_one_gets_a_hint(key, objects, tmp_path, monkeypatch,
                                                                     capsys):
     answer = solution_answer(key, objects, tmp_path, monkeypatch)
     kwargs = context(key, objects)
@@ -226,17 +277,38 @@ def test_the_solutions_answer_is_right_and_a_wrong_one_gets_a_hint(key, run, obj
 
 
 @pytest.mark.slow
+def _need(o) -> list[int]:
+    """02.1: per training row, prompt (text whole) + longest candidate + end token, sorted."""
+    from qwen_cls.prompt import render_prompt
+    from qwen_cls.tokenization import label_ids
+
+    tok, rows = o["02"]["tokenizer"], o["02"]["train_rows"]
+    ids = tok([render_prompt(tok, r["text"], r["category"]) for r in rows], add_special_tokens=False)["input_ids"]
+    return sorted(len(p) + max(len(label_ids(tok, c)) for c in r["category"]) + 1 for p, r in zip(ids, rows))
+
+
+def _multi_token_answers(o) -> int:
+    from qwen_cls.tokenization import label_ids
+
+    return sum(len(label_ids(o["02"]["tokenizer"], r["output"])) > 1 for r in o["02"]["train_rows"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("key, slip, hint", [
     ("01.2", lambda a, o: a.replace(":2:", ":1:"), "第 1 行"),
     ("01.3", lambda a, o: tuple(f(len(r["text"].encode()) for r in o["01"]["train_rows"]) for f in (min, max)), "字节"),
-    ("02.3", lambda a, o: o["02"]["train_rows"][0]["output"], "结束符"),
+    ("02.1", lambda a, o: _need(o)[-1], "一行都不缩短"),
+    ("02.2", lambda a, o: sum(k < len(x) for k, x in zip(o["02"]["kept"], o["02"]["answers"])), "行数"),
+    ("02.3", lambda a, o: _multi_token_answers(o), "答案本身"),
     ("03.1", lambda a, o: a / 1e-4 * o["03"]["run_config"]["training"]["learning_rate"], "学习率"),
     ("03.2", lambda a, o: (a[0] // 2, a[1]), "r = 8"),
     ("03.3", lambda a, o: 1 / a, "倒过来"),
     ("04.2", lambda a, o: len(o["04"]["scored"]) - a, "没变"),
-    ("06.3", lambda a, o: ("classifier", a[1]), "模块名"),
+    ("05.2", lambda a, o: 0, "不排除其他测试行"),
+    ("05.3", lambda a, o: (a[1], a[0]), "顺序反了"),
+    ("06.3", lambda a, o: (a[0] + a[1], a[1]), "所有保存的"),
 ])
-def test_likely_slips_get_their_own_hint(key, slip, hint, run, objects, tmp_path, monkeypatch):
+def test_likely_slips_get_their_own_hint(key, slip, hint, objects, tmp_path, monkeypatch):
     answer = solution_answer(key, objects, tmp_path, monkeypatch)
     given = slip(answer, objects)
     if key == "01.3":

@@ -139,6 +139,26 @@ def test_exercises_at_the_end_with_solutions_apart(name):
     assert n_exercises >= 2 and all(f"## {k}." in text for k in range(1, n_exercises + 1)), solution
 
 
+def test_04_chooses_the_abstention_threshold_on_validation_rows_and_applies_it_to_test_rows_once():
+    """Issue 32: --min-confidence is chosen on the validation rows' accuracy/coverage curve; the test rows'
+    confidences meet only the chosen threshold."""
+    import ast
+
+    tree = ast.parse("\n".join(c.source for c in read("04_evaluation.ipynb").cells if c.cell_type == "code"
+                               and not c.source.lstrip().startswith(("%", "!"))))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    curves = [c for c in calls if c.func.id == "accuracy_coverage"]
+    on_validation = [c for c in curves if "validation" in ast.unparse(c.args[0]) + ast.unparse(c.args[1])]
+    on_test = [c for c in curves if c not in on_validation]
+    assert len(on_validation) == 1 and ast.unparse(on_validation[0].args[2]) == "thresholds"
+    assert on_test and all(ast.unparse(c.args[2]) == "[chosen['threshold']]" for c in on_test), \
+        [ast.unparse(c) for c in on_test]
+    chooser = [c for c in calls if c.func.id == "choose_min_confidence"]
+    assert [ast.unparse(c.args[0]) for c in chooser] == ["curve"]
+    assigned = {ast.unparse(n.targets[0]): ast.unparse(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)}
+    assert assigned["curve"] == ast.unparse(on_validation[0]) and "validation" in assigned["validation_scored"]
+
+
 @pytest.mark.parametrize("name, needles", [
     ("02_tokenization.ipynb", ["render_prompt(", "def fit_prompt(", "def process_func(", "encode_prompts(",
                                "[:MAX_LENGTH]", "truncation_report(", "length_histogram("]),
@@ -151,6 +171,9 @@ def test_exercises_at_the_end_with_solutions_apart(name):
                              '"probabilities": s.probabilities', "accuracy_coverage("]),
     ("05_rag.ipynb", ["rag_predictions.jsonl", "rag_timing.json"]),  # what 06 reads instead of re-scoring
     ("06_approaches.ipynb", ["TfidfVectorizer(", "LogisticRegression(", "restricted_rows(",
+                             "AutoModelForSequenceClassification.from_pretrained(", "num_labels=len(labels)",
+                             "id2label=dict(enumerate(labels))",
+                             "label2id={label: i for i, label in enumerate(labels)}",
                              "task_type=TaskType.SEQ_CLS", "modules_to_save=[SEQ_CLS_HEAD]", "get_peft_model(",
                              "Trainer(", "save_seq_cls(",
                              "load_seq_cls(", '"approaches.json"', "approaches_cost(", "rag_predictions.jsonl"]),
