@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback
 
 from .evaluate import attention_window, score_candidates
 from .metrics import classification_metrics
@@ -264,6 +264,34 @@ class StepProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class EpochLine(TrainerCallback):
+    """Before training and after each epoch, one line: the latest loss and the logged ``eval_accuracy`` /
+    ``eval_macro_f1`` (of :class:`ClassificationEvalCallback`) against ``chance``."""
+
+    def __init__(self, chance: float | None = None):
+        self.chance = chance
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "eval_accuracy" not in logs or not state.is_world_process_zero:
+            return
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        loss = f"loss {losses[-1]:.3f}" if losses else "还没有 loss"
+        when = ("训练前 (before training)" if state.global_step == 0
+                else f"epoch {state.epoch:.0f}/{args.num_train_epochs:g}")
+        chance = f" (chance {self.chance:.3f})" if self.chance is not None else ""
+        print(f"{when}, step {state.global_step}/{state.max_steps}: {loss}, eval_accuracy "
+              f"{logs['eval_accuracy']:.3f}{chance}, eval_macro_f1 {logs['eval_macro_f1']:.3f}")
+
+
+def show_progress(trainer, *, chance: float | None = None):
+    """What a notebook shows while ``trainer`` trains: a :class:`StepProgress` bar and an :class:`EpochLine`
+    in place of the dict ``Trainer`` prints at every log when ``disable_tqdm=True``. Returns ``trainer``."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(EpochLine(chance))
+    trainer.add_callback(StepProgress())
+    return trainer
 
 
 def training_arguments(output_dir, **overrides):

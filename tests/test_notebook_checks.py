@@ -109,3 +109,64 @@ def test_04_score_row_check_holds_for_the_real_qwen2_in_bfloat16(capsys):
     exec(cell_with("04_evaluation.ipynb", "def score_row("), namespace)
     assert f"{len(rows)} 行: score_row 和 score_candidates 的预测相同" in capsys.readouterr().out
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def _tiny_training_batch(tokenizer):
+    from datasets import Dataset
+
+    from qwen_cls.tokenization import tokenize_dataset
+
+    tokenizer.padding_side = "right"
+    return tokenize_dataset(Dataset.from_list(ROWS), tokenizer, 384)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_03_shared_prefix_check_holds(tiny_dir, dtype, capsys):
+    """03's shared-prefix cell, run as it is: it counts the prefix with the library's ``batch_shared_prefix`` and
+    its loss with ``share_prefix=True`` equals the whole batch's, for a bfloat16 model too."""
+    from qwen_cls import train as library
+
+    model, tokenizer = lora_model(tiny_dir, dtype)
+    model.train()
+    tokenized = _tiny_training_batch(tokenizer)
+    namespace = {"model": model, "tokenizer": tokenizer, "train_dataset": tokenized, "per_device_train_batch_size": 8,
+                 "data_collator": library.padding_collator(tokenizer), "model_inputs": library.model_inputs,
+                 "library": library, "float32_weights": M.float32_weights, "torch": torch}
+    exec(cell_with("03_lora_training.ipynb", "batch_shared_prefix("), namespace)  # asserts inside
+    out = capsys.readouterr().out
+    prompts = [row for row in tokenized["input_ids"]]
+    common = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
+    assert 0 < namespace["n_shared"] <= common  # all rows share it, none of it is an answer token
+    assert f"每行开头相同的 {namespace['n_shared']} 个 token 只算一次" in out and "整批一起算" in out and "✓" in out
+    assert model.training and next(model.parameters()).dtype == dtype  # handed back as it was
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_03_reloaded_adapter_check_holds(tiny_dir, tmp_path, dtype, capsys):
+    """03's reload cell, run as it is on an adapter saved by ``run_record.save_training``: the reloaded model's
+    scores equal the trained one's; an adapter that is not the model's fails the check."""
+    from peft import get_peft_model
+
+    from qwen_cls import run_record
+    from qwen_cls.train import recipe_lora_config
+
+    model, tokenizer = M.load_model(tiny_dir, device="cpu", dtype=dtype)  # as 03 trains: the body in dtype,
+    torch.manual_seed(0)
+    model = get_peft_model(model, recipe_lora_config(model))  # LoRA's A and B in float32
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # a trained adapter moves the scores
+    run_record.save_training(tmp_path, model, tokenizer, {}, [])
+    namespace = {"model": model, "tokenizer": tokenizer, "base_model": str(tiny_dir), "dtype": dtype,
+                 "device": torch.device("cpu"), "adapter_dir": tmp_path / "adapter", "monitor_rows": ROWS,
+                 "max_length": 384, "torch": torch, "float32_weights": M.float32_weights}
+    cell = cell_with("03_lora_training.ipynb", "PeftModel.from_pretrained(")
+    exec(cell, namespace)  # asserts inside
+    assert "2 行的候选分数和训练好的模型相同" in capsys.readouterr().out
+    with torch.no_grad():  # another adapter: the check must fail
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+    with pytest.raises(AssertionError):
+        exec(cell, dict(namespace))

@@ -164,7 +164,10 @@ def test_04_chooses_the_abstention_threshold_on_validation_rows_and_applies_it_t
                                "[:MAX_LENGTH]", "truncation_report(", "length_histogram("]),
     ("03_lora_training.ipynb", ["LoraConfig(", "TrainingArguments(", 'train_sampling_strategy="group_by_length"',
                                 "AnswerOnlyTrainer(", "ClassificationEvalCallback(", "swanlab_callbacks(", "use_cpu=",
-                                "activation_checkpointing=", "compare_loss_speed(", "loss_curve("]),
+                                "activation_checkpointing=", "compare_loss_speed(", "loss_curve(",
+                                "result = trainer.train()", "batch_shared_prefix(", "share_prefix=True",
+                                "run_record.save_training(",
+                                "model.save_pretrained(adapter_dir)", "PeftModel.from_pretrained(base, adapter_dir)"]),
     ("04_evaluation.ipynb", ["def score_row(", "score_candidates(", "<|im_end|>", "generate_answers(",
                              "classification_metrics(", "confusion_matrix(", "log_evaluation(", "tracking.finish()",
                              "compare_eval_speed(", "expected_calibration_error(", "reliability_diagram(",
@@ -269,6 +272,44 @@ def test_lora_notebook_shows_peft_collator_and_answer_only_loss():
     assert not called & {"answer_only_loss", "answer_positions"}, "answer_only_loss() delegates to the library"
     assert "logits_to_keep" in ast.unparse(loss)
 
+
+
+def _code_cell_with(name: str, needle: str) -> str:
+    cells = [c.source for c in read(name).cells if c.cell_type == "code" and needle in c.source]
+    assert len(cells) == 1, f"{name}: {len(cells)} code cells hold {needle!r}"
+    return cells[0]
+
+
+def test_03_training_cell_shows_the_trainer_and_train_plainly():
+    """The cell that trains is the Trainer's construction, its arguments one per line, and ``trainer.train()``:
+    callbacks, printing and the run record live in the library (``show_progress``, ``run_record``)."""
+    cell = _code_cell_with("03_lora_training.ipynb", "trainer.train()")
+    tree = ast.parse(cell)
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))], "plumbing in the cell"
+    lines = [line for line in cell.splitlines() if line.strip() and not line.lstrip().startswith(("#", "from "))]
+    assert len(lines) <= 16, f"the training cell has {len(lines)} lines"
+    build = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "AnswerOnlyTrainer")
+    assert [k.arg for k in build.keywords] == ["model", "args", "train_dataset", "data_collator", "share_prefix",
+                                               "callbacks"]
+    assert {ast.unparse(k.value) for k in build.keywords if k.arg in ("model", "args", "data_collator")} == \
+        {"model", "args", "data_collator"}
+    called = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert {"ClassificationEvalCallback(monitor_rows, tokenizer, max_length=max_length).bind", "show_progress",
+            "trainer.train"} <= called, sorted(called)
+    assert "run_config(" not in cell and "save_training(" not in cell  # the record is section 8's
+
+
+def test_03_saves_and_reloads_the_adapter_and_compares_scores():
+    """Section 8 saves with the library's call and loads the adapter back with PEFT, comparing the reloaded
+    model's candidate scores with the trained model's in float32 (the cell itself: test_notebook_checks.py)."""
+    save = _code_cell_with("03_lora_training.ipynb", "save_training(")
+    assert "run_record.run_config(" in save and "adapter_dir.iterdir()" in save
+    load = _code_cell_with("03_lora_training.ipynb", "PeftModel.from_pretrained(")
+    for needle in ("score_candidates(model,", "score_candidates(reloaded,", "float32_weights(model)",
+                   "float32_weights(reloaded)", "assert "):
+        assert needle in load, f"03's reload cell lacks {needle}"
+    names = [c.source for c in read("03_lora_training.ipynb").cells]
+    assert names.index(save) < names.index(load)
 
 def test_tokenization_notebook_draws_a_token_strip():
     code = "\n".join(c.source for c in read("02_tokenization.ipynb").cells if c.cell_type == "code")

@@ -179,3 +179,31 @@ def test_step_progress_is_silent_on_other_ranks():
     progress.on_step_end(None, state, None)
     progress.on_train_end(None, state, None)
     assert progress.bar is None
+
+
+def test_epoch_line_prints_eval_logs_with_the_latest_loss_and_show_progress_replaces_the_printer(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from qwen_cls.train import EpochLine, StepProgress, show_progress
+
+    line = EpochLine(chance=0.25)
+    args = SimpleNamespace(num_train_epochs=2)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=6, epoch=0.0, log_history=[])
+    line.on_log(args, state, None, logs={"eval_accuracy": 0.3, "eval_macro_f1": 0.2})
+    state.global_step, state.epoch, state.log_history = 3, 1.0, [{"loss": 2.5}, {"loss": 1.25}]
+    line.on_log(args, state, None, logs={"loss": 1.25})  # a loss alone: no line
+    line.on_log(args, state, None, logs={"eval_accuracy": 0.75, "eval_macro_f1": 0.5})
+    assert capsys.readouterr().out.splitlines() == [
+        "训练前 (before training), step 0/6: 还没有 loss, eval_accuracy 0.300 (chance 0.250), eval_macro_f1 0.200",
+        "epoch 1/2, step 3/6: loss 1.250, eval_accuracy 0.750 (chance 0.250), eval_macro_f1 0.500"]
+
+    model = torch.nn.Linear(2, 2)
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), disable_tqdm=True, use_cpu=True,
+                                                          report_to="none"))
+    assert any(isinstance(c, PrinterCallback) for c in trainer.callback_handler.callbacks)
+    assert show_progress(trainer, chance=0.5) is trainer
+    kinds = [type(c) for c in trainer.callback_handler.callbacks]
+    assert PrinterCallback not in kinds and EpochLine in kinds and StepProgress in kinds
+    assert next(c for c in trainer.callback_handler.callbacks if isinstance(c, EpochLine)).chance == 0.5
