@@ -102,6 +102,7 @@ book: setup
 	$(VENV)/bin/qwen-cls book --out runs/book $(BOOK_FLAGS)
 
 # The README's pictures (learning curve, approaches) from the finished `make demo` run, and its headline numbers.
+# Also docs/recorded_runs.json (the figures of runs/demo, runs/demo-tiny, runs/demo-qwen that docs/figures.md lists).
 docs-images:
 	$(PY) docs/update_images.py runs/demo
 

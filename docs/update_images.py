@@ -13,6 +13,13 @@ executed notebooks (and the tiny run's, when it exists), and the README's table 
 `<!-- profiles:start -->` and `<!-- profiles:end -->`: accuracy, zero-shot, chain time, peak memory and machine of
 the gemma3-270m run and, when `make demo-qwen` finished, the qwen2.5-coder-0.5b run). Refuses a run that is not a
 finished gemma3-270m run (the README shows real learning, never the tiny model's).
+
+It also writes `docs/recorded_runs.json` (`record_runs`): per profile, the figures of the recorded run that the
+docs quote (accuracy, zero-shot, validation accuracy, ECE, approaches, chain and per-notebook seconds, peak memory,
+machine, date, row counts), and the table of six approaches in `docs/approaches.md` (between
+`<!-- approaches:start -->` and `<!-- approaches:end -->`). `docs/figures.md` lists every figure the notebooks,
+solutions, README and docs quote from a recorded run with its key there; `tests/test_stale_numbers.py` holds them
+together.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ PROFILES = re.compile(r"(<!-- profiles:start -->\n).*?(<!-- profiles:end -->)", 
 REAL = {"gemma3-270m": "Gemma 3 270M (Google, pretrained; PyPI GGUF chunks)",
         "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct (Qwen; the Qwen2-0.5B architecture; Qwen's GGUF)"}
 MEASURED = "**实测用时 (measured time)**："
+RECORD = ROOT / "docs" / "recorded_runs.json"
+APPROACHES = re.compile(r"(<!-- approaches:start -->\n).*?(<!-- approaches:end -->)", re.S)
 
 
 def notebook_seconds(run: Path) -> dict[str, float]:
@@ -190,6 +199,74 @@ def measured_line(stem: str, times: dict[str, float], tiny: dict[str, float], cp
     return f"{MEASURED}{'，'.join(parts)}（`qwen-cls run` 在 {cpu} 上，{day}；`make docs-images` 写入）。"
 
 
+def run_figures(run: Path) -> dict:
+    """The figures of one finished run that the docs quote: from its ``metrics.json``, ``run_config.json``,
+    ``approaches.json`` and ``chain.json`` (chain time, memory, machine and date ``None`` without one), and the
+    papermill seconds of its executed notebooks."""
+    metrics = finished(run)
+    if metrics is None:
+        raise ValueError(f"{run} is not a finished run (no metrics.json, or RUN_INCOMPLETE)")
+    config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
+    chain_file, approaches_file = run / "chain.json", run / "approaches.json"
+    chain = json.loads(chain_file.read_text(encoding="utf-8")) if chain_file.is_file() else {}
+    approaches = json.loads(approaches_file.read_text(encoding="utf-8")) if approaches_file.is_file() else {}
+    held = metrics.get("validation") or {}
+    return {
+        "profile": metrics.get("profile"), "base_model": metrics.get("base_model"), "dtype": config.get("dtype"),
+        "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+        "zero_shot": metrics["zero_shot"]["accuracy"], "chance": metrics["chance_accuracy"],
+        "ece": metrics.get("ece"), "n_test": metrics["n_test"],
+        "validation_accuracy": held.get("accuracy"), "validation_rows": held.get("rows"),
+        "validation_of": held.get("of"), "train_rows": config["training"]["train_rows"],
+        "approaches": {name: {key: entry[key] for key in ("accuracy", "macro_f1", "n_test", "train_seconds",
+                                                          "rows_per_second") if key in entry}
+                       for name, entry in approaches.items()},
+        "chain_seconds": chain_seconds(run), "notebook_seconds": notebook_seconds(run),
+        "peak_kernel_rss_mib": chain.get("peak_kernel_rss_mib"), "cpu": chain.get("cpu"), "date": chain.get("date"),
+    }
+
+
+def record_runs(runs: dict[str, Path], *, cpu: str, day: str) -> dict:
+    """``docs/recorded_runs.json``: per profile, :func:`run_figures` of its finished run (``runs``: profile ->
+    folder; an unfinished or missing one is left out), and the machine and day the notebooks' measured-time
+    lines name (``cpu``, ``date``)."""
+    profiles = {}
+    for profile, run in runs.items():
+        if finished(run) is None:
+            continue
+        figures = run_figures(run)
+        if figures["profile"] != profile:
+            raise ValueError(f"{run} is a {figures['profile']!r} run, not {profile!r}")
+        profiles[profile] = {"run": run.name, **figures}
+    return {"written_by": "docs/update_images.py (make docs-images)", "cpu": cpu, "date": day,
+            "profiles": profiles}
+
+
+def write_record(record: dict, path: Path = RECORD) -> None:
+    write_text(path, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+
+
+def approaches_block(figures: dict, day: str) -> str:
+    """``docs/approaches.md``'s table of the six approaches of the recorded gemma3-270m run."""
+    rows = "".join(f"| `{name}` | {e['accuracy']:.3f} | {e['macro_f1']:.3f} | {e['n_test']} | "
+                   f"{e['train_seconds']:.1f} | {e['rows_per_second']:.1f} |\n"
+                   for name, e in figures["approaches"].items())
+    n_compare = next(iter(figures["approaches"].values()))["n_test"]
+    return (f"The recorded `make demo` run ({day}, {figures['cpu']}, {figures['dtype']}: Gemma 3 270M, LoRA as in 03 "
+            f"on {figures['train_rows']} THUCNews headlines; the first {n_compare} test rows; "
+            f"`make docs-images` writes this table):\n\n"
+            "| method | accuracy | macro-F1 | n_test | training (s) | inference (rows/s) |\n"
+            "|---|---|---|---|---|---|\n" + rows + "\n"
+            f"The same run's `metrics.json` has `ece` {figures['ece']:.3f} (candidate-scoring probabilities of the "
+            f"LoRA model on {figures['n_test']} test headlines; `calibration.png`).\n")
+
+
+def update_approaches_doc(text: str, block: str) -> str:
+    if not APPROACHES.search(text):
+        raise ValueError("docs/approaches.md has no <!-- approaches:start --> ... <!-- approaches:end --> block")
+    return APPROACHES.sub(lambda m: m.group(1) + block + m.group(2), text)
+
+
 def main(argv: list[str]) -> int:
     run = Path(argv[0]) if argv else ROOT / "runs" / "demo"
     tiny_run = Path(argv[1]) if len(argv) > 1 else ROOT / "runs" / "demo-tiny"
@@ -232,6 +309,12 @@ def main(argv: list[str]) -> int:
         text = PROFILES.sub(lambda m: m.group(1) + profiles_table(real) + m.group(2), text)
     write_text(readme, text)
     print(f"{readme}: headline and notebook times")
+    record = record_runs({"gemma3-270m": run, "tiny": tiny_run, "qwen2.5-coder-0.5b": qwen_run}, cpu=cpu, day=day)
+    write_record(record)
+    print(f"{RECORD}: the recorded runs' figures")
+    doc = ROOT / "docs" / "approaches.md"
+    write_text(doc, update_approaches_doc(doc.read_text(encoding="utf-8"),
+                                          approaches_block(record["profiles"]["gemma3-270m"], day)))
     for stem in times:
         path = ROOT / "notebooks" / f"{stem}.ipynb"
         if path.is_file() and update_notebook(path, measured_line(stem, times, tiny, cpu, day)):
