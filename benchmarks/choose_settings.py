@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         if key not in KEYS or not values:
             parser.error(f"--grid {item!r}: write KEY=V1,V2 with KEY one of {', '.join(KEYS)}")
         axes.append([(key, KEYS[key](v)) for v in values.split(",")])
-    from qwen_cls.machine import cpu_name
+    from qwen_cls.chain.machine import cpu_name
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {"cpu": cpu_name(), "points": []}
     for point in itertools.product(*axes) if axes else [()]:

@@ -34,7 +34,7 @@ SAMPLE_TRAIN = ROOT / "data" / "sample" / "train.jsonl"
 
 def tiny_run(folder: Path) -> Path:
     """A run of the tiny random model (a few LoRA steps on the sample): mechanics, not quality."""
-    from qwen_cls.training_run import train_run
+    from qwen_cls.resumable.training_run import train_run
 
     out = folder / "run"
     train_run(SAMPLE_TRAIN, out, model="tiny", max_length=128, max_steps=3, batch_size=2, grad_accum=1,

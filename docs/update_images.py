@@ -293,7 +293,7 @@ def main(argv: list[str]) -> int:
     config = json.loads((run / "run_config.json").read_text(encoding="utf-8"))
     times = notebook_seconds(run)
     tiny = notebook_seconds(tiny_run) if finished(tiny_run) is not None else {}
-    from qwen_cls.machine import cpu_name
+    from qwen_cls.chain.machine import cpu_name
 
     cpu = cpu_name()
     from datetime import date

@@ -11,6 +11,8 @@ classifier's scores (logits or log-probabilities) over the row's candidates only
 A candidate the classifier has no class for (a label absent from the training rows' answers: the classes are
 built from the training rows only, never from test answers) gets score ``-inf`` and probability 0; a row with
 no such class among its candidates gets no prediction (``None``), which counts as wrong.
+
+Taught in: 06
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ version, model card) and its ``make`` function; the lifecycle is here, once:
 - a build holds the target's lock (``.NAME.lock``: a second build of the same folder is refused, naming the
   first); temp folders left by a build that was killed are removed by the next one; nothing half-built
   ever sits at the target.
+
+Plumbing under: 00, 02, 03, 04, 05, 06
 """
 
 from __future__ import annotations
@@ -26,22 +28,18 @@ from typing import Callable
 
 import torch
 
-from .files import (
+from .files import atomic_dir, check_folder_path, check_output_folder, save_tokenizer, save_weights
+from .hub import ModelNotFound, cache_dir
+from .locks import hold_lock
+from .manifests import (
     OWNER_FILE,
-    atomic_dir,
-    check_folder_path,
-    check_output_folder,
-    folder_state,
-    hold_lock,
+    build_state,
     mark_owner,
     note_earlier_builds,
     remove_stale_builds,
-    save_tokenizer,
-    save_weights,
     settle,
     write_manifest,
 )
-from .hub import ModelNotFound, cache_dir
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 # What a build writes before its manifest, for every model (a model adds its own card and license files).
@@ -85,8 +83,8 @@ class ModelBuild:
         return self.command if Path(out) == self.default_dir() else f"{self.command} --out {out}"
 
     def state(self, out: Path, *, hashes: bool = False) -> tuple[str, list[str]]:
-        """:func:`~qwen_cls.files.folder_state` of this model's build at ``out``."""
-        return folder_state(out, self.model, self.version, card=self.card, names=self.names, required=REQUIRED,
+        """:func:`~qwen_cls.manifests.build_state` of this model's build at ``out``."""
+        return build_state(out, self.model, self.version, card=self.card, names=self.names, required=REQUIRED,
                             hashes=hashes)
 
     def check(self, out: Path | None = None, *, verify: bool = False) -> None:

@@ -6,6 +6,8 @@ A raw row is one JSON object per line::
 
 ``category`` lists the candidate labels (a JSON list, or a comma-separated string) and ``output`` is
 the right one. Every problem is reported as ``path:line: what is wrong`` through :class:`DataError`.
+
+Taught in: 01, 03, 04, 06
 """
 
 from __future__ import annotations

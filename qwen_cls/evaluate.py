@@ -5,6 +5,8 @@ highest total log-probability after the prompt, so every prediction is one of th
 The prompt is run once per row; its KV cache is then shared by all of that row's candidates.
 Each candidate also gets a probability: the softmax of the total log-probabilities over the row's candidates
 (:func:`candidate_softmax`), i.e. how the model splits its belief among these answers only.
+
+Taught in: 03, 04, 05
 """
 
 from __future__ import annotations

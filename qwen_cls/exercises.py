@@ -12,6 +12,8 @@ typed-in number, so it holds for every profile and every run. It prints one line
 
 :func:`verdict` returns the same as a :class:`Verdict` (tests, scripts); :data:`CHECKS` maps each id to its check.
 Solutions, with the answer to put in each cell, are in ``notebooks/solutions/NN_*.md``.
+
+Taught in: 01, 02, 03, 04, 05, 06
 """
 
 from __future__ import annotations

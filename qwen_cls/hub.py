@@ -1,5 +1,8 @@
 """Where models and data come from, on the ground floor: the ModelScope host and ids, the offline model
-names, the cache folder, and a fast, readable failure when the hub cannot be reached."""
+names, the cache folder, and a fast, readable failure when the hub cannot be reached.
+
+Taught in: 00
+"""
 
 from __future__ import annotations
 

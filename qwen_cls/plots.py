@@ -7,6 +7,8 @@ row as a strip of tokens coloured by role (:func:`token_strip`) and the LoRA ide
 Each function returns the ``Figure``; with ``path`` it is also saved as PNG (temp file + rename).
 Importing this module registers a Simplified-Chinese font (Noto Sans SC, from the PyPI package
 ``pylopdf-fonts-zh-cn``) so that Chinese titles and token text render instead of empty boxes.
+
+Taught in: 01, 02, 03, 04, 06
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ written atomically. Before any model loads, a run's damaged ``run_config.json`` 
 (:func:`check_run_files`), and a ``--model`` folder holding a sequence classifier (``export --seq-cls``) is
 refused by name (:func:`check_causal_lm`): loaded as a causal LM its head would be dropped and its answers
 meaningless.
+
+Taught in: 04, 05, 06, 07
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ profile fixes every notebook value); each notebook receives the keys it declares
 relative to the ``notebooks/`` folder (the notebooks' working directory); ``qwen-cls run`` makes them
 absolute. :data:`SCHEMA` gives each key its type and range, shared by every profile; ``qwen-cls run`` checks
 the resolved values against it before any notebook starts.
+
+Taught in: 00
 """
 
 from __future__ import annotations

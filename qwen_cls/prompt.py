@@ -2,6 +2,8 @@
 
 A :class:`ChatFamily` holds what differs between model families: the chat template that renders the
 messages (Qwen2's ChatML, Gemma 3's turns) and the token that ends the assistant's answer.
+
+Taught in: 01, 02, 05
 """
 
 from __future__ import annotations

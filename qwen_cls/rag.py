@@ -5,6 +5,8 @@ For a query it returns the ``k`` most similar labelled rows, never the query its
 any row whose text equals the query's after whitespace normalisation, so a test row duplicated in the
 training split cannot leak its own label. Those neighbours feed two things: :func:`retrieval_vote`, a
 model-free baseline, and the RAG prompt (:func:`qwen_cls.prompt.build_rag_messages`).
+
+Taught in: 05, 06
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """The blog's recipe, as numbers, defined once: LoRA r=8 / alpha=32 / dropout 0.1 on the seven projections,
 lr 1e-4, batch 4 x accumulation 4, 2 epochs, MAX_LENGTH 384, gradient checkpointing. Profiles, ``qwen-cls
-train``'s defaults, the LoRA config and the benchmarks read them from here."""
+train``'s defaults, the LoRA config and the benchmarks read them from here.
+
+Taught in: 02, 03
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ saving the adapter with its config and log (atomically), and reading a run back.
 Notebook 03 and ``qwen-cls train`` both build the record with :func:`run_config` and write it with
 :func:`save_training`, so a run folder says the same things whichever path trained it; ``predict``,
 ``export`` and notebooks 04-05 read it back with :func:`read_run_config` and :func:`adapter_dir`.
+
+Taught in: 03, 04
 """
 
 from __future__ import annotations
@@ -12,17 +14,10 @@ import json
 import os
 from pathlib import Path
 
-from .files import (
-    DataError,
-    atomic_dir,
-    file_sha256,
-    lock_holder,
-    safetensors_problem,
-    save_tokenizer,
-    save_weights,
-    write_json_atomic,
-)
+from .files import DataError, atomic_dir, file_sha256, save_tokenizer, save_weights, write_json_atomic
 from .hub import ModelNotFound
+from .locks import lock_holder
+from .manifests import safetensors_problem
 
 # What a run folder holds (docs/ARCHITECTURE.md lists who writes each).
 PARAMS = "params.json"

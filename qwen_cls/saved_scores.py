@@ -7,6 +7,8 @@ adapter off) and, into ``scoring.json``, what they were computed with: per metho
 exact token ids scored (:func:`row_digests`: prompt + every candidate's tokens + end token).
 :func:`reuse_or_score` gives those scores back only when the model, ``max_length`` and every requested row's
 tokens are the same now; otherwise it scores afresh and says why.
+
+Taught in: 04, 05
 """
 
 from __future__ import annotations

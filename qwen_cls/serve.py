@@ -26,6 +26,8 @@ How it serves:
   ``Authorization: Bearer KEY`` (compared in constant time).
 - **Stopping.** SIGTERM or Ctrl+C: the listening socket closes, every accepted request is answered, the
   process exits 0.
+
+Taught in: 07
 """
 
 from __future__ import annotations

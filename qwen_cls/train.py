@@ -4,6 +4,8 @@ The recipe lets the model compute 151,936-way logits at every position of a 384-
 only the 2–5 answer tokens carry loss. :class:`AnswerOnlyTrainer` passes a boolean ``logits_to_keep``
 mask to the model, so the LM head runs only at the positions that predict a supervised token.
 :class:`ClassificationEvalCallback` classifies held rows after each epoch and logs accuracy and macro-F1.
+
+Taught in: 03, 06
 """
 
 from __future__ import annotations

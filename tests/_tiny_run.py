@@ -34,7 +34,7 @@ FAST = ["--max-length", "128", "--batch-size", "2", "--grad-accum", "1", "--logg
 
 def three_step_run(folder: Path) -> Path:
     """``folder/run``: a run dir made by the library, 3 LoRA steps of the tiny model on 8 training rows."""
-    from qwen_cls.training_run import train_run
+    from qwen_cls.resumable.training_run import train_run
 
     out = folder / "run"
     train_run(train_rows_file(folder), out, model="tiny", max_length=128, max_steps=3, batch_size=2,

@@ -142,7 +142,7 @@ def tiny_run(tmp_path_factory):
             write_raw(Path(inputs["test_path"]), chain_raw_rows(10, 100))
             params = [arg for key, value in inputs.items() for arg in ("-p", key, str(value))]
             proc = subprocess.run(  # one BLAS thread, as the nbval run that must train the same adapter
-                [sys.executable, "-m", "qwen_cls.cli", "run", "--profile", "tiny", "--out", str(out), *params],
+                [sys.executable, "-m", "qwen_cls", "run", "--profile", "tiny", "--out", str(out), *params],
                 capture_output=True, text=True, timeout=900, env=subprocess_env(),
             )
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -21,8 +21,8 @@ from _chromium import chromium_tab, outside
 from _tiny_run import subprocess_env
 from test_dashboard import CHROMIUM
 
-from qwen_cls.book import BOOK_MARK, fold_stream, jupyterlab_outputs, pick_run, rewrite_links
-from qwen_cls.cli import main
+from qwen_cls.commands.cli import main
+from qwen_cls.publish.book import BOOK_MARK, fold_stream, jupyterlab_outputs, pick_run, rewrite_links
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -71,7 +71,7 @@ SAMPLE_TRAIN = __import__("pathlib").Path(__file__).resolve().parents[1] / "data
     ("--save-total-limit", "0"), ("--logging-steps", "0"), ("--limit", "-1"), ("--seed", "-1"),
 ])
 def test_train_refuses_bad_numbers_before_anything(tmp_path, capsys, option, value):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     assert main(["train", "--train", str(SAMPLE_TRAIN), "--out", str(tmp_path / "run"), f"{option}={value}"]) == 2
     err = capsys.readouterr().err
@@ -80,7 +80,7 @@ def test_train_refuses_bad_numbers_before_anything(tmp_path, capsys, option, val
 
 
 def test_train_out_that_is_a_file_is_named_clearly(tmp_path, capsys):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     (tmp_path / "f").write_text("x")
     for out in (tmp_path / "f", tmp_path / "f" / "run"):
@@ -91,7 +91,7 @@ def test_train_out_that_is_a_file_is_named_clearly(tmp_path, capsys):
 
 
 def test_no_resume_and_resume_anyway_exclude_each_other(tmp_path, capsys):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--train", str(SAMPLE_TRAIN), "--out", str(tmp_path / "r"), "--no-resume", "--resume-anyway"])
@@ -118,7 +118,7 @@ def predict_args(tmp_path):
     ("--min-confidence", "nan", "error: --min-confidence must be a probability between 0 and 1"),
 ])
 def test_predict_refuses_bad_options_before_a_model_loads(predict_args, tmp_path, capsys, option, value, expected):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     assert main([*predict_args, option, value]) == 2
     assert capsys.readouterr().err.startswith(expected)
@@ -128,7 +128,7 @@ def test_predict_refuses_bad_options_before_a_model_loads(predict_args, tmp_path
 def test_predict_device_cuda_without_cuda_is_one_clear_line(predict_args, tmp_path, capsys, monkeypatch):
     import torch
 
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
@@ -139,7 +139,7 @@ def test_predict_device_cuda_without_cuda_is_one_clear_line(predict_args, tmp_pa
 
 
 def test_predict_paths_that_are_files_or_folders_in_the_wrong_place(predict_args, tmp_path, capsys):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     (tmp_path / "f").write_text("x")
     args = list(predict_args)
@@ -153,7 +153,7 @@ def test_predict_paths_that_are_files_or_folders_in_the_wrong_place(predict_args
 
 
 def test_predict_refuses_a_run_folder_marked_incomplete(predict_args, tmp_path, capsys):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     run = tmp_path / "no-run-needed"
     run.mkdir()

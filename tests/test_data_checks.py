@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from test_labels import TEST, TRAIN, write_raw
 
-from qwen_cls import data, sweep
-from qwen_cls.cli import main
+from qwen_cls import data
+from qwen_cls.chain import sweep
+from qwen_cls.chain.preflight import preflight
+from qwen_cls.chain.templating import resolve_parameters
+from qwen_cls.commands.cli import main
 from qwen_cls.files import DataError
-from qwen_cls.pipeline import preflight, resolve_parameters
 from qwen_cls.prompt import CONTROL_TOKEN, control_tokens
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -71,7 +73,8 @@ def test_04_records_leaked_test_rows_in_metrics_json(tiny_run, tmp_path):
     """The session's tiny run, copied, with two of its 8 test rows replaced by training rows; 04 run again on it."""
     import papermill
 
-    from qwen_cls.pipeline import notebook_parameters, notebooks_dir
+    from qwen_cls.chain.templating import notebook_parameters
+    from qwen_cls.chapters import notebooks_dir
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out, symlinks=True)

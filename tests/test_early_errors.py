@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from qwen_cls import dashboard, downloads, thucnews
+from qwen_cls import downloads, thucnews
 from qwen_cls import gemma as G
-from qwen_cls.cli import main
+from qwen_cls.commands.cli import main
+from qwen_cls.serving import dashboard
 
 ROOT = Path(__file__).resolve().parents[1]
 

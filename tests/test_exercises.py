@@ -164,12 +164,12 @@ def build_objects(run: Path) -> dict:
     from sklearn.pipeline import make_pipeline
 
     from qwen_cls.approaches import restricted_rows
+    from qwen_cls.chain.templating import notebook_parameters
     from qwen_cls.data import read_raw_rows
     from qwen_cls.evaluate import Scored
     from qwen_cls.files import read_jsonl
     from qwen_cls.metrics import classification_metrics
     from qwen_cls.model import load_model, load_tokenizer, resolve_model
-    from qwen_cls.pipeline import notebook_parameters
     from qwen_cls.prompt import chat_family
     from qwen_cls.rag import Retriever, retrieval_vote, segment
     from qwen_cls.tokenization import IGNORE_INDEX

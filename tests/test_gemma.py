@@ -195,7 +195,8 @@ def test_lora_targets_and_answer_only_loss_on_gemma(gemma):
 
 
 def test_gemma_profile_starts_offline_and_checks_the_chunks_first(tmp_path, monkeypatch):
-    from qwen_cls.pipeline import preflight, resolve_parameters
+    from qwen_cls.chain.preflight import preflight
+    from qwen_cls.chain.templating import resolve_parameters
     from qwen_cls.profiles import PROFILES, check_parameter
 
     monkeypatch.setenv("QWEN_CLS_OFFLINE", "1")  # no hub may be asked for: model and data are local
@@ -221,7 +222,7 @@ def test_numbers_are_labelled_by_what_made_them():
 
 def test_a_mistyped_path_is_not_downloaded_into(tmp_path, capsys):
     """download_data only ever makes train.jsonl / test.jsonl: another missing name is a typo, stopped at once."""
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     (tmp_path / "README.md").write_text("# my project\n")
     assert main(["run", "--profile", "gemma3-270m", "--out", str(tmp_path / "run"),

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from qwen_cls import lab
-from qwen_cls.cli import main
-from qwen_cls.pipeline import INJECTED, NOTEBOOKS, PREPARED, injected_parameters, prepare_notebooks, run_chain
+from qwen_cls.chain import lab
+from qwen_cls.chain.run import run_chain
+from qwen_cls.chain.templating import INJECTED, PREPARED, injected_parameters, prepare_notebooks
+from qwen_cls.chapters import NOTEBOOKS
+from qwen_cls.commands.cli import main
 from qwen_cls.profiles import PROFILES
 from qwen_cls.tracking import default_mode
 

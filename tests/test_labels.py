@@ -13,10 +13,11 @@ import pytest
 
 from qwen_cls import data
 from qwen_cls.approaches import approach_entry, load_seq_cls_base, restricted_rows, seq_cls_scores
-from qwen_cls.cli import main
+from qwen_cls.chain.preflight import preflight
+from qwen_cls.chain.templating import resolve_parameters
+from qwen_cls.commands.cli import main
 from qwen_cls.files import DataError
 from qwen_cls.metrics import classification_metrics
-from qwen_cls.pipeline import preflight, resolve_parameters
 from qwen_cls.rag import Neighbour, retrieval_vote
 
 pytestmark = pytest.mark.filterwarnings("ignore")

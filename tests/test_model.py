@@ -78,7 +78,7 @@ def test_a_tokenizer_without_chat_template_gets_its_model_familys(tiny_dir, tmp_
 
 def test_a_new_build_names_an_earlier_versions_build_beside_it_and_leaves_it(tmp_path, capsys):
     """After a version bump the old build stays in the cache, unused: the new build says where and how big."""
-    from qwen_cls.files import write_manifest
+    from qwen_cls.manifests import write_manifest
 
     old = tmp_path / "tiny-qwen2-v1-seed0"
     old.mkdir()

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from qwen_cls import files as F
 from qwen_cls import gemma as G
+from qwen_cls import locks as L
+from qwen_cls import manifests as MF
 from qwen_cls import model as M
-from qwen_cls.cli import main
+from qwen_cls.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = '{"text": "国足晋级决赛圈", "category": ["Sports", "Finance"]}\n'
@@ -73,9 +74,9 @@ def predict(capsys, tmp_path, *source) -> tuple[int, str]:
 
 
 def test_build_writes_a_manifest_of_every_file_with_size_and_sha256(tiny_dir):
-    manifest = json.loads((tiny_dir / F.MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads((tiny_dir / MF.MANIFEST).read_text(encoding="utf-8"))
     assert manifest["model"] == "tiny" and manifest["version"] == M.TINY_VERSION
-    on_disk = sorted(p.name for p in tiny_dir.iterdir() if p.name != F.MANIFEST)
+    on_disk = sorted(p.name for p in tiny_dir.iterdir() if p.name != MF.MANIFEST)
     assert sorted(manifest["files"]) == on_disk and "model.safetensors" in on_disk
     for name, info in manifest["files"].items():
         data = (tiny_dir / name).read_bytes()
@@ -127,12 +128,12 @@ def test_same_size_change_is_caught_with_verify_only(tiny_dir, tmp_path, capsys)
 def test_folder_built_before_manifests_is_checked_and_recorded_once(tiny_dir, cache, capsys):
     folder = cache / f"tiny-qwen2-v{M.TINY_VERSION}-seed0"
     shutil.copytree(tiny_dir, folder)
-    (folder / F.MANIFEST).unlink()  # as `make setup` left it before this change
+    (folder / MF.MANIFEST).unlink()  # as `make setup` left it before this change
     before = snapshot(folder)
     assert main(["tiny-model"]) == 0
     assert "was built before model folders carried qwen_cls_manifest.json; recorded it now" in capsys.readouterr().err
     after = snapshot(folder)
-    assert after.pop(F.MANIFEST) == (tiny_dir / F.MANIFEST).read_bytes()  # the same manifest a build writes
+    assert after.pop(MF.MANIFEST) == (tiny_dir / MF.MANIFEST).read_bytes()  # the same manifest a build writes
     assert after == before  # nothing rebuilt
     assert main(["tiny-model"]) == 0 and "recorded" not in capsys.readouterr().err
 
@@ -140,9 +141,9 @@ def test_folder_built_before_manifests_is_checked_and_recorded_once(tiny_dir, ca
 def test_pre_manifest_folder_with_truncated_weights_is_rebuilt_not_recorded(tiny_dir, cache, capsys):
     folder = cache / f"tiny-qwen2-v{M.TINY_VERSION}-seed0"
     shutil.copytree(tiny_dir, folder)
-    (folder / F.MANIFEST).unlink()
+    (folder / MF.MANIFEST).unlink()
     replace_truncated(folder / "model.safetensors", 10_000)
-    with pytest.raises(F.DamagedModel, match=r"model\.safetensors: 10000 bytes, expected \d+ from its header"):
+    with pytest.raises(MF.DamagedModel, match=r"model\.safetensors: 10000 bytes, expected \d+ from its header"):
         M.resolve_model("tiny")
     assert main(["tiny-model"]) == 0
     assert "is damaged (model.safetensors: 10000 bytes" in capsys.readouterr().err
@@ -173,8 +174,8 @@ def test_a_folder_that_is_not_the_build_is_neither_used_nor_replaced(command, ti
 def test_damaged_gemma_cache_is_reported_by_predict_and_run_and_rebuilt_by_gemma_model(real_gemma, cache, tmp_path,
                                                                                        capsys, monkeypatch):
     folder = linked_copy(real_gemma, cache / real_gemma.name)
-    if (folder / F.MANIFEST).exists():
-        (folder / F.MANIFEST).unlink()  # as a pre-manifest `make setup` left it
+    if (folder / MF.MANIFEST).exists():
+        (folder / MF.MANIFEST).unlink()  # as a pre-manifest `make setup` left it
     replace_truncated(folder / "model.safetensors", 1 << 20)
     rc, err = predict(capsys, tmp_path, "--model", "gemma3-270m")
     assert rc == 2 and "Traceback" not in err and "SafetensorError" not in err
@@ -198,7 +199,7 @@ def test_damaged_gemma_cache_is_reported_by_predict_and_run_and_rebuilt_by_gemma
     assert main(["gemma-model"]) == 0
     err = capsys.readouterr().err
     assert f"note: {folder} is damaged (model.safetensors: 1048576 bytes" in err
-    manifest = json.loads((folder / F.MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads((folder / MF.MANIFEST).read_text(encoding="utf-8"))
     assert manifest["model"] == "gemma3-270m" and G.build_gemma_model() == folder
     assert (folder / "README.md").read_text(encoding="utf-8").startswith(G.GEMMA_CARD)
 
@@ -211,7 +212,7 @@ def test_gemma_cache_without_config_is_reported(real_gemma, cache, tmp_path, cap
     assert "model_type" not in err
     # nothing recorded: a folder built before manifests (no manifest) gets none while it is damaged; a built one
     # (make setup on a fresh machine writes the manifest) keeps its own
-    assert (folder / F.MANIFEST).exists() == (real_gemma / F.MANIFEST).exists()
+    assert (folder / MF.MANIFEST).exists() == (real_gemma / MF.MANIFEST).exists()
 
 
 KILLED_BUILD = textwrap.dedent("""
@@ -241,7 +242,7 @@ def kill_a_build(kind: str, out: Path) -> list[Path]:
     assert done.returncode == -9, done.stderr
     left = sorted(p for p in out.parent.glob(f".{out.name}.*") if p.is_dir())
     assert left and not out.exists()
-    assert F.lock_holder(out) is None  # its lock file may stay behind, but the kernel released the lock
+    assert L.lock_holder(out) is None  # its lock file may stay behind, but the kernel released the lock
     return left
 
 
@@ -253,12 +254,12 @@ def test_temp_folders_of_a_killed_build_are_removed_by_the_next_one(tiny_dir, tm
     (mine / "notes").mkdir(parents=True)
     live = out.parent / f".{out.name}.live"  # a build still running (this process): never removed
     live.mkdir()
-    F.mark_owner(live)
+    MF.mark_owner(live)
     assert main(["tiny-model", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     for path in left:
         assert not path.exists() and f"note: removed {path}, left by a build that was killed" in err
-    assert (mine / "notes").is_dir() and (live / F.OWNER_FILE).is_file()
+    assert (mine / "notes").is_dir() and (live / MF.OWNER_FILE).is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, mine.name, live.name])
     assert snapshot(out) == snapshot(tiny_dir)
 
@@ -273,4 +274,4 @@ def test_gemma_scratch_of_a_killed_build_is_removed_by_the_next_one(tmp_path, ca
     assert main(["gemma-model", "--out", str(out)]) == 0
     assert f"note: removed {left[0]}, left by a build that was killed" in capsys.readouterr().err
     assert sorted(p.name for p in out.parent.iterdir()) == ["gemma"]
-    assert (out / F.MANIFEST).is_file()
+    assert (out / MF.MANIFEST).is_file()

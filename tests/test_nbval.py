@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 def nbval_run(tmp_path_factory, tiny_run):
     """nbval over lab's copies of 00-07 given every input of ``tiny_run``; returns (copies, run folder, pytest's
     stdout)."""
-    from qwen_cls.pipeline import NOTEBOOKS, prepare_notebooks
+    from qwen_cls.chain.templating import prepare_notebooks
+    from qwen_cls.chapters import NOTEBOOKS
 
     base = tmp_path_factory.mktemp("nbval")
     copies, run = base / "notebooks", base / "run"
@@ -37,7 +38,7 @@ def nbval_run(tmp_path_factory, tiny_run):
 
 
 def test_every_notebook_runs_under_nbval(nbval_run):
-    from qwen_cls.pipeline import NOTEBOOKS
+    from qwen_cls.chapters import NOTEBOOKS
 
     copies, run, stdout = nbval_run
     code_cells = sum(c.cell_type == "code" for name in NOTEBOOKS for c in nbformat.read(copies / name, 4).cells)

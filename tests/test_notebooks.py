@@ -12,7 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qwen_cls.pipeline import NOTEBOOKS, notebook_parameters, notebooks_dir
+from qwen_cls.chain.templating import notebook_parameters
+from qwen_cls.chapters import NOTEBOOKS, notebooks_dir
 from qwen_cls.profiles import COMMITTED_PROFILE, PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -103,7 +103,7 @@ def test_a_bf16_run_loads_in_bf16_only_where_the_cpu_has_it_and_predict_stays_fl
 def test_export_of_a_bf16_run_merges_in_float32(bf16_run, tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     monkeypatch.setattr(M, "cpu_has_native_bf16", lambda *a, **k: True)
     assert main(["export", "--run", str(bf16_run), "--out", str(tmp_path / "merged")]) == 0

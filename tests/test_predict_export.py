@@ -17,7 +17,7 @@ from _tiny_run import SAMPLE_TEST, three_step_run
 from safetensors import safe_open
 from test_weights_modes import umask
 
-from qwen_cls.cli import main
+from qwen_cls.commands.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

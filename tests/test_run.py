@@ -10,8 +10,9 @@ import nbformat
 import pytest
 from _tiny_run import CHAIN_LABELS, ctrl_c_when
 
-from qwen_cls.cli import main
-from qwen_cls.pipeline import NOTEBOOKS, parse_value, resolve_parameters
+from qwen_cls.chain.templating import parse_value, resolve_parameters
+from qwen_cls.chapters import NOTEBOOKS
+from qwen_cls.commands.cli import main
 
 LABELS = CHAIN_LABELS
 
@@ -243,11 +244,11 @@ def test_rerun_over_the_finished_run_is_refused_byte_identical(run_dir, capsys):
 @pytest.mark.slow
 def test_ctrl_c_during_a_notebook_is_one_line_exit_130(tmp_path):
     """SIGINT to the process group while notebook 03 runs a cell: no kernel traceback, the folder marked."""
-    from qwen_cls.pipeline import RUN_INCOMPLETE
+    from qwen_cls.run_record import RUN_INCOMPLETE
 
     out = tmp_path / "run"
     status, _, err = ctrl_c_when(
-        [sys.executable, "-m", "qwen_cls.cli", "run", "--out", str(out), "--quiet", "-p", "swanlab_mode", "disabled",
+        [sys.executable, "-m", "qwen_cls", "run", "--out", str(out), "--quiet", "-p", "swanlab_mode", "disabled",
          "-p", "max_train_samples", "8", "-p", "max_test_samples", "4"],
         out / "notebooks" / "03_lora_training.ipynb", 3, tmp_path / "logs")  # 3 s: inside a cell of 03
     assert status == 130, err[-3000:]
@@ -324,7 +325,8 @@ def test_bad_parameter_value_exits_2_before_anything_naming_it(tmp_path, capsys,
 
 
 def test_every_notebook_and_profile_parameter_has_a_schema_entry():
-    from qwen_cls.pipeline import notebook_parameters, notebooks_dir
+    from qwen_cls.chain.templating import notebook_parameters
+    from qwen_cls.chapters import notebooks_dir
     from qwen_cls.profiles import PROFILES, SCHEMA, check_parameters, profile_parameters
 
     declared = set().union(*(notebook_parameters(notebooks_dir() / name) for name in NOTEBOOKS))

@@ -12,7 +12,7 @@ from _tiny_run import SAMPLE_TEST, SAMPLE_TRAIN, train_rows_file
 from safetensors import safe_open
 
 from qwen_cls import data
-from qwen_cls.cli import main
+from qwen_cls.commands.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 MAX_LENGTH = 64
@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
     from qwen_cls.approaches import SEQ_CLS_HEAD, encode_texts, load_seq_cls_base, save_seq_cls
-    from qwen_cls.training_run import train_run
+    from qwen_cls.resumable.training_run import train_run
 
     folder = tmp_path_factory.mktemp("runs")
     out = folder / "run"

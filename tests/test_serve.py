@@ -21,7 +21,7 @@ import pytest
 from _tiny_run import SAMPLE_TEST, SAMPLE_TRAIN, subprocess_env, three_step_run
 from test_dashboard import CHROMIUM, free_port, raw_get, stop_group
 
-from qwen_cls.cli import main
+from qwen_cls.commands.cli import main
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.subprocess]  # servers run as subprocesses
 

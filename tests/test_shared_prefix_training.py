@@ -14,6 +14,7 @@ from _reference import assert_float32_close
 
 from qwen_cls.files import read_jsonl
 from qwen_cls.model import load_model
+from qwen_cls.resumable.training_run import tokenized_rows
 from qwen_cls.train import (
     AnswerOnlyTrainer,
     answer_only_loss,
@@ -24,7 +25,6 @@ from qwen_cls.train import (
     recipe_lora_config,
     training_arguments,
 )
-from qwen_cls.training_run import tokenized_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

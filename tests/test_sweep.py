@@ -23,10 +23,10 @@ import pytest
 from _tiny_run import ctrl_c_when
 from PIL import Image
 
-from qwen_cls.cli import main
-from qwen_cls.files import lock_path
-from qwen_cls.pipeline import RUN_INCOMPLETE
-from qwen_cls.sweep import _sweep_owned, parse_grid, plan, point_name
+from qwen_cls.chain.sweep import _sweep_owned, parse_grid, plan, point_name
+from qwen_cls.commands.cli import main
+from qwen_cls.locks import lock_path
+from qwen_cls.run_record import RUN_INCOMPLETE
 
 SWEEP_CMD = ["sweep", "--profile", "tiny", "-g", "learning_rate", "1e-3,5e-3",
              "-p", "max_train_samples", "16", "-p", "max_test_samples", "8"]
@@ -357,7 +357,7 @@ def test_real_sweep_table_matches_each_points_own_files(real_sweep):
 def test_real_sweep_points_log_into_one_swanlab_folder_the_dashboard_serves(real_sweep):
     from test_dashboard import free_port, get_json, stop_group
 
-    from qwen_cls.dashboard import find_log_dir
+    from qwen_cls.serving.dashboard import find_log_dir
 
     out, _, _, _ = real_sweep
     assert find_log_dir(out) == out / "swanlog"
@@ -413,7 +413,7 @@ def test_shuffling_the_test_answers_of_a_finished_sweep_changes_no_ranking(swept
     """What 04 computes from the test answers (accuracy, macro_f1, zero_shot) is permuted between the points and
     scaled, as a shuffle of the test answers would change it: the table's test columns change, its ranking (rank
     and point order) does not; changing a validation accuracy does change it."""
-    from qwen_cls.sweep import plan, write_comparison
+    from qwen_cls.chain.sweep import plan, write_comparison
 
     def ranking():
         return [(r["rank"], r["point"]) for r in read_csv(swept / "sweep.csv")]
@@ -438,7 +438,7 @@ def test_shuffling_the_test_answers_of_a_finished_sweep_changes_no_ranking(swept
 
 
 def test_ranking_uses_validation_accuracy_only_and_puts_points_without_one_last():
-    from qwen_cls.sweep import ranked
+    from qwen_cls.chain.sweep import ranked
 
     rows = [{"point": "a", "validation_accuracy": 0.5, "accuracy": 0.9},
             {"point": "b", "validation_accuracy": None, "accuracy": 1.0},

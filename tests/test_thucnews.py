@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from qwen_cls import thucnews
-from qwen_cls.cli import main
+from qwen_cls.commands.cli import main
 from qwen_cls.data import read_raw_rows
 from qwen_cls.files import DataError
 

@@ -15,8 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from qwen_cls import dashboard, tracking
-from qwen_cls.cli import main as cli_main
+from qwen_cls import tracking
+from qwen_cls.commands.cli import main as cli_main
+from qwen_cls.serving import dashboard
 
 ROWS = [
     {"text": "国足在世界杯预选赛中以二比零战胜对手", "category": ["Sports", "Military"], "output": "Sports"},

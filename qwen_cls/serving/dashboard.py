@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from .tracking import LOG_SUBDIR, TrackingError, dashboard_available, log_dir_of
+from ..tracking import LOG_SUBDIR, TrackingError, dashboard_available, log_dir_of
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5092  # swanlab watch's default

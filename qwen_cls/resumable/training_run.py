@@ -4,7 +4,7 @@ The same command resumes an interrupted run (even one killed with ``kill -9``) f
 loadable* checkpoint (a damaged newer one is moved to ``damaged-checkpoints/`` with a warning naming the
 file), and runs unchanged under ``torchrun`` / ``accelerate launch`` (DDP; DeepSpeed ZeRO-2 with
 ``--deepspeed configs/deepspeed_zero2.json``).
-Checkpoints are atomic and rotated (``qwen_cls.checkpointing``) and record the settings they were trained with
+Checkpoints are atomic and rotated (``qwen_cls.resumable.checkpointing``) and record the settings they were trained with
 (the training file's SHA-256 among them): resuming with other data or hyperparameters is refused, naming what
 differs, unless ``--resume-anyway``; ``--no-resume`` starts over. Options are checked before anything loads.
 
@@ -25,10 +25,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from .files import hold_lock
-from .hub import TINY
-from .recipe import RECIPE
-from .run_record import ADAPTER
+from ..hub import TINY
+from ..locks import hold_lock
+from ..recipe import RECIPE
+from ..run_record import ADAPTER
 
 
 def remove_checkpoints(run_dir: str | os.PathLike) -> int:
@@ -50,8 +50,8 @@ def tokenized_rows(rows, tokenizer, max_length: int):
     """Validated raw rows -> tokenized ``datasets.Dataset`` holding the model's columns only."""
     from datasets import Dataset
 
-    from .tokenization import tokenize_dataset
-    from .train import model_inputs
+    from ..tokenization import tokenize_dataset
+    from ..train import model_inputs
 
     raw = Dataset.from_list([{"text": r.text, "category": r.category, "output": r.output} for r in rows])
     return model_inputs(tokenize_dataset(raw, tokenizer, max_length))
@@ -62,8 +62,8 @@ def check_train_options(*, out, max_length: int, epochs: float, max_steps: int, 
                         logging_steps: int, limit: int, deepspeed: str | None = None,
                         step_sleep: float = 0.0) -> None:
     """``ValueError`` naming the option when a value is out of range (before anything loads or is created)."""
-    from .files import check_folder_path
-    from .profiles import MIN_MAX_LENGTH, Param
+    from ..files import check_folder_path
+    from ..profiles import MIN_MAX_LENGTH, Param
 
     rules = {
         "--max-length": (max_length, Param("int", low=MIN_MAX_LENGTH, note="tokens per row; the prompt alone "
@@ -150,7 +150,7 @@ def train_run(train: str | os.PathLike, out: str | os.PathLike, *, model: str = 
     summary (also written to ``ranks/rank{N}.json``). Rank 0 holds the run dir's lock (``.OUT.lock`` beside it)
     throughout: a second ``train`` (or ``run``, ``sweep``) into ``out`` is refused at once, naming its PID.
     """
-    from .data import read_raw_rows
+    from ..data import read_raw_rows
 
     check_train_options(out=out, max_length=max_length, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                         grad_accum=grad_accum, learning_rate=learning_rate, seed=seed, save_steps=save_steps,
@@ -178,6 +178,10 @@ def _train(rows, train, out: Path, *, rank: int, model: str, max_length: int, ep
     import torch
     from transformers import set_seed
 
+    from ..files import file_sha256, write_json_atomic
+    from ..model import load_model, pick_device, pick_dtype
+    from ..run_record import run_config, save_training
+    from ..train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
     from .checkpointing import (
         CHECKPOINTS,
         ResumableTrainer,
@@ -185,10 +189,6 @@ def _train(rows, train, out: Path, *, rank: int, model: str, max_length: int, ep
         remove_incomplete_checkpoints,
         resume_checkpoint,
     )
-    from .files import file_sha256, write_json_atomic
-    from .model import load_model, pick_device, pick_dtype
-    from .run_record import run_config, save_training
-    from .train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
@@ -242,7 +242,7 @@ def _train(rows, train, out: Path, *, rank: int, model: str, max_length: int, ep
     callbacks = []
     tracked = swanlab_mode != "disabled" and rank == 0
     if tracked:
-        from .tracking import experiment_config, swanlab_callbacks
+        from ..tracking import experiment_config, swanlab_callbacks
 
         config = experiment_config(profile="cli", base_model=model, lora=lora, training=args, n_train=len(dataset),
                                    max_length=max_length, seed=seed)
@@ -287,7 +287,7 @@ def _train(rows, train, out: Path, *, rank: int, model: str, max_length: int, ep
                "train_loss": result.training_loss, "wrote": wrote}
     write_json_atomic(summary, out / "ranks" / f"rank{rank}.json")
     if tracked:
-        from .tracking import finish
+        from ..tracking import finish
 
         finish()
     trainer.accelerator.wait_for_everyone()

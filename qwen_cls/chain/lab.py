@@ -1,5 +1,5 @@
 """``qwen-cls lab``: one switch for the whole chain. Working copies of notebooks 00-07 with a profile injected
-(:func:`~qwen_cls.pipeline.prepare_notebooks`), then JupyterLab on them, listening on 127.0.0.1 only.
+(:func:`~qwen_cls.chain.templating.prepare_notebooks`), then JupyterLab on them, listening on 127.0.0.1 only.
 
 The committed notebooks hold the ``gemma3-270m`` profile; ``qwen-cls lab --profile tiny`` moves all eight to
 the tiny model (a quick mechanics pass on a weak laptop), ``--profile qwen2.5-coder-0.5b`` to Qwen's own model of
@@ -15,8 +15,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from .pipeline import notebooks_dir, prepare_notebooks
-from .profiles import COMMITTED_PROFILE, PROFILES
+from ..chapters import notebooks_dir
+from ..profiles import COMMITTED_PROFILE, PROFILES
+from .templating import prepare_notebooks
 
 HOST = "127.0.0.1"  # JupyterLab runs code for whoever reaches it: never listen beyond this machine
 

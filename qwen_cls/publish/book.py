@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .files import DataError, atomic_dir, atomic_file, check_output_folder
-from .run_record import METRICS, RUN_CONFIG, check_run_finished
+from ..files import DataError, atomic_dir, atomic_file, check_output_folder
+from ..run_record import METRICS, RUN_CONFIG, check_run_finished
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: README.md, docs/, notebooks/solutions/
+ROOT = Path(__file__).resolve().parents[2]  # the repository: README.md, docs/, notebooks/solutions/
 CONF = Path(__file__).with_name("book_conf.py.in")
 DEMO, DEMO_TINY = Path("runs/demo"), Path("runs/demo-tiny")
 DEFAULT_OUT = Path("runs/book")
-CHAIN = "chain.json"  # written by qwen_cls.pipeline: profile, cpu, date, seconds per notebook
+CHAIN = "chain.json"  # written by qwen_cls.chain.run: profile, cpu, date, seconds per notebook
 BOOK_MARK = ".qwen_cls_book"  # in the html folder: a book this command built (only such a folder is replaced)
 FONT = "NotoSansSC-Regular.otf"
 TINY_WARNING = ("tiny profile: random weights, the model learns nothing; these pages show the mechanics only "
@@ -275,7 +275,7 @@ def cjk_font(target: Path, text: str) -> None:
     """Noto Sans SC (the font of :mod:`qwen_cls.plots`), cut down to the characters of ``text`` plus ASCII."""
     from fontTools import subset
 
-    from .plots import cjk_font_path
+    from ..plots import cjk_font_path
 
     source = cjk_font_path()
     if source is None:

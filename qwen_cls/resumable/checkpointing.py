@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .train import AnswerOnlyTrainer
+from ..train import AnswerOnlyTrainer
 
 CHECKPOINTS = "checkpoints"
 STAGING = ".staging"
@@ -157,7 +157,7 @@ def read_train_config(checkpoint: str | os.PathLike) -> dict | None:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        from .files import DataError
+        from ..files import DataError
 
         raise DataError(path, None, f"unreadable ({exc}); --no-resume starts over") from None
     return config if isinstance(config, dict) else None
@@ -211,7 +211,7 @@ class ResumableTrainer(AnswerOnlyTrainer):
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
         if self.args.should_save:
             if self.train_config is not None:
-                from .files import write_json_atomic
+                from ..files import write_json_atomic
 
                 write_json_atomic(self.train_config, os.path.join(staging, name, TRAIN_CONFIG))
             target = os.path.join(final_root, name)

@@ -1,7 +1,7 @@
 """``qwen-cls sweep``: a parameter grid over the notebook chain, one ``qwen-cls run`` per point, one comparison.
 
 ``qwen-cls sweep --profile P --out DIR -g KEY V1,V2 [-g KEY2 ...] [-p KEY VALUE ...]`` runs the chain
-(:func:`~qwen_cls.pipeline.run_chain`) once per point of the cartesian product of the ``-g`` grids, into
+(:func:`~qwen_cls.chain.run.run_chain`) once per point of the cartesian product of the ``-g`` grids, into
 ``DIR/<point>/`` (``learning_rate=0.001,lora_r=4``), then writes ``DIR/sweep.csv``, ``DIR/sweep.md`` and
 ``DIR/sweep.png``. Grid values are parsed and checked like ``-p`` values, for every point, before anything
 is created.
@@ -33,25 +33,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import LOOKALIKE_HELP
-from .files import atomic_file, check_folder_path, hold_lock, write_json_atomic
-from .pipeline import (
-    NOTEBOOKS,
-    Interrupted,
-    NotebookFailed,
-    RunFolderError,
-    _sigterm_interrupts,
-    folder_state,
-    notebook_parameters,
-    notebooks_dir,
-    parse_value,
-    preflight,
-    resolve_parameters,
-    run_chain,
-)
-from .profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter
-from .run_record import METRICS, PARAMS, RUN_CONFIG, TRAIN_LOG
-from .tracking import LOG_SUBDIR, SWANLOG_ENV
+from ..chapters import NOTEBOOKS, notebooks_dir
+from ..data import LOOKALIKE_HELP
+from ..files import atomic_file, check_folder_path, write_json_atomic
+from ..locks import hold_lock
+from ..profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter
+from ..run_record import METRICS, PARAMS, RUN_CONFIG, TRAIN_LOG
+from ..tracking import LOG_SUBDIR, SWANLOG_ENV
+from .kernels import sigterm_interrupts
+from .preflight import preflight
+from .run import run_chain
+from .run_folder import Interrupted, NotebookFailed, RunFolderError, run_folder_state
+from .templating import notebook_parameters, parse_value, resolve_parameters
 
 MANIFEST = "sweep.json"
 TABLE_CSV, TABLE_MD, PLOT = "sweep.csv", "sweep.md", "sweep.png"
@@ -232,7 +225,7 @@ def describe(record: dict) -> str:
 def is_finished(point: Point, folder: Path) -> bool:
     """The point's run finished (``metrics.json``, not marked incomplete) with the parameters it would get now."""
     try:
-        if folder_state(folder) != "finished" or not (folder / METRICS).is_file():
+        if run_folder_state(folder) != "finished" or not (folder / METRICS).is_file():
             return False
         recorded = json.loads((folder / PARAMS).read_text(encoding="utf-8"))
     except (OSError, ValueError, RunFolderError):
@@ -242,7 +235,7 @@ def is_finished(point: Point, folder: Path) -> bool:
 
 def _why(folder: Path) -> str:
     try:
-        state = folder_state(folder)
+        state = run_folder_state(folder)
     except RunFolderError:
         return "not a folder"
     if state == "absent":
@@ -376,7 +369,7 @@ def write_comparison(out: Path, points: list[Point], record: dict, *, force: boo
     if changed or force or not (out / PLOT).is_file():
         import matplotlib.pyplot as plt
 
-        from .plots import sweep_plot
+        from ..plots import sweep_plot
 
         fig = sweep_plot(rows, keys, path=out / PLOT, title=f"qwen-cls sweep ({record['profile']})")
         plt.close(fig)
@@ -388,7 +381,7 @@ def write_comparison(out: Path, points: list[Point], record: dict, *, force: boo
 def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed: dict | None = None, *,
               log_output: bool = True, allow_lookalike_labels: bool = False) -> tuple[Path, list[dict]]:
     """Run every point of ``grid`` not yet finished, then write the comparison; return ``(DIR, rows)``.
-    ``allow_lookalike_labels``: see :func:`~qwen_cls.pipeline.preflight`."""
+    ``allow_lookalike_labels``: see :func:`~qwen_cls.chain.preflight.preflight`."""
     fixed = dict(fixed or {})
     points = plan(profile, grid, fixed, out)
     out = Path(out).expanduser().resolve()
@@ -405,7 +398,7 @@ def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed
         stack.enter_context(hold_lock(out, "qwen-cls sweep"))  # names the holder (sweep or run) and its PID
         check_sweep_folder(out, record)  # again, now that it is ours
         for point in points:
-            if folder_state(out / point.name) == "foreign":
+            if run_folder_state(out / point.name) == "foreign":
                 raise RunFolderError(f"{out / point.name} holds files `qwen-cls run` did not write; move them "
                                      "away and rerun")
         out.mkdir(parents=True, exist_ok=True)
@@ -445,14 +438,14 @@ def cmd_sweep(args) -> int:
     fixed = {key: parse_value(value) for key, value in args.param or []}
     grid = parse_grid(args.grid or [])
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             out, rows = run_sweep(args.profile, args.out, grid, fixed, log_output=not args.quiet,
                                   allow_lookalike_labels=args.allow_lookalike_labels)
     except NotebookFailed as exc:
         print(f"error: point {getattr(exc, 'sweep_point', '?')}: {exc}\n  {_resume_hint(args.out)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        for name in ("asyncio", "papermill", "nbclient"):  # echoes of the interrupt (see pipeline.cmd_run)
+        for name in ("asyncio", "papermill", "nbclient"):  # echoes of the interrupt (see chain.run.cmd_run)
             logging.getLogger(name).disabled = True
         note = getattr(exc, "note", "")
         where = f" at point {exc.sweep_point}" if getattr(exc, "sweep_point", None) else ""

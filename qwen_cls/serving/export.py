@@ -28,10 +28,10 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from .files import DataError, atomic_dir, check_output_folder, file_sha256, save_tokenizer, save_weights
-from .hub import TINY, cache_dir
-from .predict import check_run_files, load_run
-from .run_record import ADAPTER, PARAMS, RUN_CONFIG, check_adapter, check_run_finished
+from ..files import DataError, atomic_dir, check_output_folder, file_sha256, save_tokenizer, save_weights
+from ..hub import TINY, cache_dir
+from ..predict import check_run_files, load_run
+from ..run_record import ADAPTER, PARAMS, RUN_CONFIG, check_adapter, check_run_finished
 
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
 MARKER = "qwen_cls_export.json"  # {"exported_from", "kind", "files": {name: {"size", "sha256"}}, "signature"}
@@ -266,7 +266,7 @@ def seq_cls_card(meta: dict, run_dir: str | os.PathLike, architecture: str) -> s
 
 def read_seq_cls_meta(folder: Path, rerun: str) -> dict:
     """``seq_cls.json`` of 06's ``folder`` (``base_model``, ``labels``, ``max_length``), named when it is broken."""
-    from .approaches import SEQ_CLS_FILE
+    from ..approaches import SEQ_CLS_FILE
 
     path = folder / SEQ_CLS_FILE
     try:
@@ -285,7 +285,7 @@ def export_seq_cls(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     :func:`export_run` (same checks, same marker)."""
     import torch
 
-    from .approaches import SEQ_CLS_FILE, load_seq_cls
+    from ..approaches import SEQ_CLS_FILE, load_seq_cls
 
     run_dir, out = Path(run_dir), Path(out_dir)
     folder = run_dir / SEQ_CLS_DIR
