@@ -1,6 +1,6 @@
 """The other classifiers of notebook 06, on the same rows as 04/05, each restricted to a row's candidates.
 
-- a TF-IDF + logistic-regression baseline (jieba words, scikit-learn): :func:`restricted`;
+- a TF-IDF + logistic-regression baseline (jieba words, scikit-learn): :func:`tfidf_logreg`, :func:`restricted_rows`;
 - the base model with a sequence-classification head over the label inventory (LoRA on the projections, the
   head trained and saved through ``modules_to_save``): :func:`load_seq_cls_base`, :func:`encode_texts`,
   :func:`seq_cls_scores`, :func:`save_seq_cls`, :func:`load_seq_cls`;
@@ -48,6 +48,26 @@ def restricted(label_scores: Mapping[str, float], candidates: Sequence[str]) -> 
     if not any(c in label_scores for c in candidates):
         return Scored(prediction=None, scores=scores, probabilities={c: 0.0 for c in candidates})
     return Scored(prediction=max(candidates, key=scores.__getitem__), scores=scores)
+
+
+def word_vectorizer(ngram_range: tuple[int, int] = (1, 2)):
+    """06's TF-IDF of jieba words (``rag.segment``, as 05's retriever) and, with ``(1, 2)``, word pairs."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from .rag import segment
+
+    return TfidfVectorizer(tokenizer=segment, token_pattern=None, lowercase=False, ngram_range=ngram_range,
+                           sublinear_tf=True)
+
+
+def tfidf_logreg(vectorizer=None):
+    """06's ``tfidf_logreg``, as its section 2 writes it out: ``vectorizer`` (default :func:`word_vectorizer`)
+    then ``LogisticRegression(C=10.0, max_iter=1000)`` (C large: weak regularisation, few training rows)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(word_vectorizer() if vectorizer is None else vectorizer,
+                         LogisticRegression(C=10.0, max_iter=1000))
 
 
 def restricted_rows(score_matrix, classes: Sequence[str], rows) -> list[Scored]:

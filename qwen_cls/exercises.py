@@ -587,24 +587,12 @@ def _rows_rag_fixed_and_broke(answer, *, out_dir, **_):
 
 def _tfidf_accuracy(train_rows, test_rows, vectorizer) -> float:
     """06's ``tfidf_logreg`` with another vectorizer (or fewer training rows), restricted to the candidates."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
+    from .approaches import restricted_rows, tfidf_logreg
 
-    from .approaches import restricted_rows
-
-    pipe = make_pipeline(vectorizer, LogisticRegression(C=10.0, max_iter=1000))
+    pipe = tfidf_logreg(vectorizer)
     pipe.fit([r["text"] for r in train_rows], [r["output"] for r in train_rows])
     scored = restricted_rows(pipe.predict_log_proba([r["text"] for r in test_rows]), list(pipe.classes_), test_rows)
     return _accuracy([r["output"] for r in test_rows], [s.prediction for s in scored])
-
-
-def _word_vectorizer(ngram_range):
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    from .rag import segment
-
-    return TfidfVectorizer(tokenizer=segment, token_pattern=None, lowercase=False, ngram_range=ngram_range,
-                           sublinear_tf=True)
 
 
 @_exercise("06.1")
@@ -614,7 +602,9 @@ def _tfidf_variants(answer, *, out_dir, **_):
 
     words, chars = (_number(v, "accuracy") for v in _pair(answer, "answer_1"))
     train, test = _rows(out_dir, "train"), _compared_test_rows(out_dir)
-    expected = (_tfidf_accuracy(train, test, _word_vectorizer((1, 1))),
+    from .approaches import word_vectorizer
+
+    expected = (_tfidf_accuracy(train, test, word_vectorizer((1, 1))),
                 _tfidf_accuracy(train, test, TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True)))
     if _close(words, expected[0]) and _close(chars, expected[1]):
         base = _json(out_dir, "approaches.json")["tfidf_logreg"]["accuracy"]
@@ -635,7 +625,9 @@ def _tfidf_on_half(answer, *, out_dir, **_):
     """``tfidf_logreg``'s accuracy trained on the first half of the training rows."""
     value = _number(answer, "answer_2")
     train, test = _rows(out_dir, "train"), _compared_test_rows(out_dir)
-    expected = _tfidf_accuracy(train[:len(train) // 2], test, _word_vectorizer((1, 2)))
+    from .approaches import word_vectorizer
+
+    expected = _tfidf_accuracy(train[:len(train) // 2], test, word_vectorizer((1, 2)))
     full = _json(out_dir, "approaches.json")["tfidf_logreg"]["accuracy"]
     if _close(value, expected):
         return (f"一半的训练行 ({len(train) // 2}): {expected:.3f}, 全部 ({len(train)}): {full:.3f}, 差 "
