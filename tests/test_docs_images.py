@@ -114,7 +114,8 @@ def test_profiles_table_and_default_verdict_come_from_both_runs(tmp_path):
     table = U.profiles_table([(gemma, U.finished(gemma)), (qwen, U.finished(qwen))])
     assert ("| `qwen2.5-coder-0.5b` | Qwen2.5-Coder-0.5B-Instruct (Qwen; the Qwen2-0.5B architecture; Qwen's GGUF) | "
             "800 train / 500 test THUCNews headlines; lr 0.001, batch 8, 1 epoch(s), bfloat16 | **0.850** "
-            "(zero-shot 0.454, chance 0.324) | 0.870 (50 of 300 rows) | 10 min 12 s | 5.8 GiB | 2-core Test CPU, 2026-12-06 |") in table
+            "(zero-shot 0.454, chance 0.324) | 0.870 (50 of 300 rows) | 10 min 12 s | 5.8 GiB | "
+            "2-core Test CPU, 2026-12-06 |") in table
     assert "| `gemma3-270m` | Gemma 3 270M" in table and "| 6 min 29 s | 3.5 GiB |" in table
     assert ("its accuracy 0.850 is not above gemma3-270m's 0.880; its chain took 10 min 12 s, over `make demo`'s 8 "
             "minutes. So gemma3-270m stays the default") in table
