@@ -124,7 +124,8 @@ def profile_row(run: Path, metrics: dict) -> str:
         else "—"
     return (f"| `{metrics['profile']}` | {REAL.get(metrics['profile'], metrics['base_model'])} | "
             f"{training['train_rows']} train / {metrics['n_test']} test THUCNews headlines; lr "
-            f"{training['learning_rate']:g}, {training['num_train_epochs']:g} epoch(s), {config['dtype']} | "
+            f"{training['learning_rate']:g}, batch {training['per_device_train_batch_size']}, "
+            f"{training['num_train_epochs']:g} epoch(s), {config['dtype']} | "
             f"**{metrics['accuracy']:.3f}** (zero-shot {metrics['zero_shot']['accuracy']:.3f}, chance "
             f"{metrics['chance_accuracy']:.3f}) | {validation} | {english_time(seconds)} | {memory} | {where} |")
 

@@ -101,7 +101,8 @@ def _real_run(folder: Path, profile: str, accuracy: float, zero: float, seconds:
         "zero_shot": {"accuracy": zero}, "chance_accuracy": 0.3236,
         "validation": {"rows": 50, "of": 300, "accuracy": accuracy + 0.02}}))
     (folder / "run_config.json").write_text(json.dumps({
-        "dtype": "bfloat16", "training": {"train_rows": 800, "learning_rate": 0.001, "num_train_epochs": 1}}))
+        "dtype": "bfloat16", "training": {"train_rows": 800, "learning_rate": 0.001, "num_train_epochs": 1,
+                     "per_device_train_batch_size": 8}}))
     (folder / "chain.json").write_text(json.dumps({
         "seconds": seconds, "peak_kernel_rss_mib": rss_mib, "cpu": "2-core Test CPU", "date": "2026-12-06"}))
     return folder
@@ -112,8 +113,9 @@ def test_profiles_table_and_default_verdict_come_from_both_runs(tmp_path):
     qwen = _real_run(tmp_path / "demo-qwen", "qwen2.5-coder-0.5b", 0.85, 0.454, 612.4, 5939)
     table = U.profiles_table([(gemma, U.finished(gemma)), (qwen, U.finished(qwen))])
     assert ("| `qwen2.5-coder-0.5b` | Qwen2.5-Coder-0.5B-Instruct (Qwen; the Qwen2-0.5B architecture; Qwen's GGUF) | "
-            "800 train / 500 test THUCNews headlines; lr 0.001, 1 epoch(s), bfloat16 | **0.850** (zero-shot 0.454, "
-            "chance 0.324) | 0.870 (50 of 300 rows) | 10 min 12 s | 5.8 GiB | 2-core Test CPU, 2026-12-06 |") in table
+            "800 train / 500 test THUCNews headlines; lr 0.001, batch 8, 1 epoch(s), bfloat16 | **0.850** "
+            "(zero-shot 0.454, chance 0.324) | 0.870 (50 of 300 rows) | 10 min 12 s | 5.8 GiB | "
+            "2-core Test CPU, 2026-12-06 |") in table
     assert "| `gemma3-270m` | Gemma 3 270M" in table and "| 6 min 29 s | 3.5 GiB |" in table
     assert ("its accuracy 0.850 is not above gemma3-270m's 0.880; its chain took 10 min 12 s, over `make demo`'s 8 "
             "minutes. So gemma3-270m stays the default") in table

@@ -204,7 +204,8 @@ def test_profile_settings_are_the_best_validation_point_recorded():
     best = max(points, key=lambda p: p["val_accuracy"])
     profile = PROFILES["qwen2.5-coder-0.5b"]
     chosen = {"max_train_samples": profile["max_train_samples"], "learning_rate": profile["learning_rate"],
-              "num_train_epochs": profile["num_train_epochs"]}
+              "num_train_epochs": profile["num_train_epochs"],
+              "per_device_train_batch_size": profile["per_device_train_batch_size"]}
     assert {k: best["training"][k] for k in chosen} == chosen == {k: profile[k] for k in QWEN_CODER_TRAINING}
     assert all(p["training"][k] == p["setting"][k] for p in points for k in p["setting"])
     assert best["train_rows"] == profile["max_train_samples"]
