@@ -21,8 +21,6 @@ from _tiny_run import SAMPLE_TEST, subprocess_env, three_step_run
 from test_dashboard import free_port, raw_get, stop_group
 from test_serve import as_request, post, sample_rows, start_server
 
-from qwen_cls.cli import main
-
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.subprocess]
 
 LONG = "长" * 5000  # a 5000-character candidate: max_length=128 leaves no room for the text
@@ -264,10 +262,14 @@ def test_a_run_folder_replaced_during_a_pass_gets_no_answer(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("value", ["0", "63", "-5"])
-def test_max_length_is_checked_at_start_as_predict_checks_it(run_dir, tmp_path, value, capsys):
+def test_max_length_is_checked_at_start_as_predict_checks_it(run_dir, tmp_path, value):
+    """Before: 0 fell back to the run's max_length and the others started a server that failed every request."""
     port = free_port()
-    assert main(["serve", "--run", str(run_dir), "--port", str(port), "--max-length", value]) == 2
-    err = capsys.readouterr().err
+    result = subprocess.run([sys.executable, "-m", "qwen_cls", "serve", "--run", str(run_dir), "--port", str(port),
+                             "--max-length", value], capture_output=True, text=True, env=subprocess_env(), timeout=90)
+    assert result.returncode == 2
+    err = result.stderr
+    assert "Loading weights" not in err  # refused before the model loads
     code, predict_err = predict_error(run_dir, [{"text": "火箭", "category": ["A", "B"]}], tmp_path,
                                       "--max-length", value)
     assert code == 2
