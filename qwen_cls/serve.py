@@ -93,7 +93,7 @@ class Limits:
     queue_size: int = 64
     batch_size: int = 8
     max_wait_ms: float = 5.0
-    pass_candidates: int = 128
+    pass_candidates: int = 400  # batch_size x max_candidates: a full pass as before, a large request split
 
     FLAGS = {"max_body_bytes": "--max-body-bytes", "max_rows": "--max-rows", "max_text_chars": "--max-text-chars",
              "max_candidates": "--max-candidates", "queue_size": "--queue-size", "batch_size": "--batch-size",

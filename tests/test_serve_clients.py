@@ -76,7 +76,7 @@ def test_health_names_the_model_and_adapter_with_their_sha256(server, run_dir):
     assert state["model"] == "tiny" and state["model_path"] == str(resolve_model("tiny"))
     assert state["model_sha256_of"] == ["qwen_cls_manifest.json"]  # the manifest lists every file's SHA-256
     assert state["model_sha256"] == sha256sum_listing(Path(state["model_path"]), ["qwen_cls_manifest.json"])
-    assert state["max_length"] == 128 and state["pass_candidates"] == 128
+    assert state["max_length"] == 128 and state["pass_candidates"] == 400
 
 
 def test_a_row_predict_cannot_score_is_a_422_with_predicts_message(server, run_dir, tmp_path):
