@@ -25,6 +25,7 @@ from .files import read_jsonl, write_jsonl_atomic
 from .hub import TINY
 from .recipe import MAX_LENGTH
 from .run_record import ADAPTER, RUN_CONFIG, adapter_dir, check_run_finished, read_run_config
+from .tokenization import fit_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -181,20 +182,35 @@ def check_device(device) -> None:
         raise ValueError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
 
 
+def check_max_length(max_length) -> None:
+    """``ValueError`` naming ``--max-length`` unless it is ``None`` (the run's) or an integer of at least
+    :data:`~qwen_cls.profiles.MIN_MAX_LENGTH`: what ``predict`` and ``serve`` check before a model loads."""
+    from .profiles import MIN_MAX_LENGTH
+
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < MIN_MAX_LENGTH):
+        raise ValueError(f"--max-length must be an integer >= {MIN_MAX_LENGTH} (tokens per row; the prompt alone "
+                         f"takes about 50), got {max_length!r}")
+
+
+def check_row_fits(tokenizer, text: str, candidates: list[str], *, max_length: int) -> None:
+    """``ValueError`` when a row cannot be scored within ``max_length`` tokens (its candidates and the prompt leave
+    no room for the text): the check :func:`predict_rows` makes of every row before scoring
+    (:func:`~qwen_cls.tokenization.fit_prompts`), with its message, for one row. ``serve`` makes it when a request
+    arrives, so such a row is refused alone instead of failing the forward pass it would share."""
+    fit_prompts(tokenizer, [text], [list(candidates)], max_length)
+
+
 def check_predict_options(*, run=None, model=None, output=None, batch_size: int = 8,
                           max_length: int | None = None, device=None, min_confidence=None) -> None:
     """Every option of ``qwen-cls predict`` checked before a row is read or a model loads (exit 2, naming it)."""
     from .files import write_target
-    from .profiles import MIN_MAX_LENGTH
 
     if (run is None) == (model is None):
         raise ValueError("give exactly one of --run RUN_DIR or --model MODEL_DIR")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be an integer >= 1 (rows scored together), got {batch_size!r}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                   or max_length < MIN_MAX_LENGTH):
-        raise ValueError(f"--max-length must be an integer >= {MIN_MAX_LENGTH} (tokens per row; the prompt alone "
-                         f"takes about 50), got {max_length!r}")
+    check_max_length(max_length)
     for option, folder in (("--run", run), ("--model", model)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise NotADirectoryError(f"{option} {folder}: is a file, not a folder")

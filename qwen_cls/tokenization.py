@@ -107,8 +107,8 @@ def fit_prompts(tokenizer, texts, categories, max_length: int, system: str = SYS
             if keep[i] < 1:
                 raise ValueError(
                     f"max_length={max_length} leaves no room for the text: the system message, candidate list "
-                    f"{categories[i]} and answer alone take {len(ids[i]) - len(text_ends[i])}+ tokens; "
-                    "raise max_length"
+                    f"{shown_labels(categories[i])} and answer alone take {len(ids[i]) - len(text_ends[i])}+ "
+                    "tokens; raise max_length or shorten the candidates"
                 )
             cut_texts[i] = texts[i][: text_ends[i][keep[i] - 1]]
         fresh = _encode(tokenizer, [cut_texts[i] for i in todo], [categories[i] for i in todo], system)
@@ -118,6 +118,13 @@ def fit_prompts(tokenizer, texts, categories, max_length: int, system: str = SYS
         if not todo:
             return ids, cut_texts, full_lengths
     raise RuntimeError(f"could not fit rows {todo} into max_length={max_length}")
+
+
+def shown_labels(labels, width: int = 40) -> str:
+    """``labels`` as a message shows them: a label longer than ``width`` characters cut, with its length (a
+    5000-character candidate would otherwise fill the message)."""
+    return "[" + ", ".join(repr(label) if len(label) <= width else
+                           f"{label[:width // 2]!r}... ({len(label)} characters)" for label in labels) + "]"
 
 
 def _encode(tokenizer, texts, categories, system) -> list[list[int]]:
