@@ -62,7 +62,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .data import validate_row
-from .files import MANIFEST, file_sha256
+from .files import file_sha256
+from .manifests import MANIFEST
 from .hub import TINY
 from .predict import (
     add_model_source,

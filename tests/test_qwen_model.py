@@ -192,25 +192,24 @@ def test_real_tokenizer_speaks_chatml_with_qwen2s_ids(real_qwen):
     assert tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) == [151645, 151643]
 
 
-def test_profile_settings_are_the_best_validation_point_recorded():
-    """The qwen2.5-coder-0.5b profile's training settings are the recorded point with the highest validation
-    accuracy (benchmarks/choose_settings.py wrote the file; it never reads the test file)."""
-    from qwen_cls.profiles import PROFILES, QWEN_CODER_TRAINING
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b", "gemma3-270m"])
+def test_profile_settings_are_the_best_validation_point_recorded(name):
+    """Each real profile's training settings are the recorded point with the highest validation accuracy
+    (benchmarks/choose_settings.py wrote the file; it never reads the test file)."""
+    from qwen_cls.profiles import PROFILES
 
     record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" /
-                         "settings_qwen2.5-coder-0.5b.json").read_text(encoding="utf-8"))
+                         f"settings_{name}.json").read_text(encoding="utf-8"))
     points = record["points"]
-    assert len(points) >= 3 and record["cpu"] and all(p["val_rows"] == 300 for p in points)
+    assert len(points) >= 2 and record["cpu"] and all(p["val_rows"] == 300 for p in points)
     best = max(points, key=lambda p: p["val_accuracy"])
-    profile = PROFILES["qwen2.5-coder-0.5b"]
-    chosen = {"max_train_samples": profile["max_train_samples"], "learning_rate": profile["learning_rate"],
-              "num_train_epochs": profile["num_train_epochs"],
-              "per_device_train_batch_size": profile["per_device_train_batch_size"]}
-    assert {k: best["training"][k] for k in chosen} == chosen == {k: profile[k] for k in QWEN_CODER_TRAINING}
+    profile = PROFILES[name]
+    chosen = {key: profile[key] for key in ("max_train_samples", "learning_rate", "num_train_epochs",
+                                            "per_device_train_batch_size")}
+    assert {k: best["training"][k] for k in chosen} == chosen == record["chosen"]
     assert all(p["training"][k] == p["setting"][k] for p in points for k in p["setting"])
-    assert best["train_rows"] == profile["max_train_samples"]
-    assert profile["base_model"] == "qwen2.5-coder-0.5b" and profile["train_path"] == PROFILES["gemma3-270m"][
-        "train_path"] and profile["max_test_samples"] == PROFILES["gemma3-270m"]["max_test_samples"]
+    assert best["train_rows"] == profile["max_train_samples"] == PROFILES[name]["max_train_samples"]
+    assert profile["train_path"] == PROFILES["gemma3-270m"]["train_path"] and profile["validation_rows"] == 300
 
 
 def test_a_pinned_wheel_without_its_chunk_is_named(fake, monkeypatch, capsys):
