@@ -63,8 +63,8 @@ from typing import Iterator
 
 from .data import validate_row
 from .files import file_sha256
-from .manifests import MANIFEST
 from .hub import TINY
+from .manifests import MANIFEST
 from .predict import (
     add_model_source,
     check_causal_lm,

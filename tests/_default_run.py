@@ -44,8 +44,8 @@ def make_default_run(out: Path) -> Path:
     from datasets import Dataset
     from safetensors.torch import save_file
 
-    from qwen_cls.data import read_raw_rows, sample_rows, split_train_validation, to_instruction_row
     from qwen_cls.approaches import word_vectorizer
+    from qwen_cls.data import read_raw_rows, sample_rows, split_train_validation, to_instruction_row
     from qwen_cls.exercises import _tfidf_accuracy
     from qwen_cls.metrics import classification_metrics
     from qwen_cls.model import load_model, load_tokenizer, resolve_model
