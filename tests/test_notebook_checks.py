@@ -147,6 +147,9 @@ def test_03_shared_prefix_check_holds(tiny_dir, dtype, capsys):
 def test_03_reloaded_adapter_check_holds(tiny_dir, tmp_path, dtype, capsys):
     """03's reload cell, run as it is on an adapter saved by ``run_record.save_training``: the reloaded model's
     scores equal the trained one's; an adapter that is not the model's fails the check."""
+    from types import MethodType, SimpleNamespace
+
+    from accelerate.utils import convert_outputs_to_fp32, extract_model_from_parallel
     from peft import get_peft_model
 
     from qwen_cls import run_record
@@ -160,9 +163,15 @@ def test_03_reloaded_adapter_check_holds(tiny_dir, tmp_path, dtype, capsys):
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # a trained adapter moves the scores
     run_record.save_training(tmp_path, model, tokenizer, {}, [])
-    namespace = {"model": model, "tokenizer": tokenizer, "base_model": str(tiny_dir), "dtype": dtype,
-                 "device": torch.device("cpu"), "adapter_dir": tmp_path / "adapter", "monitor_rows": ROWS,
-                 "max_length": 384, "torch": torch, "float32_weights": M.float32_weights}
+    if dtype == torch.bfloat16:  # what Trainer's accelerate leaves on a model trained in bfloat16: an autocast forward
+        model._original_forward = model.forward
+        model.forward = MethodType(convert_outputs_to_fp32(torch.autocast("cpu", dtype=dtype)(model.forward.__func__)),
+                                   model)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(
+        unwrap_model=lambda m, keep_fp32_wrapper=True: extract_model_from_parallel(m, keep_fp32_wrapper)))
+    namespace = {"model": model, "trainer": trainer, "tokenizer": tokenizer, "base_model": str(tiny_dir),
+                 "dtype": dtype, "device": torch.device("cpu"), "adapter_dir": tmp_path / "adapter",
+                 "monitor_rows": ROWS, "max_length": 384, "torch": torch, "float32_weights": M.float32_weights}
     cell = cell_with("03_lora_training.ipynb", "PeftModel.from_pretrained(")
     exec(cell, namespace)  # asserts inside
     assert "2 行的候选分数和训练好的模型相同" in capsys.readouterr().out
