@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (Gemma 3 270M really learning on THUCNews, about 7 min on 2 CPU
+# Two commands on a fresh machine: `make demo` (Gemma 3 270M really learning on THUCNews, 5-8 min on 2 CPU
 # cores, offline after setup) and `make test`. `make demo-tiny`: the 1-minute mechanics run on the random tiny model.
 PYTHON ?= python3
 VENV   ?= .venv
