@@ -116,6 +116,10 @@ def score_candidates(model, tokenizer, rows, *, max_length: int = MAX_LENGTH, ba
                      by_length: bool = True) -> list[Scored]:
     """Score each row's candidates in batches, reusing the prompt's KV cache across candidates.
 
+    Taught in notebook 04, whose ``score_row`` writes the rule out (one full forward per candidate, the answer
+    tokens' log-probabilities summed) and checks this gives the same scores; what this adds is speed: batches,
+    the shared prompt prefix run once, each row's prompt run once for all its candidates.
+
     ``examples``: per row, retrieved ``{text, label}`` examples for RAG prompts (see ``qwen_cls.rag``).
     ``prefix_cache``: the tokens every row's prompt starts with (:func:`shared_prefix_length`) run once; their
     KV cache is copied to every row of a batch, which then runs only its own tokens. The rows are padded

@@ -48,7 +48,6 @@ import concurrent.futures
 import copy
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import queue
@@ -64,6 +63,7 @@ from typing import Iterator
 from .data import validate_row
 from .files import file_sha256
 from .hub import TINY
+from .local_server import HOST, SAFE_METHODS, LocalGuard, is_loopback
 from .manifests import MANIFEST
 from .predict import (
     add_model_source,
@@ -80,9 +80,7 @@ from .predict import (
 from .recipe import MAX_LENGTH
 from .run_record import ADAPTER, ADAPTER_CONFIG, ADAPTER_WEIGHTS, RUN_CONFIG, check_run_finished, read_run_config
 
-HOST = "127.0.0.1"
 DEFAULT_PORT = 8092
-SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 STATIC = Path(__file__).with_name("serve_page.html")  # the page at /
 DOCS_ASSETS = "/docs/assets/"  # Swagger UI's files, from the installed package `fastapi-offline`, served at /docs
 DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
@@ -122,16 +120,6 @@ class RequestError(ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and the loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------- requests
@@ -463,53 +451,33 @@ class Batcher:
 # ---------------------------------------------------------------- the guard
 
 
-async def _error(send, status: int, message: str, headers: list | None = None) -> None:
-    body = json.dumps({"detail": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class ServeGuard:
-    """ASGI wrapper: own ``Host`` only, no changes from another site's page, the API key, the body limit.
-
-    Like :class:`qwen_cls.dashboard.Guard` (the project's rule for local servers), but the allowed hosts follow
-    ``--host`` and the body is read here, at most ``max_body_bytes`` of it, before the app sees it."""
+class ServeGuard(LocalGuard):
+    """The project's rule for local servers (:class:`qwen_cls.local_server.LocalGuard`: own ``Host`` only, no
+    changes from another site's page), the hosts following ``--host``; then the API key, and the body read here,
+    at most ``max_body_bytes`` of it, before the app sees it."""
 
     def __init__(self, app, host: str, port: int, *, api_key: str | None, max_body_bytes: int):
-        self.app, self.port, self.api_key, self.max_body_bytes = app, port, api_key, max_body_bytes
-        self.check_host = is_loopback(host)  # bound elsewhere (with a key), the machine's every name may be used
         names = {host, HOST, "localhost"} if is_loopback(host) else {host}
         names = {f"[{n}]" if ":" in n else n for n in names}  # IPv6 literals appear bracketed in Host
-        self.hosts = {f"{n}:{port}".lower() for n in names}
-        self.origins = {f"http://{h}" for h in self.hosts}
-        self.base = f"http://{sorted(names)[0]}:{port}"
+        # bound elsewhere (with a key), the machine's every name may be used: no Host check
+        super().__init__(app, {f"{n}:{port}" for n in names}, base=f"http://{sorted(names)[0]}:{port}",
+                         check_host=is_loopback(host))
+        self.port, self.api_key, self.max_body_bytes = port, api_key, max_body_bytes
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.check_host and headers.get("host", "").lower() not in self.hosts:
-            return await _error(send, 403, f"this server answers only requests to {self.base}")
+    async def inner(self, scope, receive, send, headers):
         method = scope.get("method", "GET")
-        origin = headers.get("origin")
-        if method not in SAFE_METHODS and origin is not None and origin.lower() not in self.origins:
-            return await _error(send, 403, "requests from another site's page are refused")
-        if headers.get("sec-fetch-site") == "cross-site":
-            return await _error(send, 403, "requests from another site's page are refused")
         if self.api_key is not None and scope["path"].startswith("/v1/"):
             scheme, _, token = headers.get("authorization", "").strip().partition(" ")
             token = token.strip() if scheme.lower() == "bearer" else ""  # the scheme's case does not matter (RFC 7235)
             if not hmac.compare_digest(token.encode("latin-1", "replace"), self.api_key.encode("latin-1")):
-                return await _error(send, 401, "missing or wrong API key: send Authorization: Bearer KEY",
-                                    [(b"www-authenticate", b"Bearer")])
+                return await self.refuse(send, 401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                         [(b"www-authenticate", b"Bearer")])
         if method in SAFE_METHODS:
             return await self.app(scope, receive, send)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await _error(send, 413, f"the body has {declared} bytes; this server's limit is "
-                                           f"{self.max_body_bytes} (--max-body-bytes)")
+            return await self.refuse(send, 413, f"the body has {declared} bytes; this server's limit is "
+                                                f"{self.max_body_bytes} (--max-body-bytes)")
         body, more = b"", True
         while more:
             message = await receive()
@@ -518,8 +486,8 @@ class ServeGuard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
-                return await _error(send, 413, f"the body has more than {self.max_body_bytes} bytes; this "
-                                               f"server's limit is {self.max_body_bytes} (--max-body-bytes)")
+                return await self.refuse(send, 413, f"the body has more than {self.max_body_bytes} bytes; this "
+                                                    f"server's limit is {self.max_body_bytes} (--max-body-bytes)")
         replayed = False
 
         async def replay():

@@ -152,8 +152,9 @@ def _logits_with_shared_prefix(model, inputs: dict, mask: torch.Tensor, n: int) 
 def answer_only_loss(model, inputs: dict, num_items_in_batch=None, *, share_prefix: bool = False) -> torch.Tensor:
     """Cross-entropy over answer tokens, computing logits only at the positions that predict them.
 
-    ``share_prefix``: the tokens every row of the batch starts with (the chat template and system message)
-    run once for the batch instead of once per row (:func:`batch_shared_prefix`)."""
+    Taught in notebook 03, section 5, which writes it out (without ``share_prefix``) and checks it equals this one;
+    what this adds: ``share_prefix``, the tokens every row of the batch starts with (the chat template and system
+    message) run once for the batch instead of once per row (:func:`batch_shared_prefix`, 03's next section)."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     mask, targets = answer_positions(labels)
@@ -163,8 +164,8 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None, *, share_pref
     else:
         logits = model(**inputs, logits_to_keep=mask, use_cache=False).logits  # (n_answer_tokens, vocab)
     loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-    denominator = num_items_in_batch if num_items_in_batch is not None else targets.numel()
-    return loss / denominator
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    return loss / count
 
 
 class AnswerOnlyTrainer(Trainer):

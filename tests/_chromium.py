@@ -1,6 +1,7 @@
 """Headless Chromium driven over the DevTools protocol, as a reader meets a page: every request the page makes
 is recorded (and names other than 127.0.0.1 do not resolve: the network is off), with failed loads and
-uncaught script errors, for ``tests/test_book.py`` and the offline ``/docs`` test of ``tests/test_serve.py``."""
+uncaught script errors, for ``tests/test_book.py`` and the page and offline ``/docs`` tests of
+``tests/test_serve.py``."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -369,84 +368,32 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(run_dir):
     assert len(answered) == accepted
 
 
-def cdp(ws, method: str, **params) -> dict:
-    """One Chrome DevTools Protocol call over the websocket ``ws``; its result."""
-    cdp.counter = getattr(cdp, "counter", 0) + 1
-    ws.send(json.dumps({"id": cdp.counter, "method": method, "params": params}))
-    while True:
-        message = json.loads(ws.recv())
-        if message.get("id") == cdp.counter:
-            assert "error" not in message, message
-            return message["result"]
-
-
-def evaluate(ws, expression: str):
-    return cdp(ws, "Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-
-def wait_for(ws, expression: str, values: tuple, seconds: float = 120) -> None:
-    """Poll ``expression`` in the page until it is one of ``values`` (a loaded machine may be slow)."""
-    deadline = time.monotonic() + seconds
-    while (value := evaluate(ws, expression)) not in values:
-        assert time.monotonic() < deadline, (expression, value, evaluate(ws, "document.body.innerText")[-500:])
-        time.sleep(0.1)
-
-
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (/usr/bin/chromium); .ci/run installs it")
 def test_page_in_headless_chromium_shows_the_prediction_and_bars(server):
-    import urllib.request
-
-    import websocket
+    from _chromium import chromium_tab
 
     url, _ = server
     headline = "神舟飞船发射成功，航天员顺利进入空间站"
     candidates = ["Space", "Sports", "Economy"]
     status, expected, _ = post(url, {"text": headline, "candidates": candidates})
     assert status == 200
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        browser = subprocess.Popen(
-            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-             "--remote-allow-origins=*", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        ws = None
-        try:
-            active = Path(profile) / "DevToolsActivePort"
-            deadline = time.monotonic() + 120
-            while not (active.is_file() and active.read_text().strip()):
-                assert time.monotonic() < deadline and browser.poll() is None, "Chromium did not start"
-                time.sleep(0.2)
-            debug_port = active.read_text().split()[0]
-            while True:
-                with urllib.request.urlopen(f"http://127.0.0.1:{debug_port}/json/list", timeout=10) as response:
-                    pages = [p for p in json.loads(response.read()) if p["type"] == "page"]
-                if pages:
-                    break
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-            ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30)
-            cdp(ws, "Page.navigate", url=url + "/")
-            wait_for(ws, "document.readyState === 'complete' && document.getElementById('classify') !== null", (True,))
-            cdp(ws, "Page.bringToFront")
-            cdp(ws, "Emulation.setFocusEmulationEnabled", enabled=True)  # focus() holds in a headless window
-            evaluate(ws, "document.getElementById('text').focus()")
-            cdp(ws, "Input.insertText", text=headline)  # typed, as a user would
-            evaluate(ws, "document.getElementById('candidates').focus()")
-            evaluate(ws, "document.getElementById('candidates').select()")
-            cdp(ws, "Input.insertText", text=", ".join(candidates))  # the edited candidates replace the defaults
-            assert evaluate(ws, "document.getElementById('text').value") == headline
-            assert evaluate(ws, "document.getElementById('candidates').value") == ", ".join(candidates)
-            evaluate(ws, "document.getElementById('classify').click()")
-            wait_for(ws, "document.body.dataset.state || ''", ("done", "error"))
-            assert evaluate(ws, "document.getElementById('error').textContent") == ""
-            shown = evaluate(ws, "document.getElementById('prediction').textContent")
-            bars = evaluate(ws, "[...document.querySelectorAll('#bars .row')].map(r => [r.dataset.label, "
-                                "Number(r.dataset.probability), r.querySelector('.fill').style.width])")
-        finally:
-            if ws is not None:
-                ws.close()
-            stop_group(browser)
+    with chromium_tab() as tab:
+        tab.open(url + "/", "document.readyState === 'complete' && document.getElementById('classify') !== null")
+        tab.call("Page.bringToFront")
+        tab.call("Emulation.setFocusEmulationEnabled", enabled=True)  # focus() holds in a headless window
+        tab.evaluate("document.getElementById('text').focus()")
+        tab.call("Input.insertText", text=headline)  # typed, as a user would
+        tab.evaluate("document.getElementById('candidates').focus()")
+        tab.evaluate("document.getElementById('candidates').select()")
+        tab.call("Input.insertText", text=", ".join(candidates))  # the edited candidates replace the defaults
+        assert tab.evaluate("document.getElementById('text').value") == headline
+        assert tab.evaluate("document.getElementById('candidates').value") == ", ".join(candidates)
+        tab.evaluate("document.getElementById('classify').click()")
+        tab.wait_for("['done', 'error'].includes(document.body.dataset.state || '')", seconds=120)
+        assert tab.evaluate("document.getElementById('error').textContent") == ""
+        shown = tab.evaluate("document.getElementById('prediction').textContent")
+        bars = tab.evaluate("[...document.querySelectorAll('#bars .row')].map(r => [r.dataset.label, "
+                            "Number(r.dataset.probability), r.querySelector('.fill').style.width])")
     assert shown == expected["prediction"]
     assert sorted(label for label, _, _ in bars) == sorted(candidates)
     for label, p, width in bars:

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs
 
+from ..local_server import HOST, LocalGuard
 from ..tracking import LOG_SUBDIR, TrackingError, dashboard_available, log_dir_of
 
-HOST = "127.0.0.1"
 DEFAULT_PORT = 5092  # swanlab watch's default
 DATABASE = "runs.swanlab"  # the database swanboard keeps beside the run folders
 MEDIA_PREFIX = "/api/v1/media/"
-SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
 def find_log_dir(path: str | os.PathLike) -> Path:
@@ -113,31 +112,29 @@ def media_file(log_dir: Path, run_id: str, tag_folder: str, relative: str) -> Pa
     return target
 
 
-class Guard:
-    """ASGI wrapper around swanboard's app: own ``Host`` only, media confined to ``log_dir``, no echoes."""
+class Guard(LocalGuard):
+    """swanboard's app behind the project's rule for local servers (:class:`qwen_cls.local_server.LocalGuard`: own
+    ``Host`` only, changes only from its own page, its ``/api/`` not for another site's page); media confined to
+    ``log_dir``, no echoes."""
+
+    messages = {"host": "this dashboard answers only {base}",
+                "origin": "changes are accepted only from the dashboard's own page",
+                "cross-site": "the dashboard's API answers only its own page"}  # e.g. swanboard's GET .../stop
 
     def __init__(self, app, log_dir: str | os.PathLike, port: int):
-        self.app, self.log_dir, self.port = app, Path(log_dir).resolve(), port
-        self.hosts = {f"{HOST}:{port}", f"localhost:{port}"}
+        hosts = {f"{HOST}:{port}", f"localhost:{port}"}
         if port == 80:  # a browser leaves the default port out of Host (and Origin): http://127.0.0.1/
-            self.hosts |= {HOST, "localhost"}
-        self.origins = {f"http://{h}" for h in self.hosts}
+            hosts |= {HOST, "localhost"}
+        super().__init__(app, hosts, base=url(port), cross_site_prefix="/api/")
+        self.log_dir, self.port = Path(log_dir).resolve(), port
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if headers.get("host", "").lower() not in self.hosts:
-            return await _plain(send, 403, f"this dashboard answers only {url(self.port)}")
-        origin = headers.get("origin")
-        if scope.get("method", "GET") not in SAFE_METHODS and origin is not None and origin not in self.origins:
-            return await _plain(send, 403, "changes are accepted only from the dashboard's own page")
-        if scope["path"].startswith("/api/") and headers.get("sec-fetch-site") == "cross-site":
-            # another site's page (an <img>, a fetch) calling the API, e.g. swanboard's GET .../stop
-            return await _plain(send, 403, "the dashboard's API answers only its own page")
+    async def inner(self, scope, receive, send, headers):
         if scope["type"] == "http" and scope["path"].startswith(MEDIA_PREFIX):
             return await self.media(scope, receive, send)
         return await self.app(scope, receive, send)
+
+    async def refuse(self, send, status: int, message: str, headers: list | None = None) -> None:
+        await _plain(send, status, message)
 
     async def media(self, scope, receive, send):
         """swanboard's media route, confined: ``/api/v1/media/<file>?tag=...&experiment_id=...``."""
