@@ -125,13 +125,14 @@ def test_lab_default_folder_is_git_ignored():
 
 
 def test_committed_profile_injects_only_the_run_folder_overrides_and_edited_defaults():
-    params = {"profile": "gemma3-270m", "out_dir": "/abs/run", "seed": 7, "learning_rate": 1e-3, "max_length": 128}
-    defaults = {"profile": "gemma3-270m", "max_length": 128, "learning_rate": 1e-3, "seed": 42,
+    lr = PROFILES["gemma3-270m"]["learning_rate"]  # the committed profile's value
+    params = {"profile": "gemma3-270m", "out_dir": "/abs/run", "seed": 7, "learning_rate": lr, "max_length": 128}
+    defaults = {"profile": "gemma3-270m", "max_length": 128, "learning_rate": lr, "seed": 42,
                 "out_dir": "../runs/gemma3-270m"}
     assert injected_parameters("gemma3-270m", params, defaults) == {"out_dir": "/abs/run"}
     assert injected_parameters("gemma3-270m", params, defaults, {"seed": 7}) == {"seed": 7, "out_dir": "/abs/run"}
     edited = {**defaults, "learning_rate": 5e-3}  # a learner changed the committed cell: the profile still rules
-    assert injected_parameters("gemma3-270m", params, edited) == {"learning_rate": 1e-3, "out_dir": "/abs/run"}
+    assert injected_parameters("gemma3-270m", params, edited) == {"learning_rate": lr, "out_dir": "/abs/run"}
     assert injected_parameters("tiny", params, defaults) == {k: params[k] for k in defaults}  # another profile: all
 
 
@@ -150,7 +151,7 @@ def test_run_injects_only_the_run_folder_for_the_committed_profile(tmp_path, mon
     for name, (parameters, cwd) in calls.items():
         assert parameters == {"out_dir": str(tmp_path / "demo")}, name
         assert cwd == str(NB_DIR)  # the committed relative paths (../data/thucnews/...) resolve from here
-    assert json.loads((run / "params.json").read_text(encoding="utf-8"))["learning_rate"] == 1e-3
+    assert json.loads((run / "params.json").read_text(encoding="utf-8"))["learning_rate"] == 5e-4  # 03's cell
 
     calls.clear()
     run_chain("tiny", tmp_path / "tiny", {"seed": 3}, progress=False, log_output=False)
