@@ -496,6 +496,15 @@ def _answers_longer_than_one_token(answer, *, out_dir, tokenizer, **_):
 # 05 RAG
 
 
+def _wrong_pair(got: tuple[float, float], expected: tuple[float, float], names: tuple[str, str], how: str):
+    """The hint for a pair of accuracies that is not ``expected``: the two swapped, or which one is off and ``how``
+    to compute it."""
+    if _close(got[0], expected[1]) and _close(got[1], expected[0]):
+        return _Wrong(f"顺序反了: ({names[0]} 的 accuracy, {names[1]} 的 accuracy)")
+    which = names[0] if not _close(got[0], expected[0]) else names[1]
+    return _Wrong(f"{which} 的不对: {how}")
+
+
 @_exercise("05.1")
 def _vote_at_k_1_and_10(answer, *, out_dir, **_):
     """(retrieval-vote accuracy with k=1, with k=10) on 05's test rows, from the saved retriever."""
@@ -518,11 +527,9 @@ def _vote_at_k_1_and_10(answer, *, out_dir, **_):
                 "k = 1 只听最相似的一条; k 大一些能纠正个别错误的邻居, 但靠后的邻居越来越不像查询 "
                 "(按 BM25 得分加权让它们分量更小)。"
                 "RAG prompt 的长度固定: 例子越多, 留给查询正文的 token 越少。")
-    if _close(at_1, expected[1]) and _close(at_10, expected[0]):
-        raise _Wrong("顺序反了: (k = 1 的 accuracy, k = 10 的 accuracy)")
-    which = "k = 1" if not _close(at_1, expected[0]) else "k = 10"
-    raise _Wrong(f"{which} 的不对: found = retriever.retrieve_batch([row['text'] for row in test_rows], k), 再用第 2 "
-                 "节的 retrieval_vote(..., prior=retriever.label_counts) 和 classification_metrics")
+    raise _wrong_pair((at_1, at_10), expected, ("k = 1", "k = 10"),
+                      "found = retriever.retrieve_batch([row['text'] for row in test_rows], k), 再用第 2 "
+                      "节的 retrieval_vote(..., prior=retriever.label_counts) 和 classification_metrics")
 
 
 @_exercise("05.2")
@@ -613,11 +620,9 @@ def _tfidf_variants(answer, *, out_dir, **_):
                 "仍和训练行有重叠。"
                 + ("合成的 tiny 样例上什么都分得开, 差别要在真实的 THUCNews 上看 (gemma3-270m profile)。"
                    if _json(out_dir, "run_config.json")["base_model"] == "tiny" else ""))
-    if _close(words, expected[1]) and _close(chars, expected[0]):
-        raise _Wrong("顺序反了: (jieba 词 (1, 1) 的 accuracy, 按字 (1, 2) 的 accuracy)")
-    which = "jieba 词 (1, 1)" if not _close(words, expected[0]) else "按字 (1, 2)"
-    raise _Wrong(f"{which} 的不对: 除了 TfidfVectorizer 的参数, 其余和第 2 节相同 (sublinear_tf=True, "
-                 "LogisticRegression(C=10.0, max_iter=1000), restricted_rows 只在候选里选)")
+    raise _wrong_pair((words, chars), expected, ("jieba 词 (1, 1)", "按字 (1, 2)"),
+                      "除了 TfidfVectorizer 的参数, 其余和第 2 节相同 (sublinear_tf=True, "
+                      "LogisticRegression(C=10.0, max_iter=1000), restricted_rows 只在候选里选)")
 
 
 @_exercise("06.2")

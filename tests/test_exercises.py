@@ -304,8 +304,12 @@ def _multi_token_answers(o) -> int:
     ("03.2", lambda a, o: (a[0] // 2, a[1]), "r = 8"),
     ("03.3", lambda a, o: 1 / a, "倒过来"),
     ("04.2", lambda a, o: len(o["04"]["scored"]) - a, "没变"),
+    ("05.1", lambda a, o: (a[1], a[0]), "顺序反了"),
+    ("05.1", lambda a, o: (a[0], a[1] + 0.1), "k = 10 的不对"),
     ("05.2", lambda a, o: 0, "不排除其他测试行"),
     ("05.3", lambda a, o: (a[1], a[0]), "顺序反了"),
+    ("06.1", lambda a, o: (a[1], a[0]), "顺序反了"),
+    ("06.1", lambda a, o: (a[0] + 0.1, a[1]), "jieba 词 (1, 1) 的不对"),
     ("06.3", lambda a, o: (a[0] + a[1], a[1]), "所有保存的"),
 ])
 def test_likely_slips_get_their_own_hint(key, slip, hint, objects, tmp_path, monkeypatch):
