@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -128,26 +129,29 @@ def test_the_seq_cls_head_has_a_class_per_training_label_only(tiny_dir):
 
 # --- qwen-cls run: before anything runs ---------------------------------------------------------------------------
 
-def test_run_refuses_a_one_label_training_file_before_any_notebook(tmp_path, capsys):
-    train = write_raw(tmp_path / "train.jsonl", [r for r in TRAIN if r["output"] == "Economy"])
+def refused_run(tmp_path, capsys, train_rows, *params: str) -> tuple[Path, str]:
+    """``qwen-cls run`` on ``train_rows`` and the test rows with ``-p`` ``params``: exit 2 and no run folder
+    asserted; (the training file, stderr)."""
+    train = write_raw(tmp_path / "train.jsonl", train_rows)
     test = write_raw(tmp_path / "test.jsonl", TEST)
     out = tmp_path / "out"
+    pairs = [arg for key, value in zip(params[::2], params[1::2]) for arg in ("-p", key, value)]
     assert main(["run", "--out", str(out), "-p", "train_path", str(train), "-p", "test_path", str(test),
-                 "-p", "validation_rows", "2"]) == 2
-    err = capsys.readouterr().err
+                 *pairs]) == 2
+    assert not out.exists()  # nothing created, no notebook executed
+    return train, capsys.readouterr().err
+
+
+def test_run_refuses_a_one_label_training_file_before_any_notebook(tmp_path, capsys):
+    train, err = refused_run(tmp_path, capsys, [r for r in TRAIN if r["output"] == "Economy"], "validation_rows", "2")
     assert f"{train}: the training rows have only the label 'Economy'" in err and "at least 2 distinct" in err
-    assert "Traceback" not in err and not out.exists()  # nothing created, no notebook executed
+    assert "Traceback" not in err
 
 
 def test_run_refuses_a_sample_of_one_label_naming_max_train_samples(tmp_path, capsys):
-    train = write_raw(tmp_path / "train.jsonl", TRAIN)
-    test = write_raw(tmp_path / "test.jsonl", TEST)
-    out = tmp_path / "out"
-    assert main(["run", "--out", str(out), "-p", "train_path", str(train), "-p", "test_path", str(test),
-                 "-p", "max_train_samples", "1"]) == 2
-    err = capsys.readouterr().err
+    train, err = refused_run(tmp_path, capsys, TRAIN, "max_train_samples", "1")
     assert f"{train}: the 1 training rows 01 keeps (max_train_samples=1, seed=42)" in err
-    assert "use more of the file (max_train_samples)" in err and not out.exists()
+    assert "use more of the file (max_train_samples)" in err
 
 
 def test_preflight_warns_of_test_labels_unseen_in_training(tmp_path, capsys):
@@ -166,11 +170,6 @@ def test_preflight_warns_of_test_labels_unseen_in_training(tmp_path, capsys):
 
 def test_run_refuses_a_training_file_too_small_for_its_validation_rows(tmp_path, capsys):
     """01's split needs validation_rows + max_train_samples rows (8 Economy rows: 8 validation leave no training)."""
-    train = write_raw(tmp_path / "train.jsonl", [r for r in TRAIN if r["output"] == "Economy"])
-    test = write_raw(tmp_path / "test.jsonl", TEST)
-    out = tmp_path / "out"
-    assert main(["run", "--out", str(out), "-p", "train_path", str(train), "-p", "test_path", str(test),
-                 "-p", "validation_rows", "8"]) == 2
-    err = capsys.readouterr().err
+    train, err = refused_run(tmp_path, capsys, [r for r in TRAIN if r["output"] == "Economy"], "validation_rows", "8")
     assert f"{train}: 8 rows, fewer than 8 validation + 1 training rows" in err and "validation_rows=8" in err
-    assert "Traceback" not in err and not out.exists()
+    assert "Traceback" not in err
