@@ -4,7 +4,8 @@ Qwen2 architecture in bfloat16 and float32, with a LoRA adapter that is not zero
 
 A bfloat16 model sums in another order on each path (one forward per candidate vs a shared KV cache), and the
 rounding grows with the depth and the rows' length: the checks compare in float32 (``model.float32_weights``),
-so they hold for the real 24-layer Qwen2 as for the tiny one.
+so they hold for the real 24-layer Qwen2 as for the tiny one. 03's reload check needs no float32 copy: the trained
+and the reloaded model hold the same weights in the same dtype and compute alike once accelerate's autocast is off.
 """
 
 from __future__ import annotations
@@ -163,10 +164,13 @@ def test_03_reloaded_adapter_check_holds(tiny_dir, tmp_path, dtype, capsys):
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # a trained adapter moves the scores
     run_record.save_training(tmp_path, model, tokenizer, {}, [])
-    if dtype == torch.bfloat16:  # what Trainer's accelerate leaves on a model trained in bfloat16: an autocast forward
+    def wrap_autocast():  # what Trainer's accelerate leaves on a model trained in bfloat16: an autocast forward
         model._original_forward = model.forward
         model.forward = MethodType(convert_outputs_to_fp32(torch.autocast("cpu", dtype=dtype)(model.forward.__func__)),
                                    model)
+
+    if dtype == torch.bfloat16:
+        wrap_autocast()
     trainer = SimpleNamespace(accelerator=SimpleNamespace(
         unwrap_model=lambda m, keep_fp32_wrapper=True: extract_model_from_parallel(m, keep_fp32_wrapper)))
     namespace = {"model": model, "trainer": trainer, "tokenizer": tokenizer, "base_model": str(tiny_dir),
@@ -175,7 +179,53 @@ def test_03_reloaded_adapter_check_holds(tiny_dir, tmp_path, dtype, capsys):
     cell = cell_with("03_lora_training.ipynb", "PeftModel.from_pretrained(")
     exec(cell, namespace)  # asserts inside
     assert "2 行的候选分数和训练好的模型相同" in capsys.readouterr().out
+    assert namespace["gap"] == 0.0  # same weights, same dtype, same operations: bit for bit
+    if dtype == torch.bfloat16:  # the autocast left on: the trained model computes otherwise, the check fails
+        wrap_autocast()
+        with pytest.raises(AssertionError):
+            exec(cell.replace("model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)", ""),
+                 dict(namespace, model=model))
+        model.forward = model.__dict__.pop("_original_forward")
     with torch.no_grad():  # another adapter: the check must fail
         next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
     with pytest.raises(AssertionError):
         exec(cell, dict(namespace))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_06_written_out_seq_cls_model_equals_the_library_loader(tiny_dir, tmp_path, dtype):
+    """06's cell writes ``AutoModelForSequenceClassification.from_pretrained(...)`` out; predict and export load
+    the head with ``approaches.load_seq_cls_base``. Run the cell as committed: same config (labels both ways, pad
+    token), a float32 head of the same shape, the same body weights in the run's dtype; only the random head
+    differs. (The notebook no longer loads a second base to check this: a 0.5B model's worth of memory.)"""
+    from types import SimpleNamespace
+
+    from qwen_cls.approaches import SEQ_CLS_HEAD, load_seq_cls_base
+    from qwen_cls.data import training_labels
+    from qwen_cls.train import recipe_lora_config
+
+    record = {"dtype": dtype, "base_model": str(tiny_dir), "max_length": 64}
+    (tmp_path / "run_config.json").write_text(json.dumps(record))
+    train_rows = ROWS
+    labels = training_labels(train_rows)
+    config = recipe_lora_config(M.load_model(tiny_dir, device="cpu")[0])
+    namespace = {"training_labels": training_labels, "train_rows": train_rows, "base_model": str(tiny_dir),
+                 "tfidf_logreg": SimpleNamespace(classes_=labels), "seed": 0, "out_dir": tmp_path,
+                 "run_config": {"lora": {"target_modules": sorted(config.target_modules), "r": config.r,
+                                         "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}}}
+    exec(cell_with("06_approaches.ipynb", "AutoModelForSequenceClassification.from_pretrained("), namespace)
+    mine = namespace["seq_model"].base_model.model  # under PEFT's wrapper
+    body_dtype = M.trained_dtype({"dtype": dtype}, "cpu")  # what run_dtype gives the cell on this machine
+    reference, _ = load_seq_cls_base(str(tiny_dir), labels, device="cpu", dtype=body_dtype)
+    for key in ("num_labels", "id2label", "label2id", "pad_token_id"):
+        assert getattr(mine.config, key) == getattr(reference.config, key), key
+    assert mine.config.id2label == dict(enumerate(["Finance", "Game", "Sports"]))
+    head = getattr(mine, SEQ_CLS_HEAD).modules_to_save["default"].weight
+    assert head.shape == getattr(reference, SEQ_CLS_HEAD).weight.shape == (3, mine.config.hidden_size)
+    assert head.dtype == getattr(reference, SEQ_CLS_HEAD).weight.dtype == torch.float32
+    theirs = dict(reference.named_parameters())
+    body = {name.replace(".base_layer", ""): p for name, p in mine.named_parameters()
+            if "lora_" not in name and SEQ_CLS_HEAD not in name}
+    assert set(body) == {n for n in theirs if SEQ_CLS_HEAD not in n}
+    assert all(torch.equal(p, theirs[name]) and p.dtype == body_dtype for name, p in body.items())
