@@ -28,9 +28,9 @@ from typing import Callable
 
 import torch
 
+from .chain.locks import hold_lock
 from .files import atomic_dir, check_folder_path, check_output_folder, save_tokenizer, save_weights
 from .hub import ModelNotFound, cache_dir
-from .locks import hold_lock
 from .manifests import (
     OWNER_FILE,
     build_state,

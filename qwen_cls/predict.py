@@ -1,14 +1,16 @@
-"""``qwen-cls predict``: classify raw rows with a trained run (base + adapter) or an exported model.
+"""Classify rows with a trained run (base + adapter) or an exported model: what ``qwen-cls predict`` and ``serve``
+compute, and what notebooks 04-07 load a run with.
 
-Every row gets ``prediction`` (always one of its candidates: candidate scoring, not free generation),
-``scores`` (each candidate's total log-probability) and ``probabilities`` (their softmax over the row's
-candidates). With ``--min-confidence P`` every row also gets ``confidence`` (the top probability) and ``abstain``
-(true when it is below P: the caller should not trust this prediction); ``prediction`` stays the top label.
-Rows are validated like ``convert`` (``output`` is optional) before any model loads, and the output file is
-written atomically. Before any model loads, a run's damaged ``run_config.json`` or adapter is named
-(:func:`check_run_files`), and a ``--model`` folder holding a sequence classifier (``export --seq-cls``) is
-refused by name (:func:`check_causal_lm`): loaded as a causal LM its head would be dropped and its answers
-meaningless.
+:func:`load_run` loads a run folder's ``base_model`` with its LoRA ``adapter/`` on top (an adapter trained on
+another base refused: :class:`AdapterMismatch`), in float32 on a CPU unless given a dtype (:func:`run_dtype`: the
+dtype the notebooks load a run in); :func:`load_exported` loads a plain or exported (merged) model folder, a
+sequence classifier (``export --seq-cls``) refused by name (:func:`check_causal_lm`): loaded as a causal LM its
+head would be dropped and its answers meaningless. :func:`predict_rows` gives every row ``prediction`` (always one
+of its candidates: candidate scoring, not free generation), ``scores`` (each candidate's total log-probability)
+and ``probabilities`` (their softmax over the row's candidates), and with ``min_confidence`` (checked by
+:func:`check_min_confidence`) ``confidence`` (the top probability) and ``abstain`` (true when it is below:
+the caller should not trust this prediction). :func:`check_row_fits` is its check that a row's candidates leave
+``max_length`` room for the text. The command (options, files) is :mod:`qwen_cls.serving.predict_command`.
 
 Taught in: 04, 05, 06, 07
 """
@@ -20,11 +22,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .data import read_raw_rows
-from .files import read_jsonl, write_jsonl_atomic
-from .hub import TINY
 from .recipe import MAX_LENGTH
-from .run_record import ADAPTER, RUN_CONFIG, adapter_dir, check_run_finished, read_run_config
+from .run_record import ADAPTER, RUN_CONFIG, adapter_dir, read_run_config
 from .tokenization import fit_prompts
 
 if TYPE_CHECKING:
@@ -59,13 +58,6 @@ def check_causal_lm(folder: str | os.PathLike, option: str = "--model") -> None:
         "candidates with a causal LM and cannot use its head: give --run RUN, or --model with a plain export "
         "(`qwen-cls export --run RUN --out DIR`), and load this folder with "
         "transformers.pipeline(\"text-classification\") (see its README.md)")
-
-
-def check_run_files(run_dir: str | os.PathLike) -> None:
-    """What ``predict``, ``serve`` and ``export`` check of a (finished) run's files before a model loads: a
-    readable ``run_config.json`` and a whole adapter (:func:`~qwen_cls.run_record.adapter_dir`)."""
-    read_run_config(run_dir)
-    adapter_dir(run_dir)  # adapter_config.json and the safetensors header, named when damaged
 
 
 def run_dtype(run_dir: str | os.PathLike, device=None) -> torch.dtype:
@@ -157,137 +149,9 @@ def check_min_confidence(min_confidence) -> None:
                          f"less likely are marked abstain), got {min_confidence!r}")
 
 
-def check_device(device) -> None:
-    """``ValueError`` naming ``--device`` when it is not a device this machine's torch can use."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = (f"this torch build has no CUDA support (torch {torch.__version__})" if torch.version.cuda is None
-                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
-            raise ValueError(f"--device {device}: {why}; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
-    elif dev.type != "cpu":
-        raise ValueError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N or mps")
-
-
-def check_max_length(max_length) -> None:
-    """``ValueError`` naming ``--max-length`` unless it is ``None`` (the run's) or an integer of at least
-    :data:`~qwen_cls.profiles.MIN_MAX_LENGTH`: what ``predict`` and ``serve`` check before a model loads."""
-    from .profiles import MIN_MAX_LENGTH
-
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                   or max_length < MIN_MAX_LENGTH):
-        raise ValueError(f"--max-length must be an integer >= {MIN_MAX_LENGTH} (tokens per row; the prompt alone "
-                         f"takes about 50), got {max_length!r}")
-
-
 def check_row_fits(tokenizer, text: str, candidates: list[str], *, max_length: int) -> None:
     """``ValueError`` when a row cannot be scored within ``max_length`` tokens (its candidates and the prompt leave
     no room for the text): the check :func:`predict_rows` makes of every row before scoring
     (:func:`~qwen_cls.tokenization.fit_prompts`), with its message, for one row. ``serve`` makes it when a request
     arrives, so such a row is refused alone instead of failing the forward pass it would share."""
     fit_prompts(tokenizer, [text], [list(candidates)], max_length)
-
-
-def check_predict_options(*, run=None, model=None, output=None, batch_size: int = 8,
-                          max_length: int | None = None, device=None, min_confidence=None) -> None:
-    """Every option of ``qwen-cls predict`` checked before a row is read or a model loads (exit 2, naming it)."""
-    from .files import write_target
-
-    if (run is None) == (model is None):
-        raise ValueError("give exactly one of --run RUN_DIR or --model MODEL_DIR")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"--batch-size must be an integer >= 1 (rows scored together), got {batch_size!r}")
-    check_max_length(max_length)
-    for option, folder in (("--run", run), ("--model", model)):
-        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-            raise NotADirectoryError(f"{option} {folder}: is a file, not a folder")
-    if run is not None:
-        check_run_finished(run)  # marked incomplete, being written, or never evaluated: refused, as by export
-    if output is not None:
-        write_target(output)  # a folder, a device, or a file where a folder should be: refused now, not after
-    check_min_confidence(min_confidence)
-    check_device(device)
-    if run is not None:
-        check_run_files(run)  # its config or adapter damaged: named, as by export and serve
-    if model is not None:
-        check_causal_lm(model)
-
-
-def predict_file(input_path, output_path, *, run=None, model=None, batch_size: int = 8,
-                 max_length: int | None = None, device=None, progress: bool = True,
-                 min_confidence: float | None = None, verify: bool = False) -> dict:
-    """Validate ``input_path``, predict every row, write ``output_path`` atomically; return a summary."""
-    check_predict_options(run=run, model=model, output=output_path, batch_size=batch_size, max_length=max_length,
-                          device=device, min_confidence=min_confidence)
-    rows = read_raw_rows(input_path, require_output=False)  # path:line errors before any model loads
-    originals = read_jsonl(input_path)  # same non-blank lines: keeps extra fields such as ids
-    if output_path is not None and Path(output_path).resolve() == Path(input_path).resolve():
-        raise ValueError(f"{output_path}: the output would overwrite the input; choose another file")
-    loaded = (load_run(run, device=device, verify=verify) if run is not None
-              else load_exported(model, device=device, verify=verify))
-    net, tokenizer, config = loaded
-    max_length = max_length or config.get("max_length", MAX_LENGTH)
-    results = predict_rows(net, tokenizer, rows, max_length=max_length, batch_size=batch_size, progress=progress,
-                           min_confidence=min_confidence)
-    out_rows = [{**orig, **row.to_dict(), **res} for orig, row, res in zip(originals, rows, results)]
-    write_jsonl_atomic(out_rows, output_path)
-    labelled = [r for r in out_rows if r.get("output") is not None]
-    summary = {"rows": len(out_rows), "labelled": len(labelled),
-               "accuracy": (sum(r["prediction"] == r["output"] for r in labelled) / len(labelled)
-                            if labelled else None),
-               "tiny_model": config.get("base_model") == TINY,
-               "abstained": sum(r["abstain"] for r in out_rows) if min_confidence is not None else None}
-    return summary
-
-
-def cmd_predict(args) -> int:
-    summary = predict_file(args.input, args.output, run=args.run, model=args.model, batch_size=args.batch_size,
-                           max_length=args.max_length, device=args.device, progress=not args.quiet,
-                           min_confidence=args.min_confidence, verify=args.verify)
-    line = f"wrote {summary['rows']} predictions to {args.output}"
-    if summary["abstained"] is not None:
-        line += f" ({summary['abstained']} marked abstain: confidence below {args.min_confidence:g})"
-    if summary["accuracy"] is not None:
-        line += f"; accuracy on {summary['labelled']} labelled rows: {summary['accuracy']:.3f}"
-        if summary["tiny_model"]:
-            line += " (tiny random model: it learned nothing, this number shows mechanics only)"
-    print(line)
-    return 0
-
-
-def add_model_source(parser) -> None:
-    """``--run RUN_DIR`` or ``--model FOLDER`` (exactly one): the model ``predict`` and ``serve`` classify with."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", help="run dir (adapter/ + run_config.json)")
-    source.add_argument("--model", help="model folder, e.g. from `qwen-cls export`")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="classify raw JSONL rows with a run dir or an exported model")
-    add_model_source(p)
-    p.add_argument("--input", required=True, help="raw JSONL {text, category[, output]}")
-    p.add_argument("--output", required=True,
-                   help="JSONL: each row + prediction + scores + probabilities (written atomically)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None, help=f"default: the run's max_length (else {MAX_LENGTH})")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
-                   help="add confidence (top probability) and abstain (confidence < P) to every row; 0 <= P <= 1")
-    p.add_argument("--verify", action="store_true",
-                   help="check the base model folder's files against their SHA-256 (its manifest), not only sizes")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_predict)
-

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from .files import DataError, atomic_dir, file_sha256, save_tokenizer, save_weights, write_json_atomic
 from .hub import ModelNotFound
-from .locks import lock_holder
 from .manifests import safetensors_problem
 
 # What a run folder holds (docs/ARCHITECTURE.md lists who writes each).
@@ -178,21 +177,3 @@ def check_adapter(folder: str | os.PathLike, *, fix: str) -> None:
     problem = safetensors_problem(weights)
     if problem is not None:
         raise DataError(weights, None, f"{problem}; {fix}")
-
-
-def check_run_finished(run_dir: str | os.PathLike, option: str = "--run") -> None:
-    """``ValueError`` naming ``option`` when ``run_dir`` is not a finished run: marked :data:`RUN_INCOMPLETE`,
-    its lock held (a `qwen-cls run` or `train` is writing it now), or a `qwen-cls run` folder (``params.json``)
-    without ``metrics.json``. A `qwen-cls train` run has no metrics; its adapter is checked when it loads.
-    ``predict`` and ``export`` both call this, before a model loads or a file is written."""
-    run_dir = Path(run_dir)
-    if (run_dir / RUN_INCOMPLETE).is_file():
-        raise ValueError(f"{option} {run_dir}: marked incomplete ({RUN_INCOMPLETE}): its `qwen-cls run` did not "
-                         "finish, so its files are partial; rerun it first")
-    holder = lock_holder(run_dir)
-    if holder is not None:
-        raise ValueError(f"{option} {run_dir}: is being written now by {holder}; its files are partial until it "
-                         "finishes: wait for it, then rerun this command")
-    if (run_dir / PARAMS).is_file() and (run_dir / "notebooks").is_dir() and not (run_dir / METRICS).is_file():
-        raise ValueError(f"{option} {run_dir}: has no {METRICS}: its `qwen-cls run` did not get through notebook "
-                         f"04 (evaluation); rerun `qwen-cls run --out {run_dir} --overwrite` first")

@@ -237,7 +237,7 @@ def test_a_special_token_in_a_row_is_refused_with_path_line_token_and_fix(row, f
 
 
 def test_run_and_serve_refuse_a_special_token_too(tmp_path, capsys):
-    from qwen_cls.serve import Limits, RequestError, parse_rows
+    from qwen_cls.serve_requests import Limits, RequestError, parse_rows
 
     train = write_raw(tmp_path / "train.jsonl", TRAIN)
     test = write_raw(tmp_path / "test.jsonl", [TEST[0], TEST[1] | {"text": "测试<|im_start|>system"}])

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from qwen_cls import gemma as G
-from qwen_cls import locks as L
 from qwen_cls import manifests as MF
 from qwen_cls import model as M
+from qwen_cls.chain import locks as L
 from qwen_cls.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from qwen_cls import locks as L
 from qwen_cls import manifests as MF
 from qwen_cls import model as M
 from qwen_cls import prompt as P
 from qwen_cls import qwen_coder as Q
+from qwen_cls.chain import locks as L
 from qwen_cls.commands.cli import main
 
 CHUNKS = [bytes([n]) * (1000 + n) for n in range(1, 7)]  # six chunks of distinct sizes and bytes

@@ -21,9 +21,9 @@ import papermill
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
+from qwen_cls.chain.locks import lock_path
 from qwen_cls.chain.run_folder import failed_path, previous_path
 from qwen_cls.commands.cli import main
-from qwen_cls.locks import lock_path
 from qwen_cls.run_record import RUN_INCOMPLETE
 
 HERE = Path(__file__).resolve().parent

@@ -476,7 +476,7 @@ def test_an_api_key_http_cannot_carry_is_refused_at_start(run_dir, key, capsys):
 
 @pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000])
 def test_deeply_nested_json_is_a_400_not_a_recursion_error(body):
-    from qwen_cls.serve import Limits, RequestError, parse_rows
+    from qwen_cls.serve_requests import Limits, RequestError, parse_rows
 
     with pytest.raises(RequestError) as error:
         parse_rows(body, Limits())

@@ -135,20 +135,21 @@ def test_good_clients_get_their_answers_while_a_bad_client_keeps_sending_long_ca
 
 def test_a_failing_pass_is_scored_again_row_by_row_so_only_the_failing_request_fails(tiny_dir, monkeypatch):
     """A row that fails inside the model (not caught when it arrived) fails its own request only."""
-    import qwen_cls.serve as serve
+    import qwen_cls.serve_batcher as serve_batcher
     from qwen_cls.data import validate_row
     from qwen_cls.model import load_model
+    from qwen_cls.serve_requests import Limits
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
-    real = serve.predict_rows
+    real = serve_batcher.predict_rows
 
     def predict_rows(model, tokenizer, rows, **options):
         if any(row.text == "炸" for row in rows):
             raise RuntimeError("this row breaks the model")
         return real(model, tokenizer, rows, **options)
 
-    monkeypatch.setattr(serve, "predict_rows", predict_rows)
-    batcher = serve.Batcher(model, tokenizer, max_length=128, limits=serve.Limits(batch_size=8, max_wait_ms=200))
+    monkeypatch.setattr(serve_batcher, "predict_rows", predict_rows)
+    batcher = serve_batcher.Batcher(model, tokenizer, max_length=128, limits=Limits(batch_size=8, max_wait_ms=200))
     rows = [validate_row({"text": text, "category": ["Space", "Sports"]}, require_output=False)
             for text in ("火箭发射", "炸", "球队比赛")]
     batcher.start()
@@ -168,7 +169,8 @@ def test_a_large_request_is_split_into_passes_and_a_later_small_one_goes_between
     from qwen_cls.data import validate_row
     from qwen_cls.model import load_model
     from qwen_cls.predict import predict_rows
-    from qwen_cls.serve import Batcher, Limits
+    from qwen_cls.serve_batcher import Batcher
+    from qwen_cls.serve_requests import Limits
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
     labels = [f"类别{i}" for i in range(8)]
@@ -235,7 +237,9 @@ def test_a_run_folder_replaced_during_a_pass_gets_no_answer(tiny_dir, tmp_path):
     """The check after the pass: a request whose rows were scored while the adapter was replaced is refused."""
     from qwen_cls.data import validate_row
     from qwen_cls.model import load_model
-    from qwen_cls.serve import Batcher, FolderWatch, Limits, RunChanged
+    from qwen_cls.serve_batcher import Batcher, RunChanged
+    from qwen_cls.serve_requests import Limits
+    from qwen_cls.serving.served_files import FolderWatch
 
     model, tokenizer = load_model(tiny_dir, device="cpu")
     weights = tmp_path / "adapter_model.safetensors"

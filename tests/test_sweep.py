@@ -23,9 +23,9 @@ import pytest
 from _tiny_run import ctrl_c_when
 from PIL import Image
 
+from qwen_cls.chain.locks import lock_path
 from qwen_cls.chain.sweep import _sweep_owned, parse_grid, plan, point_name
 from qwen_cls.commands.cli import main
-from qwen_cls.locks import lock_path
 from qwen_cls.run_record import RUN_INCOMPLETE
 
 SWEEP_CMD = ["sweep", "--profile", "tiny", "-g", "learning_rate", "1e-3,5e-3",

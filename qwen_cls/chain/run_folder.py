@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..locks import hold_lock
 from ..run_record import PARAMS, RUN_INCOMPLETE, RUN_LAYOUT
+from .locks import hold_lock
 
 
 class NotebookFailed(RuntimeError):

@@ -36,11 +36,11 @@ from pathlib import Path
 from ..chapters import NOTEBOOKS, notebooks_dir
 from ..data import LOOKALIKE_HELP
 from ..files import atomic_file, check_folder_path, write_json_atomic
-from ..locks import hold_lock
 from ..profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter
 from ..run_record import METRICS, PARAMS, RUN_CONFIG, TRAIN_LOG
 from ..tracking import LOG_SUBDIR, SWANLOG_ENV
 from .kernels import sigterm_interrupts
+from .locks import hold_lock
 from .preflight import preflight
 from .run import run_chain
 from .run_folder import Interrupted, NotebookFailed, RunFolderError, run_folder_state

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import __version__, predict, serve
+from .. import __version__
 from ..chain import lab, sweep
 from ..chain import run as pipeline
 from ..data import LOOKALIKE_HELP
 from ..files import DataError
 from ..publish import book
 from ..resumable import training_run
-from ..serving import dashboard, export
+from ..serving import dashboard, export, predict_command, serve_command
 from .faults import describe_fault
 
 
@@ -141,11 +141,11 @@ COMMAND_MODULES = [
     pipeline.register,  # run: the notebook chain
     dashboard.register,  # dashboard: SwanLab logs on 127.0.0.1
     training_run.register,  # train
-    predict.register,  # predict
+    predict_command.register,  # predict
     export.register,  # export
     sweep.register,  # sweep: a parameter grid over the chain, one comparison table
     lab.register,  # lab: the notebooks with a profile injected, in JupyterLab on 127.0.0.1
-    serve.register,  # serve: an HTTP JSON API and a page on 127.0.0.1
+    serve_command.register,  # serve: an HTTP JSON API and a page on 127.0.0.1
     book.register,  # book: the executed notebooks, README and docs/ as a static website
 ]
 

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from ..files import DataError, atomic_dir, atomic_file, check_output_folder
-from ..run_record import METRICS, RUN_CONFIG, check_run_finished
+from ..run_record import METRICS, RUN_CONFIG
+from ..serving.load_options import check_run_finished
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: README.md, docs/, notebooks/solutions/
 CONF = Path(__file__).with_name("book_conf.py.in")

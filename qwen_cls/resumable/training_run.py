@@ -25,8 +25,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..chain.locks import hold_lock
 from ..hub import TINY
-from ..locks import hold_lock
 from ..recipe import RECIPE
 from ..run_record import ADAPTER
 

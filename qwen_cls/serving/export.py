@@ -14,8 +14,8 @@ user's files), an edited one, or one from another machine or from an export befo
 refused, and so is a file it does not list or that no longer matches (the user's notes, an edited card); the
 refusal names the file and nothing changes. A run folder, a folder inside a run, or a folder holding the run is
 refused too, and so is a run that is not finished or whose adapter is damaged (the checks ``predict`` makes:
-:func:`~qwen_cls.run_record.check_run_finished`, :func:`~qwen_cls.predict.check_run_files`). A ``--out``
-that is a dangling link or that cannot be written is refused before anything is merged.
+:func:`~qwen_cls.serving.load_options.check_run_finished`, :func:`~qwen_cls.serving.load_options.check_run_files`).
+A ``--out`` that is a dangling link or that cannot be written is refused before anything is merged.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from pathlib import Path
 
 from ..files import DataError, atomic_dir, check_output_folder, file_sha256, save_tokenizer, save_weights
 from ..hub import TINY, cache_dir
-from ..predict import check_run_files, load_run
-from ..run_record import ADAPTER, PARAMS, RUN_CONFIG, check_adapter, check_run_finished
+from ..predict import load_run
+from ..run_record import ADAPTER, PARAMS, RUN_CONFIG, check_adapter
+from .load_options import check_run_files, check_run_finished
 
 METRIC_KEYS = ("accuracy", "macro_f1", "invalid_rate", "n_test")
 MARKER = "qwen_cls_export.json"  # {"exported_from", "kind", "files": {name: {"size", "sha256"}}, "signature"}

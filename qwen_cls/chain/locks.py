@@ -1,8 +1,6 @@
 """The lock of a folder a long command writes (``run``, ``sweep``, ``train``, a model build): ``fcntl.flock`` on
 ``.NAME.lock`` beside the folder, released by the kernel even after ``kill -9``; a second command is refused with
 :class:`FolderBusy`, naming the holder's command and PID.
-
-Plumbing under: 00, 01, 02, 03
 """
 
 from __future__ import annotations
