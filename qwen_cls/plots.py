@@ -1,19 +1,17 @@
 """Matplotlib figures of the notebooks: label distribution, token lengths, loss and learning curves,
-confusion matrix, accuracy per sweep point (``qwen-cls sweep``), reliability diagram, accuracy vs coverage,
-accuracy against cost (notebook 06), and two explanatory pictures: one training
-row as a strip of tokens coloured by role (:func:`token_strip`) and the LoRA idea with a model's real shapes
-(:func:`lora_picture`).
+confusion matrix, reliability diagram, accuracy vs coverage, accuracy against cost (notebook 06), and two
+explanatory pictures: one training row as a strip of tokens coloured by role (:func:`token_strip`) and the
+LoRA idea with a model's real shapes (:func:`lora_picture`).
 
 Each function returns the ``Figure``; with ``path`` it is also saved as PNG (temp file + rename).
-Importing this module registers a Simplified-Chinese font (Noto Sans SC, from the PyPI package
-``pylopdf-fonts-zh-cn``) so that Chinese titles and token text render instead of empty boxes.
+Importing this module registers the Simplified-Chinese font of :mod:`qwen_cls.fonts` (Noto Sans SC, from the
+PyPI package ``pylopdf-fonts-zh-cn``) so that Chinese titles and token text render instead of empty boxes.
 
 Taught in: 01, 02, 03, 04, 06
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import math
 import os
 import unicodedata
@@ -22,43 +20,13 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib import font_manager
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from .files import atomic_file
+from .fonts import use_cjk_font
 
-CJK_FONT_PACKAGE = "pylopdf_fonts_zh_cn"  # PyPI: pylopdf-fonts-zh-cn (Noto Sans SC, SIL OFL 1.1)
-CJK_FONT_FILE = "NotoSansSC-Regular.otf"
-
-
-def cjk_font_path() -> Path | None:
-    """The installed Noto Sans SC file, found through the package's resources; ``None`` if not installed."""
-    try:
-        resource = importlib.resources.files(CJK_FONT_PACKAGE) / CJK_FONT_FILE
-    except ModuleNotFoundError:
-        return None
-    with importlib.resources.as_file(resource) as path:  # a wheel installs plain files: no copy is made
-        return Path(path) if Path(path).is_file() else None
-
-
-def use_cjk_font() -> str | None:
-    """Register the CJK font with matplotlib and put its family first in ``font.sans-serif`` (DejaVu Sans
-    right after it, for glyphs it lacks); returns the family name, or ``None`` when the font is missing."""
-    path = cjk_font_path()
-    if path is None:
-        return None
-    font_manager.fontManager.addfont(str(path))
-    family = font_manager.FontProperties(fname=str(path)).get_name()  # "Noto Sans SC"
-    rest = [f for f in plt.rcParams["font.sans-serif"] if f not in (family, "DejaVu Sans")]
-    plt.rcParams["font.sans-serif"] = [family, "DejaVu Sans", *rest]
-    # Matplotlib falls back glyph by glyph along font.family (not along the sans-serif list): name both, so
-    # a character the CJK font lacks (e.g. "↵") comes from DejaVu Sans and italic text keeps its Chinese.
-    plt.rcParams["font.family"] = [family, "DejaVu Sans"]
-    return family
-
-
-CJK_FONT_FAMILY = use_cjk_font()
+CJK_FONT_FAMILY = use_cjk_font()  # Chinese text in every figure: registered on import
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
@@ -146,53 +114,6 @@ def learning_curve(history: Sequence[dict], *, chance: float | None = None,
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)  # below the axes
     return _finish(fig, path)
 
-
-
-def _value_label(value) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def sweep_plot(rows: Sequence[Mapping], keys: Sequence[str], *, path=None, title="Accuracy per sweep point"):
-    """Test accuracy per point of a ``qwen-cls sweep`` (``rows``: the grid values under ``keys``,
-    ``accuracy`` and optionally ``zero_shot``). One key: its values along x (in grid order), one line, and
-    the zero-shot accuracy dashed; two keys: the first along x, a line per value of the second; more: a bar
-    per point."""
-    keys = list(keys)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-
-    def along(key):  # the key's values in grid order, and each row's position among them
-        values = list(dict.fromkeys(row[key] for row in rows))
-        return values, [values.index(row[key]) for row in rows]
-
-    if len(keys) <= 2:
-        xs, positions = along(keys[0])
-        groups = list(dict.fromkeys(row[keys[1]] for row in rows)) if len(keys) == 2 else [None]
-        for group in groups:
-            chosen = [(x, row) for x, row in zip(positions, rows) if group is None or row[keys[1]] == group]
-            chosen = [(x, row) for x, row in sorted(chosen, key=lambda item: item[0]) if row["accuracy"] is not None]
-            if not chosen:
-                continue
-            label = "accuracy (LoRA)" if group is None else f"{keys[1]} = {_value_label(group)}"
-            ax.plot([x for x, _ in chosen], [row["accuracy"] for _, row in chosen], marker="o", label=label)
-            for x, row in chosen:
-                ax.annotate(f"{row['accuracy']:.2f}", (x, row["accuracy"]), textcoords="offset points",
-                            xytext=(0, 6), ha="center", fontsize=8)
-        zero = [(x, row["zero_shot"]) for x, row in zip(positions, rows) if row.get("zero_shot") is not None]
-        if len(keys) == 1 and zero:
-            ax.plot(*zip(*sorted(zero)), color="grey", linestyle="--", marker=".", label="zero-shot (adapter off)")
-        ax.set_xticks(range(len(xs)), [_value_label(x) for x in xs])
-        ax.set_xlabel(keys[0])
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(groups) + 1), frameon=False)
-    else:
-        names = [row.get("point") or ",".join(_value_label(row[k]) for k in keys) for row in rows]
-        ax.bar(range(len(rows)), [row["accuracy"] or 0 for row in rows])
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_xlabel("point")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1.08)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    return _finish(fig, path)
 
 def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], *, path=None,
                      title="Confusion matrix"):

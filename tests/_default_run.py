@@ -46,7 +46,7 @@ def make_default_run(out: Path) -> Path:
 
     from qwen_cls.approaches import word_vectorizer
     from qwen_cls.data import read_raw_rows, sample_rows, split_train_validation, to_instruction_row
-    from qwen_cls.exercises import _tfidf_accuracy
+    from qwen_cls.exercises_methods import tfidf_accuracy
     from qwen_cls.metrics import classification_metrics
     from qwen_cls.model import load_model, load_tokenizer, resolve_model
     from qwen_cls.profiles import PROFILES
@@ -126,7 +126,7 @@ def make_default_run(out: Path) -> Path:
 
     # 06: TF-IDF as 06 trains it; seq_cls/ holds the head (labels x hidden_size, float32) beside 03's LoRA shapes
     _write_json(out / "approaches.json", {"tfidf_logreg": {
-        "accuracy": _tfidf_accuracy(train, test[:RAG_TEST_ROWS], word_vectorizer((1, 2))),
+        "accuracy": tfidf_accuracy(train, test[:RAG_TEST_ROWS], word_vectorizer((1, 2))),
         "n_test": RAG_TEST_ROWS}})
     labels = sorted({r["output"] for r in train})
     seq_cls = out / "seq_cls"

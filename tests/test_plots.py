@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 
-from qwen_cls import plots  # noqa: E402
+from qwen_cls import fonts, plots  # noqa: E402
 
 
 class FakeTokenizer:
@@ -38,12 +38,12 @@ ROW = {"input_ids": PROMPT + ANSWER + PADS, "labels": [-100] * 5 + ANSWER + [-10
 
 def _package_font() -> Path:
     dist = importlib.metadata.distribution("pylopdf-fonts-zh-cn")
-    [entry] = [f for f in dist.files if f.name == plots.CJK_FONT_FILE]
+    [entry] = [f for f in dist.files if f.name == fonts.CJK_FONT_FILE]
     return Path(dist.locate_file(entry)).resolve()
 
 
 def test_cjk_font_comes_from_the_installed_package():
-    assert plots.cjk_font_path().resolve() == _package_font()
+    assert fonts.cjk_font_path().resolve() == _package_font()
     assert plots.CJK_FONT_FAMILY == "Noto Sans SC"
     assert matplotlib.rcParams["font.sans-serif"][:2] == ["Noto Sans SC", "DejaVu Sans"]
 

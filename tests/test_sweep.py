@@ -114,7 +114,7 @@ def test_a_grid_is_required(tmp_path, capsys):
 
 
 def test_the_plot_draws_a_line_per_value_of_the_second_key(tmp_path):
-    from qwen_cls.plots import sweep_plot
+    from qwen_cls.chain.sweep_report import sweep_plot
 
     rows = [{"point": f"learning_rate={lr},lora_r={r}", "learning_rate": lr, "lora_r": r, "accuracy": acc}
             for (lr, r), acc in zip([(1e-3, 4), (1e-3, 8), (5e-3, 4), (5e-3, 8)], [0.5, 0.6, 0.7, 0.9])]
@@ -413,7 +413,8 @@ def test_shuffling_the_test_answers_of_a_finished_sweep_changes_no_ranking(swept
     """What 04 computes from the test answers (accuracy, macro_f1, zero_shot) is permuted between the points and
     scaled, as a shuffle of the test answers would change it: the table's test columns change, its ranking (rank
     and point order) does not; changing a validation accuracy does change it."""
-    from qwen_cls.chain.sweep import plan, write_comparison
+    from qwen_cls.chain.sweep import plan
+    from qwen_cls.chain.sweep_report import write_comparison
 
     def ranking():
         return [(r["rank"], r["point"]) for r in read_csv(swept / "sweep.csv")]
@@ -438,7 +439,7 @@ def test_shuffling_the_test_answers_of_a_finished_sweep_changes_no_ranking(swept
 
 
 def test_ranking_uses_validation_accuracy_only_and_puts_points_without_one_last():
-    from qwen_cls.chain.sweep import ranked
+    from qwen_cls.chain.sweep_report import ranked
 
     rows = [{"point": "a", "validation_accuracy": 0.5, "accuracy": 0.9},
             {"point": "b", "validation_accuracy": None, "accuracy": 1.0},

@@ -3,8 +3,8 @@
 ``qwen-cls sweep --profile P --out DIR -g KEY V1,V2 [-g KEY2 ...] [-p KEY VALUE ...]`` runs the chain
 (:func:`~qwen_cls.chain.run.run_chain`) once per point of the cartesian product of the ``-g`` grids, into
 ``DIR/<point>/`` (``learning_rate=0.001,lora_r=4``), then writes ``DIR/sweep.csv``, ``DIR/sweep.md`` and
-``DIR/sweep.png``. Grid values are parsed and checked like ``-p`` values, for every point, before anything
-is created.
+``DIR/sweep.png`` (:mod:`~qwen_cls.chain.sweep_report`). Grid values are parsed and checked like ``-p``
+values, for every point, before anything is created.
 
 Resumable: a point whose run finished (``metrics.json``, no ``RUN_INCOMPLETE``) with the parameters it would
 run with now (its ``params.json``) is skipped; any other point is run again through ``qwen-cls run``'s own
@@ -21,12 +21,9 @@ refused, never touched. ``.DIR.lock`` beside it turns a second sweep (or run) in
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -35,23 +32,20 @@ from pathlib import Path
 
 from ..chapters import NOTEBOOKS, notebooks_dir
 from ..data import LOOKALIKE_HELP
-from ..files import atomic_file, check_folder_path, write_json_atomic
+from ..files import check_folder_path, write_json_atomic
 from ..profiles import DEFAULT_PROFILE, PROFILES, ParameterError, check_parameter
-from ..run_record import METRICS, PARAMS, RUN_CONFIG, TRAIN_LOG
+from ..run_record import METRICS, PARAMS
 from ..tracking import LOG_SUBDIR, SWANLOG_ENV
 from .kernels import sigterm_interrupts
 from .locks import hold_lock
 from .preflight import preflight
 from .run import run_chain
 from .run_folder import Interrupted, NotebookFailed, RunFolderError, run_folder_state
+from .sweep_report import PLOT, TABLE_CSV, TABLE_MD, sweep_arguments, value_text, write_comparison
 from .templating import notebook_parameters, parse_value, resolve_parameters
 
 MANIFEST = "sweep.json"
-TABLE_CSV, TABLE_MD, PLOT = "sweep.csv", "sweep.md", "sweep.png"
 SWEEP_LAYOUT = frozenset({MANIFEST, TABLE_CSV, TABLE_MD, PLOT, LOG_SUBDIR})
-# Columns after the grid keys. Points are ranked by validation_accuracy (03's last evaluation on validation rows,
-# metrics.json's validation); accuracy, macro_f1 and zero_shot are the test rows' (04), shown, never ranked by.
-RESULTS = ("validation_accuracy", "accuracy", "macro_f1", "zero_shot", "train_seconds")
 NOT_IN_GRID = ("profile", "out_dir")  # chosen with --profile and --out
 MAX_NAME = 200  # characters of a point folder's name (file systems allow 255)
 
@@ -86,7 +80,7 @@ def parse_grid(pairs) -> dict[str, list]:
             raise SweepError(f"-g {key} {text!r}: an empty value between commas")
         values = [parse_value(item) for item in items]
         for i, value in enumerate(values):
-            if any(_same(value, earlier) for earlier in values[:i]):
+            if any(_same_grid_value(value, earlier) for earlier in values[:i]):
                 raise SweepError(f"-g {key}: the value {items[i]} is listed twice")
         grid[key] = values
     if not grid:
@@ -94,13 +88,8 @@ def parse_grid(pairs) -> dict[str, list]:
     return grid
 
 
-def _same(a, b) -> bool:
+def _same_grid_value(a, b) -> bool:
     return a == b and isinstance(a, bool) == isinstance(b, bool)  # 1e-3 == 0.001, but True is not 1
-
-
-def value_text(value) -> str:
-    """A value as it appears in a point name and the tables: shortest float repr (``0.001``), else ``str``."""
-    return repr(value) if isinstance(value, float) else str(value)
 
 
 def point_name(values: dict) -> str:
@@ -164,7 +153,7 @@ def plan(profile: str, grid: dict[str, list], fixed: dict, out: str | os.PathLik
 
 # --- the sweep folder ------------------------------------------------------------------------------------------
 
-def manifest(profile: str, grid: dict[str, list], fixed: dict) -> dict:
+def sweep_record(profile: str, grid: dict[str, list], fixed: dict) -> dict:
     """What ``sweep.json`` records: the profile, the grid (keys in order, values) and the fixed ``-p`` values."""
     return json.loads(json.dumps({"profile": profile, "grid": grid, "fixed": fixed}))
 
@@ -203,23 +192,14 @@ def check_sweep_folder(out: Path, record: dict) -> None:
     same = (earlier["profile"] == record["profile"] and list(earlier["grid"]) == list(record["grid"])
             and earlier["fixed"] == record["fixed"])
     if not same:
-        raise SweepError(f"{out} holds another sweep ({describe(earlier)}); this one is {describe(record)}: "
-                         "keep its profile, grid keys and -p values, or choose another --out")
+        raise SweepError(f"{out} holds another sweep ({sweep_arguments(earlier)}); this one is "
+                         f"{sweep_arguments(record)}: keep its profile, grid keys and -p values, or choose another "
+                         "--out")
     foreign = [n for n in names if not _sweep_owned(n, list(record["grid"]))]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise SweepError(f"{out} holds {shown}, which `qwen-cls sweep` did not write; move it away or choose "
                          "another --out")
-
-
-def describe(record: dict) -> str:
-    """``--profile tiny -g learning_rate 0.001,0.005 -p max_train_samples 16`` for a ``sweep.json`` record."""
-    text = f"--profile {record.get('profile')}"
-    for key, values in dict(record.get("grid") or {}).items():
-        text += f" -g {key} {','.join(value_text(v) for v in values)}"
-    for key, value in dict(record.get("fixed") or {}).items():
-        text += f" -p {key} {value_text(value)}"
-    return text
 
 
 def is_finished(point: Point, folder: Path) -> bool:
@@ -263,119 +243,6 @@ def logs_into(log_dir: Path):
             os.environ[SWANLOG_ENV] = old
 
 
-# --- the comparison --------------------------------------------------------------------------------------------
-
-def train_seconds(folder: Path) -> float | None:
-    """Training time of a run: ``run_config.json``'s ``training.train_seconds``, else the Trainer's
-    ``train_runtime`` in ``train_log.json`` (``None`` when neither records it)."""
-    with contextlib.suppress(OSError, ValueError, LookupError, TypeError):
-        seconds = json.loads((folder / RUN_CONFIG).read_text(encoding="utf-8"))["training"]["train_seconds"]
-        if isinstance(seconds, (int, float)):
-            return float(seconds)
-    with contextlib.suppress(OSError, ValueError):
-        log = json.loads((folder / TRAIN_LOG).read_text(encoding="utf-8"))
-        for entry in reversed(log if isinstance(log, list) else []):
-            if isinstance(entry, dict) and isinstance(entry.get("train_runtime"), (int, float)):
-                return float(entry["train_runtime"])
-    return None
-
-
-def result_row(point: Point, folder: Path) -> dict:
-    """One row of the comparison: ``point``, the grid values, ``validation_accuracy`` (``metrics.json``'s
-    ``validation``: 03's last evaluation on validation rows), the test rows' ``accuracy``, ``macro_f1``,
-    ``zero_shot`` (accuracy with the adapter off, where ``metrics.json`` has it) and ``train_seconds``."""
-    metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
-    zero_shot = metrics.get("zero_shot")
-    validation = metrics.get("validation")
-    return {"point": point.name, **point.values,
-            "validation_accuracy": validation.get("accuracy") if isinstance(validation, dict) else None,
-            "accuracy": metrics.get("accuracy"),
-            "macro_f1": metrics.get("macro_f1"),
-            "zero_shot": zero_shot.get("accuracy") if isinstance(zero_shot, dict) else None,
-            "train_seconds": train_seconds(folder), "tiny_model": bool(metrics.get("tiny_model"))}
-
-
-def ranked(rows: list[dict]) -> list[dict]:
-    """``rows`` best first by ``validation_accuracy`` alone (ties and points without one keep their grid order,
-    the latter last), each with its ``rank`` (1 = best; ``None`` without a validation accuracy). The test
-    accuracy plays no part: choosing by it would be model selection on the test rows."""
-    def key(item):
-        position, row = item
-        value = row["validation_accuracy"]
-        missing = value is None or isinstance(value, float) and math.isnan(value)
-        return (missing, 0.0 if missing else -value, position)
-
-    order = [row for _, row in sorted(enumerate(rows), key=key)]
-    out, rank = [], 0
-    for row in order:
-        has = row["validation_accuracy"] is not None and not (isinstance(row["validation_accuracy"], float)
-                                                              and math.isnan(row["validation_accuracy"]))
-        rank += has
-        out.append({**row, "rank": rank if has else None})
-    return out
-
-
-def csv_text(rows: list[dict], keys: list[str]) -> str:
-    """``sweep.csv``: one row per point, ranked (:func:`ranked`); empty cells where a run recorded nothing."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["rank", "point", *keys, *RESULTS])
-    for row in ranked(rows):
-        writer.writerow(["" if row[c] is None else value_text(row[c]) for c in ("rank", "point", *keys, *RESULTS)])
-    return buffer.getvalue()
-
-
-def _cell(value, digits: int) -> str:
-    if value is None or isinstance(value, float) and math.isnan(value):
-        return "—"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def markdown_text(rows: list[dict], keys: list[str], record: dict) -> str:
-    """``sweep.md``: the command, then the table ranked by validation accuracy (:func:`ranked`; accuracies and
-    macro-F1 to 3 places, seconds to 1)."""
-    lines = [f"# qwen-cls sweep {describe(record)}", "",
-             "Ranked by validation accuracy (validation rows split off the training file); the test columns "
-             "(accuracy, macro_f1, zero_shot) are shown, never ranked by.", ""]
-    lines.append("| rank | point | " + " | ".join(keys) + " | validation_accuracy | test accuracy | test macro_f1 | "
-                 "test zero_shot | train_seconds |")
-    lines.append("|---" * (len(keys) + 7) + "|")
-    for row in ranked(rows):
-        cells = ["—" if row["rank"] is None else str(row["rank"]), row["point"], *(value_text(row[k]) for k in keys),
-                 _cell(row["validation_accuracy"], 3), _cell(row["accuracy"], 3),
-                 _cell(row["macro_f1"], 3), _cell(row["zero_shot"], 3), _cell(row["train_seconds"], 1)]
-        lines.append("| " + " | ".join(cells) + " |")
-    if any(row["tiny_model"] for row in rows):
-        lines += ["", "tiny random Qwen2: it learns nothing; these numbers show the mechanics only, not results"]
-    return "\n".join(lines) + "\n"
-
-
-def _write_text_if_changed(path: Path, text: str) -> bool:
-    with contextlib.suppress(OSError):
-        if path.read_text(encoding="utf-8") == text:
-            return False
-    with atomic_file(path) as handle:
-        handle.write(text)
-    return True
-
-
-def write_comparison(out: Path, points: list[Point], record: dict, *, force: bool = False) -> list[dict]:
-    """``sweep.csv``, ``sweep.md`` and ``sweep.png`` from the points' own files; each written (atomically)
-    only when its content changes (``force``: the plot is drawn again even so)."""
-    keys = list(record["grid"])
-    rows = [result_row(point, out / point.name) for point in points]
-    changed = _write_text_if_changed(out / TABLE_CSV, csv_text(rows, keys))
-    _write_text_if_changed(out / TABLE_MD, markdown_text(rows, keys, record))
-    if changed or force or not (out / PLOT).is_file():
-        import matplotlib.pyplot as plt
-
-        from ..plots import sweep_plot
-
-        fig = sweep_plot(rows, keys, path=out / PLOT, title=f"qwen-cls sweep ({record['profile']})")
-        plt.close(fig)
-    return rows
-
-
 # --- the command -----------------------------------------------------------------------------------------------
 
 def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed: dict | None = None, *,
@@ -385,7 +252,7 @@ def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed
     fixed = dict(fixed or {})
     points = plan(profile, grid, fixed, out)
     out = Path(out).expanduser().resolve()
-    record = manifest(profile, grid, fixed)
+    record = sweep_record(profile, grid, fixed)
     check_sweep_folder(out, record)  # read-only: a foreign folder is refused before anything is created
     todo = [p for p in points if not is_finished(p, out / p.name)]
     checked = set()
@@ -402,7 +269,7 @@ def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed
                 raise RunFolderError(f"{out / point.name} holds files `qwen-cls run` did not write; move them "
                                      "away and rerun")
         out.mkdir(parents=True, exist_ok=True)
-        if _read_json(out / MANIFEST) != record:
+        if _json_or_none(out / MANIFEST) != record:
             write_json_atomic(record, out / MANIFEST)
         ran = False
         for k, point in enumerate(points, 1):
@@ -423,7 +290,7 @@ def run_sweep(profile: str, out: str | os.PathLike, grid: dict[str, list], fixed
     return out, rows
 
 
-def _read_json(path: Path):
+def _json_or_none(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -273,10 +273,10 @@ def _css() -> str:
 
 
 def cjk_font(target: Path, text: str) -> None:
-    """Noto Sans SC (the font of :mod:`qwen_cls.plots`), cut down to the characters of ``text`` plus ASCII."""
+    """Noto Sans SC (:mod:`qwen_cls.fonts`), cut down to the characters of ``text`` plus ASCII."""
     from fontTools import subset
 
-    from ..plots import cjk_font_path
+    from ..fonts import cjk_font_path
 
     source = cjk_font_path()
     if source is None:

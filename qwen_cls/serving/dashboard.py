@@ -88,7 +88,7 @@ def url(port: int) -> str:
     return f"http://{HOST}/" if port == 80 else f"http://{HOST}:{port}"
 
 
-async def _plain(send, status: int, message: str) -> None:
+async def _send_error(send, status: int, message: str) -> None:
     """A JSON answer shaped like swanboard's own errors, naming no path."""
     body = json.dumps({"code": status, "message": message, "data": None}).encode()
     await send({"type": "http.response.start", "status": status,
@@ -134,7 +134,7 @@ class Guard(LocalGuard):
         return await self.app(scope, receive, send)
 
     async def refuse(self, send, status: int, message: str, headers: list | None = None) -> None:
-        await _plain(send, status, message)
+        await _send_error(send, status, message)
 
     async def media(self, scope, receive, send):
         """swanboard's media route, confined: ``/api/v1/media/<file>?tag=...&experiment_id=...``."""
@@ -152,7 +152,7 @@ class Guard(LocalGuard):
         except Exception:  # unknown experiment or tag, missing parameters: the same answer as a missing file
             target = None
         if target is None:
-            return await _plain(send, 404, "media not found")
+            return await _send_error(send, 404, "media not found")
         return await FileResponse(str(target))(scope, receive, send)
 
 
