@@ -70,11 +70,6 @@ def gemma_dir() -> Path:
     return GEMMA_BUILD.default_dir()
 
 
-def rebuild_command(out: Path) -> str:
-    """The command that builds (or rebuilds) ``out``."""
-    return GEMMA_BUILD.rebuild_command(out)
-
-
 def make_gemma(scratch: Path) -> Made:
     """Join the installed chunks in ``scratch``, check the SHA-256 before anything reads the file, make it dense."""
     chunks = chunk_files()
