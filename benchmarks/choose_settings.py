@@ -49,12 +49,14 @@ def train_and_score(params: dict, val_rows: int, work: Path) -> dict:
     from qwen_cls.evaluate import score_candidates
     from qwen_cls.metrics import classification_metrics
     from qwen_cls.model import load_model, pick_device, pick_dtype
+    from qwen_cls.model_builds.offline import ensure_built
     from qwen_cls.tokenization import tokenize_dataset
     from qwen_cls.train import AnswerOnlyTrainer, model_inputs, prepare_lora_model, recipe_lora_config, use_fast_dropout
 
     train_rows, val = split_rows(params, val_rows)
     device = pick_device()
     dtype = pick_dtype(device, params["precision"])
+    ensure_built(params["base_model"])  # an offline model: into the cache, once
     model, tokenizer = load_model(params["base_model"], device=device, dtype=dtype)
     tokenized = tokenize_dataset(Dataset.from_list(train_rows), tokenizer, params["max_length"])
     set_seed(params["seed"])

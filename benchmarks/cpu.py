@@ -196,9 +196,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from qwen_cls.model import resolve_model
+    from qwen_cls.model_builds.offline import ensure_built
     from qwen_cls.tokenization import truncation_report
 
     started = time.perf_counter()
+    ensure_built("tiny")  # into the cache, once
     folder = resolve_model("tiny")
     rows = synth_rows(max(args.tokenize_rows, args.train_rows, args.eval_rows))
     print(f"benchmark rows: {len(rows)}; tiny model {folder}", flush=True)

@@ -201,7 +201,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     args = parser.parse_args(argv)
 
-    from qwen_cls.model import load_tokenizer, pick_dtype, qwen_tokenizer_dir, resolve_model
+    from qwen_cls.model import load_tokenizer, pick_dtype, resolve_model
+    from qwen_cls.model_builds.offline import ensure_built
+    from qwen_cls.model_builds.tiny import qwen_tokenizer_dir
     from qwen_cls.prompt import QWEN2_CHAT_TEMPLATE, chat_family
     from qwen_cls.tokenization import tokenize_dataset
 
@@ -218,6 +220,7 @@ def main(argv=None) -> int:
         base = build_base(shape, device, dtype)
         shape_name = "tiny" if args.tiny else "qwen2-0.5b"
     else:
+        ensure_built(args.model)  # an offline model: into the cache, once
         folder = resolve_model(args.model)
         tokenizer = load_tokenizer(folder)
         if tokenizer.chat_template is None:

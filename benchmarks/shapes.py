@@ -269,7 +269,9 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
     code and rows; tokenizing never touches the model), reused for ``qwen2-0.5b`` instead of measuring again."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from qwen_cls.model import load_tokenizer, qwen_tokenizer_dir, resolve_model
+    from qwen_cls.model import load_tokenizer, resolve_model
+    from qwen_cls.model_builds.offline import ensure_built
+    from qwen_cls.model_builds.tiny import qwen_tokenizer_dir
     from qwen_cls.profiles import PROFILES
     from qwen_cls.prompt import QWEN2_CHAT_TEMPLATE, chat_family
     from qwen_cls.tokenization import tokenize_dataset, truncation_report
@@ -285,6 +287,7 @@ def run_shape(name: str, *, rows, max_length: int, batch_size: int, steps: int, 
         base = Qwen2ForCausalLM(Qwen2Config(**QWEN2_05B_SHAPE)).to(torch.float32)
         model_note = "Qwen2-0.5B shape (Qwen2Config of Qwen2-0.5B), random weights, real tokenizer, float32"
     else:
+        ensure_built(name)  # an offline model: into the cache, once
         folder = resolve_model(name)
         tokenizer = load_tokenizer(folder)
         if tokenizer.chat_template is None:

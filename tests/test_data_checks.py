@@ -187,7 +187,7 @@ def _specials(tokenizer) -> list[str]:
 
 def test_the_pattern_matches_every_special_token_of_the_offline_tokenizers(tokenizer, gemma_tokenizer):
     from qwen_cls.model import load_tokenizer
-    from qwen_cls.qwen_coder import QWEN_BUILD
+    from qwen_cls.model_cache import QWEN_BUILD
 
     tokenizers = [tokenizer, gemma_tokenizer]
     if QWEN_BUILD.state(QWEN_BUILD.default_dir())[0] == "built":

@@ -13,7 +13,7 @@ from _tiny_run import FAST, subprocess_env, train_rows_file
 
 @pytest.mark.slow
 def test_torchrun_two_processes_share_the_work_and_rank0_writes(tmp_path):
-    from qwen_cls.model import build_tiny_model
+    from qwen_cls.model_builds.tiny import build_tiny_model
 
     build_tiny_model()
     out = tmp_path / "run"

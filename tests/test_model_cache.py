@@ -8,6 +8,7 @@ folder is copied by hard links, whose damage is done by replacing a link, never 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -19,11 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from qwen_cls import gemma as G
 from qwen_cls import manifests as MF
 from qwen_cls import model as M
+from qwen_cls import model_cache as MC
 from qwen_cls.chain import locks as L
 from qwen_cls.commands.cli import main
+from qwen_cls.model_builds import folders as BF
+from qwen_cls.model_builds import gemma as G
+from qwen_cls.model_builds import tiny as T
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = '{"text": "国足晋级决赛圈", "category": ["Sports", "Finance"]}\n'
@@ -75,7 +79,7 @@ def predict(capsys, tmp_path, *source) -> tuple[int, str]:
 
 def test_build_writes_a_manifest_of_every_file_with_size_and_sha256(tiny_dir):
     manifest = json.loads((tiny_dir / MF.MANIFEST).read_text(encoding="utf-8"))
-    assert manifest["model"] == "tiny" and manifest["version"] == M.TINY_VERSION
+    assert manifest["model"] == "tiny" and manifest["version"] == MC.TINY_VERSION
     on_disk = sorted(p.name for p in tiny_dir.iterdir() if p.name != MF.MANIFEST)
     assert sorted(manifest["files"]) == on_disk and "model.safetensors" in on_disk
     for name, info in manifest["files"].items():
@@ -97,7 +101,7 @@ def test_truncated_weights_are_named_with_the_rebuild_command(tiny_dir, tmp_path
 
 
 def test_cached_tiny_without_config_is_reported_not_loaded(tiny_dir, cache, tmp_path, capsys):
-    folder = cache / f"tiny-qwen2-v{M.TINY_VERSION}-seed0"
+    folder = cache / f"tiny-qwen2-v{MC.TINY_VERSION}-seed0"
     shutil.copytree(tiny_dir, folder)
     (folder / "config.json").unlink()
     before = snapshot(folder)
@@ -126,7 +130,7 @@ def test_same_size_change_is_caught_with_verify_only(tiny_dir, tmp_path, capsys)
 
 
 def test_folder_built_before_manifests_is_checked_and_recorded_once(tiny_dir, cache, capsys):
-    folder = cache / f"tiny-qwen2-v{M.TINY_VERSION}-seed0"
+    folder = cache / f"tiny-qwen2-v{MC.TINY_VERSION}-seed0"
     shutil.copytree(tiny_dir, folder)
     (folder / MF.MANIFEST).unlink()  # as `make setup` left it before this change
     before = snapshot(folder)
@@ -139,7 +143,7 @@ def test_folder_built_before_manifests_is_checked_and_recorded_once(tiny_dir, ca
 
 
 def test_pre_manifest_folder_with_truncated_weights_is_rebuilt_not_recorded(tiny_dir, cache, capsys):
-    folder = cache / f"tiny-qwen2-v{M.TINY_VERSION}-seed0"
+    folder = cache / f"tiny-qwen2-v{MC.TINY_VERSION}-seed0"
     shutil.copytree(tiny_dir, folder)
     (folder / MF.MANIFEST).unlink()
     replace_truncated(folder / "model.safetensors", 10_000)
@@ -192,9 +196,9 @@ def test_damaged_gemma_cache_is_reported_by_predict_and_run_and_rebuilt_by_gemma
     # `gemma-model` rebuilds it; the dequantization is replaced by the tiny model to keep this test short
     def fake_gguf(path):
         assert path.stat().st_size == 253_113_024  # the joined, checked GGUF
-        return M.load_model(M.build_tiny_model(tmp_path / "tiny"), device="cpu")
+        return M.load_model(T.build_tiny_model(tmp_path / "tiny"), device="cpu")
 
-    monkeypatch.setattr(G, "load_gguf", fake_gguf)
+    monkeypatch.setattr(G, "load_gemma_gguf", fake_gguf)
     capsys.readouterr()
     assert main(["gemma-model"]) == 0
     err = capsys.readouterr().err
@@ -219,7 +223,7 @@ KILLED_BUILD = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from qwen_cls import gemma as G, model as M
+    from qwen_cls.model_builds import gemma as G, tiny as T
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -227,9 +231,9 @@ KILLED_BUILD = textwrap.dedent("""
     if sys.argv[1] == "tiny":
         import transformers
         transformers.Qwen2ForCausalLM.save_pretrained = die  # inside the build's temp folder
-        M.build_tiny_model(sys.argv[2])
+        T.build_tiny_model(sys.argv[2])
     else:
-        G.load_gguf = die  # after the chunks are joined into the scratch folder
+        G.load_gemma_gguf = die  # after the chunks are joined into the scratch folder
         G.build_gemma_model(sys.argv[2])
 """)
 
@@ -254,12 +258,12 @@ def test_temp_folders_of_a_killed_build_are_removed_by_the_next_one(tiny_dir, tm
     (mine / "notes").mkdir(parents=True)
     live = out.parent / f".{out.name}.live"  # a build still running (this process): never removed
     live.mkdir()
-    MF.mark_owner(live)
+    BF.mark_owner(live)
     assert main(["tiny-model", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     for path in left:
         assert not path.exists() and f"note: removed {path}, left by a build that was killed" in err
-    assert (mine / "notes").is_dir() and (live / MF.OWNER_FILE).is_file()
+    assert (mine / "notes").is_dir() and (live / BF.OWNER_FILE).is_file()
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, mine.name, live.name])
     assert snapshot(out) == snapshot(tiny_dir)
 
@@ -270,8 +274,69 @@ def test_gemma_scratch_of_a_killed_build_is_removed_by_the_next_one(tmp_path, ca
     left = kill_a_build("gemma", out)
     assert [p.name.startswith(f".{out.name}.gguf.") for p in left] == [True]
     assert (left[0] / G.GGUF_NAME).stat().st_size == 253_113_024  # what a kill -9 used to leave for good
-    monkeypatch.setattr(G, "load_gguf", lambda path: M.load_model(M.build_tiny_model(tmp_path / "t"), device="cpu"))
+    monkeypatch.setattr(G, "load_gemma_gguf",
+                        lambda path: M.load_model(T.build_tiny_model(tmp_path / "t"), device="cpu"))
     assert main(["gemma-model", "--out", str(out)]) == 0
     assert f"note: removed {left[0]}, left by a build that was killed" in capsys.readouterr().err
     assert sorted(p.name for p in out.parent.iterdir()) == ["gemma"]
     assert (out / MF.MANIFEST).is_file()
+
+
+# --------------------------------------------------------------------------- the core finds, the tools build
+
+
+@pytest.mark.parametrize("name, command, ahead", [("tiny", "qwen-cls tiny-model", None),
+                                                  ("gemma3-270m", "qwen-cls gemma-model", "make setup"),
+                                                  ("qwen2.5-coder-0.5b", "qwen-cls qwen-model", "make setup QWEN=1")])
+def test_the_core_names_the_command_for_a_model_not_built_and_builds_nothing(name, command, ahead, cache,
+                                                                          monkeypatch):
+    from qwen_cls.model_builds import qwen_coder as Q
+
+    for module, maker in ((T, "make_tiny"), (G, "make_gemma"), (Q, "make_qwen")):
+        monkeypatch.setattr(module, maker, lambda *a, **k: pytest.fail("the core started a build"))
+    folder = cache / MC.OFFLINE_BUILDS[name].folder
+    folder.mkdir()  # an empty folder is not built either
+    for state in ("empty", "absent"):
+        with pytest.raises(MC.ModelNotBuilt) as missing:
+            M.resolve_model(name)
+        assert missing.value.model == name and isinstance(missing.value, M.ModelNotFound), state
+        assert f"{folder}: the {name} model is not built yet; build it with `{command}`" in str(missing.value)
+        assert (f"`{ahead}` ahead" in str(missing.value)) == (ahead is not None)
+        folder.rmdir() if state == "empty" else None
+    assert list(cache.iterdir()) == []  # nothing built, no lock, no temp folder
+
+
+def test_the_chains_preflight_builds_a_missing_tiny_model_and_the_notebooks_find_it(tiny_dir, cache, tmp_path):
+    from qwen_cls.chain.preflight import preflight
+    from qwen_cls.chain.templating import resolve_parameters
+
+    params = resolve_parameters("tiny", out=tmp_path / "run")
+    with pytest.raises(MC.ModelNotBuilt):
+        M.resolve_model("tiny")
+    preflight(params)
+    folder = cache / f"tiny-qwen2-v{MC.TINY_VERSION}-seed0"
+    assert M.resolve_model("tiny") == folder and M.resolve_model("tiny", verify=True) == folder
+    assert snapshot(folder) == snapshot(tiny_dir)  # the same build as `qwen-cls tiny-model`, byte for byte
+    assert sorted(p.name for p in cache.iterdir()) == [folder.name]  # no lock file or temp folder left
+    assert not (tmp_path / "run").exists()  # the preflight writes no run folder
+
+
+def test_a_command_that_meets_a_model_not_built_builds_it_and_runs_again_once(cache, monkeypatch):
+    from qwen_cls.commands import cli
+
+    built, calls = [], []
+    monkeypatch.setattr(cli, "ensure_built", built.append)
+
+    def command(args):
+        calls.append(args)
+        if len(calls) < 3:
+            raise MC.ModelNotBuilt("not built", "gemma3-270m")
+        return 0
+
+    args = argparse.Namespace(func=command)
+    with pytest.raises(MC.ModelNotBuilt):  # built once, then met again: not a loop
+        cli.run_command(args)
+    assert built == ["gemma3-270m"] and calls == [args, args]
+    calls.clear()
+    calls.append(None)  # this time the second call finds the model
+    assert cli.run_command(args) == 0 and built == ["gemma3-270m"] * 2 and len(calls) == 3

@@ -25,13 +25,6 @@ ALLOWED: dict[str, tuple[frozenset[str] | None, str]] = {
                           "metrics.accuracy_coverage computes (notebook 04 calls both, always module-qualified)"),
     "guarded_app": (frozenset({"serve", "serving.dashboard"}),
                     "each local server's ASGI app wrapped in its local_server.LocalGuard subclass"),
-    "load_gguf": (frozenset({"gemma", "qwen_coder"}),
-                  "TODO lead: each model's GGUF made dense with its own chat template (builds.load_gguf_dense); "
-                  "the same step per model, but a name a reader cannot place: suggested `load_gemma_gguf` / "
-                  "`load_qwen_coder_gguf`, or one builds-level call"),
-    "model_card": (frozenset({"gemma", "qwen_coder", "serving.export"}),
-                   "TODO lead: the README.md of a folder the module writes (a built model, an export); the same "
-                   "kind of text, different arguments: suggested `gemma_card` / `qwen_coder_card` / `export_card`"),
 }
 
 

@@ -100,7 +100,7 @@ def test_float32_weights_gives_the_model_back_bit_for_bit(tiny_dir):
 def test_04_score_row_check_holds_for_the_real_qwen2_in_bfloat16(capsys):
     """The 24-layer Qwen2 (qwen2.5-coder-0.5b, built by `make setup QWEN=1`, as CI does) in bfloat16 with an
     adapter that moves its scores: the check that stopped its chain holds."""
-    from qwen_cls.qwen_coder import QWEN_BUILD
+    from qwen_cls.model_cache import QWEN_BUILD
 
     if QWEN_BUILD.state(QWEN_BUILD.default_dir())[0] != "built":
         pytest.skip("the qwen2.5-coder-0.5b folder is not built (make setup QWEN=1)")

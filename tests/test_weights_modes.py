@@ -69,7 +69,7 @@ def test_seq_cls_folder_gets_the_umasks_mode(tmp_path, mask):
 
 @pytest.mark.parametrize("mask", MASKS, ids=["umask022", "umask002"])
 def test_a_built_model_folder_gets_the_umasks_mode(tmp_path, mask):
-    from qwen_cls.model import build_tiny_model
+    from qwen_cls.model_builds.tiny import build_tiny_model
 
     with umask(mask):
         folder = build_tiny_model(tmp_path / "tiny")

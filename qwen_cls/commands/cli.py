@@ -15,6 +15,8 @@ from ..chain import lab, sweep
 from ..chain import run as pipeline
 from ..data import LOOKALIKE_HELP
 from ..files import DataError
+from ..model_builds.offline import ensure_built
+from ..model_cache import ModelNotBuilt
 from ..publish import book
 from ..resumable import training_run
 from ..serving import dashboard, export, predict_command, serve_command
@@ -45,21 +47,21 @@ def cmd_labels(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from ..model import build_tiny_model
+    from ..model_builds.tiny import build_tiny_model
 
     print(build_tiny_model(args.out, verify=args.verify))
     return 0
 
 
 def cmd_gemma_model(args) -> int:
-    from ..gemma import build_gemma_model
+    from ..model_builds.gemma import build_gemma_model
 
     print(build_gemma_model(args.out, verify=args.verify))
     return 0
 
 
 def cmd_qwen_model(args) -> int:
-    from ..qwen_coder import build_qwen_model
+    from ..model_builds.qwen_coder import build_qwen_model
 
     print(build_qwen_model(args.out, verify=args.verify, wheels=args.wheels))
     return 0
@@ -163,11 +165,22 @@ def _describe_os_error(exc: OSError) -> str:
     return text
 
 
+def run_command(args) -> int:
+    """``args.func(args)``; an offline model the command meets unbuilt (:class:`~qwen_cls.model_cache.ModelNotBuilt`,
+    raised by ``model.resolve_model`` before anything is written: ``predict``, ``serve``, ``export``) is built into
+    the cache and the command runs again, once: the build on first use that the core leaves to the tools."""
+    try:
+        return args.func(args)
+    except ModelNotBuilt as missing:
+        ensure_built(missing.model)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return run_command(args)
     except DataError as exc:
         print(exc, file=sys.stderr)  # path:line: what is wrong
         return 2

@@ -180,6 +180,7 @@ def _train(rows, train, out: Path, *, rank: int, model: str, max_length: int, ep
 
     from ..files import file_sha256, write_json_atomic
     from ..model import load_model, pick_device, pick_dtype
+    from ..model_builds.offline import ensure_built
     from ..run_record import run_config, save_training
     from ..train import padding_collator, prepare_lora_model, recipe_lora_config, training_arguments
     from .checkpointing import (
@@ -230,6 +231,7 @@ def _train(rows, train, out: Path, *, rank: int, model: str, max_length: int, ep
         deepspeed=deepspeed,
         dataloader_num_workers=0,
     )
+    ensure_built(model)  # an offline model (``tiny`` by default): built when missing, before the seed is set
     # Everything random below (LoRA init, dropout, data order) follows the seed, so a resumed run
     # reaches the same adapter as an uninterrupted one.
     set_seed(seed)

@@ -198,7 +198,7 @@ def check_earlier_export(run_dir: Path, out: Path, kind: str) -> None:
                             "choose a new folder for --out) and rerun")
 
 
-def model_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -> str:
+def export_card(config: dict, metrics: dict | None, run_dir: str | os.PathLike) -> str:
     """A short Markdown model card: what was merged, how to use it, the run's metrics."""
     lines = [
         "# qwen-cls merged classifier", "",
@@ -241,7 +241,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         save_tokenizer(tokenizer, tmp)
         exported = {**config, "dtype": "float32", "exported_from": str(run_dir), "merged": True}
         (tmp / RUN_CONFIG).write_text(json.dumps(exported, ensure_ascii=False, indent=2), encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(config, metrics, run_dir), encoding="utf-8")
+        (tmp / "README.md").write_text(export_card(config, metrics, run_dir), encoding="utf-8")
         write_marker(tmp, run_dir, PLAIN)
         check_out_dir(run_dir, out, PLAIN)  # again, just before the old export is replaced: files added meanwhile stay
     return out

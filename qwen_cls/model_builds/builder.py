@@ -3,16 +3,15 @@
 A build fetches its source into a scratch folder, checks it, makes the model (random, or a GGUF made dense),
 saves it with its tokenizer and files (model card, license) into a temp folder beside the target, writes the
 manifest last and renames the folder into place. What differs between models is a :class:`ModelBuild` (names,
-version, model card) and its ``make`` function; the lifecycle is here, once:
+version, model card: :data:`qwen_cls.model_cache.OFFLINE_BUILDS`, what the loading side reads too) and its ``make``
+function; the lifecycle is here, once:
 
 - an existing build is checked against its manifest (sizes; SHA-256 with ``verify``) and used, rebuilt when
-  damaged, or (without ``rebuild``) reported as :class:`~qwen_cls.files.DamagedModel` naming the command;
+  damaged, or (without ``rebuild``) reported as :class:`~qwen_cls.manifests.DamagedModel` naming the command;
 - a folder that is not this model's build is refused before anything is fetched or built;
 - a build holds the target's lock (``.NAME.lock``: a second build of the same folder is refused, naming the
   first); temp folders left by a build that was killed are removed by the next one; nothing half-built
   ever sits at the target.
-
-Plumbing under: 00, 02, 03, 04, 05, 06
 """
 
 from __future__ import annotations
@@ -28,23 +27,11 @@ from typing import Callable
 
 import torch
 
-from .chain.locks import hold_lock
-from .files import atomic_dir, check_folder_path, check_output_folder, save_tokenizer, save_weights
-from .hub import ModelNotFound, cache_dir
-from .manifests import (
-    OWNER_FILE,
-    build_state,
-    mark_owner,
-    note_earlier_builds,
-    remove_stale_builds,
-    settle,
-    write_manifest,
-)
-
-REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
-# What a build writes before its manifest, for every model (a model adds its own card and license files).
-SAVED_NAMES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                         "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "README.md"})
+from ..chain.locks import hold_lock
+from ..files import atomic_dir, check_folder_path, check_output_folder, save_tokenizer, save_weights
+from ..hub import ModelNotFound
+from ..model_cache import ModelBuild
+from .folders import OWNER_FILE, mark_owner, note_earlier_builds, remove_stale_builds, settle, write_manifest
 
 
 class ChecksumMismatch(ValueError):
@@ -59,41 +46,6 @@ class Made:
     model: object
     tokenizer: object
     files: dict
-
-
-@dataclass(frozen=True)
-class ModelBuild:
-    """One offline model: its name, the build's version (bump it when the build changes, so caches rebuild),
-    the cache folder's name, the model card's first line, the file names the build writes, and the command
-    that builds it."""
-
-    model: str
-    version: str
-    folder: str
-    card: str
-    names: frozenset
-    command: str
-
-    def default_dir(self) -> Path:
-        """The cached folder the build writes by default."""
-        return cache_dir() / self.folder
-
-    def rebuild_command(self, out: Path) -> str:
-        """The command that builds (or rebuilds) ``out``."""
-        return self.command if Path(out) == self.default_dir() else f"{self.command} --out {out}"
-
-    def state(self, out: Path, *, hashes: bool = False) -> tuple[str, list[str]]:
-        """:func:`~qwen_cls.manifests.build_state` of this model's build at ``out``."""
-        return build_state(out, self.model, self.version, card=self.card, names=self.names, required=REQUIRED,
-                            hashes=hashes)
-
-    def check(self, out: Path | None = None, *, verify: bool = False) -> None:
-        """Raise when ``out`` (default: the cache) holds a damaged or foreign folder; build nothing."""
-        out = Path(out) if out is not None else self.default_dir()
-        check_folder_path(out, "the model cache folder")
-        state, problems = self.state(out, hashes=verify)
-        settle(out, state, problems, model=self.model, version=self.version, rebuild=False,
-               command=self.rebuild_command(out))
 
 
 def build(spec: ModelBuild, make: Callable[[Path], Made], out_dir: str | os.PathLike | None = None, *,

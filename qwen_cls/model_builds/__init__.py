@@ -1,0 +1,1 @@
+"""Tools tier: model builds."""
