@@ -64,6 +64,8 @@ def test_run_params_and_data_files(run_dir):
     assert test[0]["input"] == f"文本:{test[0]['text']},分类选项列表:{test[0]['category']}"
     inventory = json.loads((out / "data" / "label_inventory.json").read_text(encoding="utf-8"))
     assert sum(v["train"] for v in inventory.values()) == 16 and sum(v["test"] for v in inventory.values()) == 8
+    # most training rows first, ties by name: the same file on every run (a set's order changes with the hash seed)
+    assert list(inventory) == sorted(inventory, key=lambda label: (-inventory[label]["train"], label))
     report = json.loads((out / "truncation_report.json").read_text(encoding="utf-8"))
     assert report["rows"] == 16 and report["max_length_seen"] <= 384
     run_config = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
