@@ -14,7 +14,7 @@ What it keeps from the recipe, on purpose, because it is what the benchmark meas
 * prediction by ``apply_chat_template`` + ``model.generate(input_ids, max_new_tokens=512)`` per row
   (:func:`per_row_generate`), and the loss over full-vocabulary logits (:func:`full_logits_loss`).
 
-Taught in: 02, 03, 04
+Taught in: 03, 04
 """
 
 from __future__ import annotations

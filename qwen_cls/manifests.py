@@ -10,7 +10,7 @@ expected model is not taken for a build: the user's folder (an export, another m
 built before manifests existed (``legacy``) are recognised by their own model card and file names and checked
 structurally (the safetensors header against the file size, JSON files parse).
 
-Plumbing under: 00, 02, 03, 04, 05, 06
+Plumbing under: 00, 02, 03, 04, 05, 06, 07
 """
 
 from __future__ import annotations

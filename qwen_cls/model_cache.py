@@ -5,7 +5,7 @@ that the builders in :mod:`qwen_cls.model_builds` build from), and the check a u
 one named with the command that builds it. Nothing here builds: the tools tier does (``qwen-cls run``, ``lab``,
 ``predict``, ... build a missing folder first).
 
-Plumbing under: 00, 02, 03, 04, 05, 06
+Plumbing under: 00, 02, 03, 04, 05, 06, 07
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import check_folder_path
 from .hub import GEMMA, QWEN_CODER, TINY, ModelNotFound, cache_dir
 from .manifests import build_state, damaged_model, not_a_build
 
@@ -63,11 +64,13 @@ class ModelBuild:
         damaged, ``FileExistsError`` when it holds something else. A whole folder built before manifests is used
         as it is (the next build records its manifest)."""
         out = self.default_dir()
+        check_folder_path(out, "the model cache folder")  # a file standing there: named, not an OS traceback
         state, problems = self.state(out, hashes=verify)
         if state in ("absent", "empty"):
             ahead = f", or `{self.ahead}` ahead" if self.ahead else ""
             raise ModelNotBuilt(f"{out}: the {self.model} model is not built yet; build it with `{self.command}`"
-                                f"{ahead} (`qwen-cls run` and `qwen-cls lab` build it on first use)", self.model)
+                                f"{ahead} (`qwen-cls run`, `lab`, `train`, `predict`, `serve` and `export` "
+                                "build it first)", self.model)
         if state == "foreign":
             raise not_a_build(out, self.model, problems)
         if problems:  # damaged, or built before manifests and truncated

@@ -37,7 +37,8 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     return path
 
 
-def _finish(fig, path):
+def finish_figure(fig, path):
+    """Lay ``fig`` out and save it atomically at ``path`` (none: not saved); returns the figure."""
     fig.tight_layout()
     if path is not None:
         save_figure(fig, path)
@@ -58,7 +59,7 @@ def label_distribution(counts_by_split: Mapping[str, Mapping[str, int]], *, path
     ax.set_xlabel("rows")
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never on them
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 def length_histogram(lengths: Sequence[int], max_length: int, *, recipe_lengths: Sequence[int] | None = None,
@@ -75,7 +76,7 @@ def length_histogram(lengths: Sequence[int], max_length: int, *, recipe_lengths:
     ax.set_ylabel("rows")
     ax.set_title(title)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)  # below the axes
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 def loss_curve(log_history: Sequence[dict], *, path=None, title="Training loss (answer tokens only)"):
@@ -89,7 +90,7 @@ def loss_curve(log_history: Sequence[dict], *, path=None, title="Training loss (
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 def learning_curve(history: Sequence[dict], *, chance: float | None = None,
@@ -112,7 +113,7 @@ def learning_curve(history: Sequence[dict], *, chance: float | None = None,
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)  # below the axes
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], *, path=None,
@@ -126,7 +127,7 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], labels: Sequence[str], *, 
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45
     )
     ax.set_title(title)
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 def reliability_diagram(bins: Sequence[Mapping], *, ece: float | None = None, path=None,
@@ -153,7 +154,7 @@ def reliability_diagram(bins: Sequence[Mapping], *, ece: float | None = None, pa
     ax.set_ylabel("accuracy")
     ax.set_title(title + (f"\nECE = {ece:.3f} (numbers above bars: rows)" if ece is not None else ""), fontsize=10)
     ax.legend(loc="upper left", fontsize=8, frameon=False)
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 def accuracy_coverage(curve: Sequence[Mapping], *, path=None, title="Accuracy vs coverage (abstention)"):
@@ -173,7 +174,7 @@ def accuracy_coverage(curve: Sequence[Mapping], *, path=None, title="Accuracy vs
     ax.set_ylabel("accuracy on answered rows")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 def approaches_cost(table: Mapping[str, Mapping], *, chance: float | None = None, path=None,
@@ -213,7 +214,7 @@ def approaches_cost(table: Mapping[str, Mapping], *, chance: float | None = None
     if chance is not None:
         left.legend(loc="lower right", fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 # --- pictures that explain -------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ def token_strip(input_ids, labels, tokenizer, *, attention_mask=None, head: int 
                      label=f"{ROLE_NAMES[r]} ({counts[r]} 个)") for r in ROLE_COLORS]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False, fontsize=8)
     ax.set_title(f"{title}: {len(ids)} 个 token, 框下的小字是 labels", fontsize=10)
-    return _finish(fig, path)
+    return finish_figure(fig, path)
 
 
 def lora_parameter_counts(d_in: int, d_out: int, r: int) -> dict:
@@ -380,4 +381,4 @@ def lora_picture(d_in: int, d_out: int, r: int, alpha: float, *, name: str = "q_
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(title or f"LoRA on {name}:  h = W x + (α / r) · B A x   (r 方向放大画出, 其余按比例)", fontsize=11)
-    return _finish(fig, path)
+    return finish_figure(fig, path)

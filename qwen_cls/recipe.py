@@ -2,7 +2,7 @@
 lr 1e-4, batch 4 x accumulation 4, 2 epochs, MAX_LENGTH 384, gradient checkpointing. Profiles, ``qwen-cls
 train``'s defaults, the LoRA config and the benchmarks read them from here.
 
-Taught in: 02, 03
+Plumbing under: 00, 02, 03, 04, 05, 06, 07 (its numbers are taught where 03 writes them out)
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from qwen_cls import model as M
 from qwen_cls import prompt as P
 from qwen_cls import tokenization as T
 from qwen_cls.model_builds import gemma as G
+from qwen_cls.model_builds.builder import ChecksumMismatch
 from qwen_cls.model_builds.offline import ensure_built
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -106,7 +107,7 @@ def test_saved_weights_are_the_gguf_weights_dequantized(gemma_dir, tmp_path):
 def test_corrupt_chunk_is_refused_before_loading_and_nothing_is_cached(tmp_path, monkeypatch, corrupt_chunks):
     monkeypatch.setattr(G, "chunk_files", lambda: corrupt_chunks)
     monkeypatch.setattr(G, "load_gemma_gguf", lambda path: pytest.fail("loaded a file whose hash was not checked"))
-    with pytest.raises(G.ChecksumMismatch, match=f"expected {G.GGUF_SHA256}") as error:
+    with pytest.raises(ChecksumMismatch, match=f"expected {G.GGUF_SHA256}") as error:
         G.build_gemma_model(tmp_path / "out")
     assert isinstance(error.value, ValueError) and "has SHA-256 " in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chunks"]  # no model folder, no joined file

@@ -306,26 +306,40 @@ def test_the_core_names_the_command_for_a_model_not_built_and_builds_nothing(nam
     assert list(cache.iterdir()) == []  # nothing built, no lock, no temp folder
 
 
-def test_the_chains_preflight_builds_a_missing_tiny_model_and_the_notebooks_find_it(tiny_dir, cache, tmp_path):
+def test_the_chain_builds_a_missing_tiny_model_before_its_notebooks_and_they_find_it(tiny_dir, cache, tmp_path):
+    """The preflight checks and builds nothing; ``run_chain`` builds the missing model once the run folder is its
+    own, before 00, the same build as ``qwen-cls tiny-model``; a refused ``--out`` costs no build."""
     from qwen_cls.chain.preflight import preflight
+    from qwen_cls.chain.run import run_chain
+    from qwen_cls.chain.run_folder import RunFolderError
     from qwen_cls.chain.templating import resolve_parameters
 
-    params = resolve_parameters("tiny", out=tmp_path / "run")
     with pytest.raises(MC.ModelNotBuilt):
         M.resolve_model("tiny")
-    preflight(params)
+    preflight(resolve_parameters("tiny", out=tmp_path / "run"))
+    assert list(cache.iterdir()) == [] and not (tmp_path / "run").exists()  # nothing built, no run folder
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    with pytest.raises(RunFolderError):
+        run_chain("tiny", foreign, notebooks=("00_check_environment.ipynb",), progress=False, log_output=False)
+    assert list(cache.iterdir()) == [] and [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    run = run_chain("tiny", tmp_path / "run", notebooks=("00_check_environment.ipynb",), progress=False,
+                    log_output=False)
     folder = cache / f"tiny-qwen2-v{MC.TINY_VERSION}-seed0"
     assert M.resolve_model("tiny") == folder and M.resolve_model("tiny", verify=True) == folder
     assert snapshot(folder) == snapshot(tiny_dir)  # the same build as `qwen-cls tiny-model`, byte for byte
     assert sorted(p.name for p in cache.iterdir()) == [folder.name]  # no lock file or temp folder left
-    assert not (tmp_path / "run").exists()  # the preflight writes no run folder
+    executed = (run / "notebooks" / "00_check_environment.ipynb").read_text(encoding="utf-8")
+    assert "$ qwen-cls tiny-model" in executed and str(folder) in executed  # 00 shows the command and finds it
 
 
 def test_a_command_that_meets_a_model_not_built_builds_it_and_runs_again_once(cache, monkeypatch):
     from qwen_cls.commands import cli
+    from qwen_cls.model_builds import offline
 
     built, calls = [], []
-    monkeypatch.setattr(cli, "ensure_built", built.append)
+    monkeypatch.setattr(offline, "ensure_built", built.append)
 
     def command(args):
         calls.append(args)
@@ -333,10 +347,38 @@ def test_a_command_that_meets_a_model_not_built_builds_it_and_runs_again_once(ca
             raise MC.ModelNotBuilt("not built", "gemma3-270m")
         return 0
 
-    args = argparse.Namespace(func=command)
+    args = argparse.Namespace(func=command, command="predict")
     with pytest.raises(MC.ModelNotBuilt):  # built once, then met again: not a loop
         cli.run_command(args)
     assert built == ["gemma3-270m"] and calls == [args, args]
     calls.clear()
     calls.append(None)  # this time the second call finds the model
     assert cli.run_command(args) == 0 and built == ["gemma3-270m"] * 2 and len(calls) == 3
+    calls.clear()
+    other = argparse.Namespace(func=command, command="labels")  # not one that loads after checking everything
+    with pytest.raises(MC.ModelNotBuilt):
+        cli.run_command(other)
+    assert calls == [other] and built == ["gemma3-270m"] * 2  # named, not built, not run again
+
+
+def test_the_command_line_starts_without_torch():
+    """``qwen-cls --version``, ``labels``, ``convert`` pay for no torch import: the builders load it lazily."""
+    import subprocess
+    import sys
+
+    code = "import sys, qwen_cls.commands.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_offline_names_and_their_builds_are_one_list_and_a_file_in_the_way_is_named(cache):
+    """00 checks ``hub.OFFLINE_MODELS`` and builds through ``model_cache.OFFLINE_BUILDS``: the same names. A file
+    where a cache folder belongs is named (the option and the path), not an OS error from listing it."""
+    from qwen_cls.hub import OFFLINE_MODELS
+
+    assert set(MC.OFFLINE_BUILDS) == set(OFFLINE_MODELS) == {"tiny", "gemma3-270m", "qwen2.5-coder-0.5b"}
+    blocker = MC.GEMMA_BUILD.default_dir()
+    blocker.write_text("not a folder\n")
+    with pytest.raises(NotADirectoryError, match=f"the model cache folder {blocker}: not a folder"):
+        M.resolve_model("gemma3-270m")
+    assert blocker.read_text() == "not a folder\n"  # left as it was

@@ -1,10 +1,8 @@
 """One name, one meaning: no two modules of ``qwen_cls`` define a module-level function (``def`` or ``async def``,
 private ones included) of the same name, except the names in :data:`ALLOWED`, each with the modules that share it
 and why it means the same thing in each. ``pipeline.folder_state`` and ``files.folder_state`` were two different
-functions with one name (issue 35); this test keeps such pairs from coming back.
-
-An entry marked ``TODO lead`` is a collision inside a module another change owns: it stays allowed until that
-module is renamed or merged, and the test fails once the entry no longer matches the code (so it is removed then).
+functions with one name (issue 35); this test keeps such pairs from coming back, and fails once an entry of
+:data:`ALLOWED` no longer matches the code (so it is removed then).
 """
 
 from __future__ import annotations

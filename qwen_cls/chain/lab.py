@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from ..chapters import notebooks_dir
-from ..model_builds.offline import ensure_built
 from ..profiles import COMMITTED_PROFILE, PROFILES
 from .templating import prepare_notebooks
 
@@ -46,6 +45,8 @@ def lab_command(folder: str | os.PathLike, *, port: int | None = None, browser: 
 def cmd_lab(args) -> int:
     folder = Path(args.dir).expanduser().resolve() if args.dir else lab_folder(args.profile)
     done = prepare_notebooks(args.profile, folder)
+    from ..model_builds.offline import ensure_built  # torch: not at `qwen-cls` start
+
     ensure_built(PROFILES[args.profile]["base_model"])  # before JupyterLab: the notebooks never build a model
     written = [name for name, what in done.items() if what == "written"]
     kept = [name for name, what in done.items() if what == "kept"]

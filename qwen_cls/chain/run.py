@@ -62,6 +62,9 @@ def run_chain(profile: str = DEFAULT_PROFILE, out: str | os.PathLike | None = No
     with sigterm_interrupts(), run_folder(params["out_dir"], overwrite=overwrite) as run_dir:
         (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
         write_json_atomic(params, run_dir / PARAMS)
+        from ..model_builds.offline import ensure_built  # torch: not at `qwen-cls` start
+
+        ensure_built(params["base_model"])  # an offline model missing from the cache: built now, the notebooks find it
         if log_output:
             logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
             logging.getLogger("papermill").setLevel(logging.INFO)

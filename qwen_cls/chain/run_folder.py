@@ -35,7 +35,7 @@ class NotebookFailed(RuntimeError):
 
 class RunFolderError(ValueError):
     """The run folder cannot take this run: a finished run without ``--overwrite``, or not a run folder (a busy
-    one raises :class:`~qwen_cls.files.FolderBusy`)."""
+    one raises :class:`~qwen_cls.chain.locks.FolderBusy`)."""
 
 
 class Interrupted(KeyboardInterrupt):

@@ -155,7 +155,7 @@ def sweep_plot(rows: Sequence[Mapping], keys: Sequence[str], *, path=None, title
     per point."""
     import matplotlib.pyplot as plt
 
-    from ..plots import save_figure
+    from ..plots import finish_figure
 
     keys = list(keys)
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -192,7 +192,4 @@ def sweep_plot(rows: Sequence[Mapping], keys: Sequence[str], *, path=None, title
     ax.set_ylim(0, 1.08)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return fig
+    return finish_figure(fig, path)

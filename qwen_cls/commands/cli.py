@@ -15,7 +15,6 @@ from ..chain import lab, sweep
 from ..chain import run as pipeline
 from ..data import LOOKALIKE_HELP
 from ..files import DataError
-from ..model_builds.offline import ensure_built
 from ..model_cache import ModelNotBuilt
 from ..publish import book
 from ..resumable import training_run
@@ -165,13 +164,23 @@ def _describe_os_error(exc: OSError) -> str:
     return text
 
 
+# The commands that load a model after checking everything and before writing anything: an offline model they meet
+# unbuilt is built and the command runs again (the others build first: run, sweep, lab, train).
+BUILD_AND_RERUN = frozenset({"predict", "serve", "export"})
+
+
 def run_command(args) -> int:
-    """``args.func(args)``; an offline model the command meets unbuilt (:class:`~qwen_cls.model_cache.ModelNotBuilt`,
-    raised by ``model.resolve_model`` before anything is written: ``predict``, ``serve``, ``export``) is built into
-    the cache and the command runs again, once: the build on first use that the core leaves to the tools."""
+    """``args.func(args)``; an offline model that ``predict``, ``serve`` or ``export`` meets unbuilt
+    (:class:`~qwen_cls.model_cache.ModelNotBuilt`, raised by ``model.resolve_model`` before anything is written) is
+    built into the cache and the command runs again, once: the build on first use that the core leaves to the
+    tools. Another command that meets one names the command that builds it."""
     try:
         return args.func(args)
     except ModelNotBuilt as missing:
+        if getattr(args, "command", None) not in BUILD_AND_RERUN:
+            raise
+        from ..model_builds.offline import ensure_built  # torch: only when a build is due
+
         ensure_built(missing.model)
     return args.func(args)
 

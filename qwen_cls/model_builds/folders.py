@@ -107,9 +107,10 @@ def remove_stale_builds(target: Path) -> list[Path]:
 
 def settle(out: Path, state: str, problems: list[str], *, model: str, version: str, rebuild: bool,
            command: str) -> bool:
-    """Decide what a build of ``model`` does at ``out``, given :func:`build_state`: True when it must (re)build
-    now, False when ``out`` is ready; raise when it may not touch ``out`` (a foreign folder: never replaced)
-    or, without ``rebuild``, when it is damaged (:class:`DamagedModel` naming the file and ``command``)."""
+    """Decide what a build of ``model`` does at ``out``, given :func:`~qwen_cls.manifests.build_state`: True when
+    it must (re)build now, False when ``out`` is ready; raise when it may not touch ``out`` (a foreign folder: never
+    replaced) or, without ``rebuild``, when it is damaged (:class:`~qwen_cls.manifests.DamagedModel` naming the
+    file and ``command``)."""
     if state == "built":
         return False
     if state in ("absent", "empty"):

@@ -18,14 +18,7 @@ from pathlib import Path
 from ..hub import GEMMA, ModelNotFound
 from ..model_cache import GEMMA_BUILD, GEMMA_CARD
 from ..prompt import GEMMA_FAMILY
-from .builder import (
-    ChecksumMismatch,  # noqa: F401  (raised by the build; callers catch gemma.ChecksumMismatch)
-    Made,
-    build,
-    check_sha256,
-    join_chunks,
-    load_gguf_dense,
-)
+from .builder import Made, build, check_sha256, join_chunks, load_gguf_dense
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"

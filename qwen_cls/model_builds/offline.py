@@ -1,8 +1,7 @@
-"""The offline models by name, for the commands: :func:`build_offline_model` (what ``qwen-cls tiny-model``,
-``gemma-model`` and ``qwen-model`` do) and :func:`ensure_built` (a command about to use a model builds it first
-when it is missing: ``qwen-cls run``/``sweep`` before the notebooks, ``lab`` before JupyterLab, ``train``, and
-every command that meets :class:`~qwen_cls.model_cache.ModelNotBuilt`), as the core's ``resolve_model`` once did
-on first use.
+"""The offline models by name, for the commands: :func:`build_offline_model` (an offline model's builder, by
+name) and :func:`ensure_built` (a command about to use a model builds it first when it is missing: ``qwen-cls
+run``/``sweep`` before the notebooks, ``lab`` before JupyterLab, ``train``, and ``predict``, ``serve``, ``export``
+when they meet :class:`~qwen_cls.model_cache.ModelNotBuilt`), as the core's ``resolve_model`` once did on first use.
 """
 
 from __future__ import annotations

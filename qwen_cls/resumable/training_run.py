@@ -231,7 +231,8 @@ def _train(rows, train, out: Path, *, rank: int, model: str, max_length: int, ep
         deepspeed=deepspeed,
         dataloader_num_workers=0,
     )
-    ensure_built(model)  # an offline model (``tiny`` by default): built when missing, before the seed is set
+    with args.main_process_first(desc="build the base model"):  # one rank builds, the others then find it
+        ensure_built(model)  # an offline model (``tiny`` by default): built when missing, before the seed is set
     # Everything random below (LoRA init, dropout, data order) follows the seed, so a resumed run
     # reaches the same adapter as an uninterrupted one.
     set_seed(seed)
