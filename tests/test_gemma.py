@@ -211,9 +211,13 @@ def test_gemma_profile_starts_offline_and_checks_the_chunks_first(tmp_path, monk
         check_parameter(key, params[key])  # the profile's own values obey the schema
     preflight(params)  # passes offline
     monkeypatch.setattr(G, "CHUNK_PACKAGES", ("no-such-chunk-part1",))
+    preflight(params)  # the folder is built: the chunk packages are not needed any more
+    empty = tmp_path / "cache"
+    empty.mkdir()
+    monkeypatch.setenv("QWEN_CLS_CACHE", str(empty))  # not built: the run would build it, from the chunks
     with pytest.raises(M.ModelNotFound, match="make setup"):
         preflight(params)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and list(empty.iterdir()) == []  # named before anything is written
 
 
 def test_numbers_are_labelled_by_what_made_them():
