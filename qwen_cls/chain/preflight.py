@@ -1,6 +1,6 @@
 """What ``qwen-cls run`` checks before any notebook starts: local inputs, bad rows, look-alike labels, the
-training labels 01 will keep, the model folder (an offline model built now when missing), a hub download while
-offline (THUCNews fetched now)."""
+training labels 01 will keep, the model folder (a damaged one named now; a missing offline one is built by
+``run_chain`` once the run folder is its own), a hub download while offline (THUCNews fetched now)."""
 
 from __future__ import annotations
 
