@@ -168,15 +168,6 @@ def seed_trainer(model, tokenizer, train_dataset, args):
                    data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
 
 
-def seed_predict(model, tokenizer, rows, *, max_new_tokens: int = 512, prompt_texts=None) -> list[str]:
-    """The recipe's prediction: chat template, ``generate(max_new_tokens=512)`` one row at a time, decode.
-
-    ``prompt_texts`` (optional) replaces each row's text, e.g. with the shortened text the project sees.
-    """
-    texts = prompt_texts if prompt_texts is not None else [r["text"] for r in rows]
-    return per_row_generate(model, tokenizer, texts, [r["category"] for r in rows], max_new_tokens=max_new_tokens)
-
-
 @torch.inference_mode()
 def per_row_generate(model, tokenizer, texts, categories, *, max_new_tokens: int = 512,
                      generated_counts: list | None = None) -> list[str]:
